@@ -1,0 +1,50 @@
+"""``gms-jax`` command line: parses the sub-command and dispatches; all logic lives in modules."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: gms-jax <command> [args]
+
+commands:
+  train       train the latent mapper       gms-jax train --config configs/gms.py:smoke --workdir runs/smoke
+  evaluate    evaluate a trained workdir    gms-jax evaluate --workdir runs/smoke [--dataset NAME] [--split test]
+  predict     segment image files/folders   gms-jax predict --workdir runs/smoke IMAGES... --out DIR
+  convert     PyTorch weights -> Flax       gms-jax convert --format {diffusers,ldm,gms-mapper,tae} SRC OUT
+  check-data  validate a dataset folder     gms-jax check-data PATH
+
+`gms-jax <command> --help` for each command's options.
+"""
+
+# command -> (module, function); imported lazily so `gms-jax convert --help` does not import jax.
+COMMANDS = {
+    "train": ("gms_jax.train", "main"),
+    "evaluate": ("gms_jax.evaluate", "main"),
+    "predict": ("gms_jax.predict", "main"),
+    "convert": ("gms_jax.convert", "main"),
+    "check-data": ("gms_jax.data.checks", "main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(USAGE)
+    return 0
+  cmd, rest = argv[0], argv[1:]
+  if cmd not in COMMANDS:
+    print(f"gms-jax: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+  import importlib  # pylint: disable=import-outside-toplevel
+  module_name, fn = COMMANDS[cmd]
+  func = getattr(importlib.import_module(module_name), fn)
+  if cmd == "train":
+    # absl-style entry point: argv[0] is the program name, the rest are absl flags.
+    rc = func([f"gms-jax {cmd}"] + rest)
+  else:
+    rc = func(rest)
+  return int(rc or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,78 @@
+"""PyTorch -> Flax weight converters (strict) and the ``gms-jax convert`` command.
+
+``convert(fmt, src)`` returns ``(flat_params, family, config_dict)``; ``main`` writes them as a
+safetensors file of Flax parameters (flat ``/``-joined paths; family and config in the metadata)
+that :func:`gms_jax.tokenizers.load` / :func:`gms_jax.convert.core.load_params` read without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import time
+
+import numpy as np
+
+from gms_jax.convert.core import ConversionError, load_params, save_params  # noqa: F401
+
+FORMATS = {
+    "diffusers": "diffusers AutoencoderKL: a directory with config.json + diffusion_pytorch_model."
+                 "{safetensors,bin}, or a bare .safetensors (SD kl-f8 config assumed)",
+    "ldm": "LDM/CompVis first-stage .ckpt ({'state_dict': ...}, optional first_stage_model. prefix)",
+    "gms-mapper": "official GMS latent mapper best_model.pth ({'model': state_dict})",
+    "tae": "TAESD-family tokenizer: a directory holding *_encoder.pth and *_decoder.pth "
+           "(e.g. taef2_encoder.pth, taef2_decoder.pth)",
+}
+
+
+def _tae_files(src: str) -> tuple[str, str]:
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"{src}: --format tae expects a directory with *_encoder.pth and *_decoder.pth")
+  enc = sorted(glob.glob(os.path.join(src, "*encoder.pth")) + glob.glob(os.path.join(src, "*encoder.safetensors")))
+  dec = sorted(glob.glob(os.path.join(src, "*decoder.pth")) + glob.glob(os.path.join(src, "*decoder.safetensors")))
+  if len(enc) != 1 or len(dec) != 1:
+    raise FileNotFoundError(
+        f"{src}: expected exactly one *_encoder and one *_decoder weight file, found {enc + dec or 'none'}")
+  return enc[0], dec[0]
+
+
+def convert(fmt: str, src: str) -> tuple[dict[str, np.ndarray], str, dict]:
+  """Converts the checkpoint at ``src`` of format ``fmt`` (a key of ``FORMATS``)."""
+  if fmt in ("diffusers", "ldm"):
+    from gms_jax.convert import sd_vae  # pylint: disable=import-outside-toplevel
+    flat, cfg = sd_vae.load_diffusers(src) if fmt == "diffusers" else sd_vae.load_ldm(src)
+    return flat, "sd-vae", cfg.to_dict()
+  if fmt == "gms-mapper":
+    from gms_jax.convert import mapper  # pylint: disable=import-outside-toplevel
+    flat, cfg = mapper.load_gms_mapper(src)
+    return flat, "mapper", cfg.to_dict()
+  if fmt == "tae":
+    from gms_jax.convert import tae  # pylint: disable=import-outside-toplevel
+    flat, cfg = tae.load_tae(*_tae_files(src))
+    return flat, "tae", cfg.to_dict()
+  raise ValueError(f"unknown format {fmt!r}; one of {sorted(FORMATS)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="gms-jax convert",
+      description="Convert PyTorch weights to a Flax safetensors parameter file (strict: any missing, "
+                  "unexpected or mis-shaped key is an error).",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="formats:\n" + "\n".join(f"  {k:11s} {v}" for k, v in FORMATS.items()))
+  parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+  parser.add_argument("src", help="source checkpoint file or directory")
+  parser.add_argument("out", help="output .safetensors file (written atomically)")
+  args = parser.parse_args(argv)
+  t0 = time.perf_counter()
+  try:
+    flat, family, config = convert(args.format, args.src)
+  except (ConversionError, FileNotFoundError, ImportError) as e:
+    print(f"gms-jax convert: error: {e}")
+    return 2
+  save_params(args.out, flat, family=family, config=config)
+  n = sum(int(v.size) for v in flat.values())
+  print(f"wrote {args.out}: family={family}, {len(flat)} tensors, {n:,} parameters, "
+        f"{time.perf_counter() - t0:.1f}s")
+  return 0
