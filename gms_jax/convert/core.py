@@ -134,6 +134,7 @@ def strict_convert(
   del dedupe
   out: dict[str, np.ndarray] = {}
   unexpected, mismatched, duplicated = [], [], []
+  mismatched_paths = set()
   for key in sorted(state_dict):
     try:
       path = key_map(key)
@@ -152,7 +153,8 @@ def strict_convert(
       out[path] = to_flax_layout(key, state_dict[key], target_shapes[path])
     except ValueError as e:
       mismatched.append(str(e))
-  missing = sorted(set(target_shapes) - set(out))
+      mismatched_paths.add(path)
+  missing = sorted(set(target_shapes) - set(out) - mismatched_paths)  # mis-shaped: reported once
   problems = []
   if missing:
     problems.append(f"missing ({len(missing)}): " + ", ".join(missing))

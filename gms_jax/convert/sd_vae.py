@@ -18,6 +18,7 @@ unexpected and mis-shaped key.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -44,6 +45,11 @@ _ATTN_LDM = {"norm", "q", "k", "v", "proj_out"}
 
 def target_shapes(cfg: AutoencoderKLConfig) -> dict[str, tuple[int, ...]]:
   """Flax path → shape of the model's params (abstract: nothing is allocated)."""
+  return dict(_target_shapes(cfg))
+
+
+@functools.lru_cache(maxsize=8)
+def _target_shapes(cfg: AutoencoderKLConfig) -> dict[str, tuple[int, ...]]:
   from flax import nnx  # pylint: disable=import-outside-toplevel
   model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
   return core.flat_shapes(nnx.state(model, nnx.Param))
