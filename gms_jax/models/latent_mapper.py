@@ -112,7 +112,8 @@ class SpatialSelfAttention(nnx.Module):
     q = self.q(y).reshape(b, h * w, c)
     k = self.k(y).reshape(b, h * w, c)
     v = self.v(y).reshape(b, h * w, c)
-    logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * (c ** -0.5)
+    logits = jnp.einsum("bic,bjc->bij", q, k)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) * (c ** -0.5)  # >= f32
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, h, w, c)
     return x + self.proj_out(out)
@@ -145,6 +146,7 @@ class ResAttnUNet_DS(nnx.Module):  # pylint: disable=invalid-name  (the original
 
   def __init__(self, cfg: MapperConfig = MapperConfig(), *, rngs: nnx.Rngs, dtype=None):
     self.cfg = cfg
+    self.dtype = dtype
     c, m = cfg.ch, cfg.ch_mult
     blk = lambda cin, cout: ResAttBlock(cin, cout, cfg, rngs=rngs, dtype=dtype)
     head = lambda cin: Head(cin, cfg.out_channels, cfg, rngs=rngs, dtype=dtype)

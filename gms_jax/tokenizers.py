@@ -1,0 +1,278 @@
+"""Frozen image tokenizers: images <-> latents, and latents -> grey masks (SPEC §1, §3, §7).
+
+A :class:`Tokenizer` holds an NNX ``graphdef``, its frozen ``params`` (an ``nnx.State``) and the
+family's conventions.  Its methods are pure functions of ``(params, array)`` and jit-able; pass
+``tok.params`` to jitted code as its own (non-donated) argument::
+
+    tok = load("taef2", "weights/taef2")              # or load("sd-vae", "vae.safetensors")
+    lat = tok.encode(tok.params, images01)            # NHWC [0,1] -> Latents(z, std)
+    x01 = tok.decode(tok.params, lat.z)               # -> NHWC [0,1]
+    m01 = tok.decode_mask(tok.params, lat.z)          # -> NHW grey mask in [0,1]
+
+Families:
+
+* ``"sd-vae"`` (SD kl-f8, GMS): ``encode``: ``x = 2*img - 1`` -> ``(mean, logvar)``;
+  ``z = scale * mean`` (scale 0.18215) and ``std = exp(logvar / 2)`` *unscaled*, exactly as the
+  original adds it to the scaled mean.  ``decode``: ``vae.decode(z / scale)`` -> ``(x+1)/2`` -> clip.
+  ``decode_mask``: ``vae.decode(z / scale)`` -> mean over RGB -> ``(x+1)/2`` -> clip [0,1].
+* ``"tae"`` (TAESD family, e.g. TAEF2): ``z = encoder(img)`` (scale 1, no posterior: ``std`` is 0);
+  ``decode``: decoder output (already about [0,1]) clipped; ``decode_mask``: its RGB mean, clipped.
+
+``remat_decoder=True`` wraps the decoder in ``jax.checkpoint`` (the training loss backpropagates
+through it); ``dtype`` is the compute dtype the model is built with (params stay float32; outputs
+are float32).  I/O lives here and in :mod:`gms_jax.convert`; models do none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gms_jax.convert import core
+
+SD_SCALE = 0.18215
+FAMILIES = ("sd-vae", "tae")
+_ALIASES = {"sd-vae": "sd-vae", "sd_vae": "sd-vae", "sd": "sd-vae",
+            "tae": "tae", "taef2": "tae", "taesd": "tae"}
+
+
+class Latents(NamedTuple):
+  """``z``: the (scaled) latent; ``std``: the posterior std, unscaled (zeros without a posterior)."""
+  z: jax.Array
+  std: jax.Array
+
+
+def canonical_family(family: str) -> str:
+  try:
+    return _ALIASES[family.lower()]
+  except KeyError:
+    raise ValueError(f"unknown tokenizer family {family!r}; one of {sorted(_ALIASES)}") from None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: usable as a jit static arg
+class Tokenizer:
+  """A frozen autoencoder and its conventions; all methods take ``params`` explicitly."""
+  family: str
+  graphdef: Any
+  params: nnx.State
+  scale: float
+  latent_channels: int
+  downsample: int = 8
+  remat_decoder: bool = False
+  dtype: Any = None
+  config: Any = None  # the model's config dataclass (for saving / display)
+
+  @property
+  def has_posterior(self) -> bool:
+    """Whether ``encode`` returns a meaningful ``std`` (SD VAE) or zeros (TAE)."""
+    return self.family == "sd-vae"
+
+  # --------------------------------------------------------------------------- pure functions
+
+  def _model(self, params):
+    return nnx.merge(self.graphdef, params)
+
+  def _check_images(self, images01):
+    if images01.ndim != 4 or images01.shape[-1] != 3:
+      raise ValueError(f"expected NHWC RGB images, got shape {images01.shape}")
+    if images01.shape[1] % self.downsample or images01.shape[2] % self.downsample:
+      raise ValueError(f"image size {images01.shape[1:3]} is not a multiple of {self.downsample}")
+
+  def encode(self, params, images01) -> Latents:
+    """NHWC images in [0,1] -> :class:`Latents` ``(z, std)``, each (B, H/8, W/8, C), float32."""
+    self._check_images(images01)
+    x = jnp.asarray(images01, jnp.float32)
+    model = self._model(params)
+    if self.family == "sd-vae":
+      mean, logvar = model.encode(2.0 * x - 1.0)
+      mean = mean.astype(jnp.float32)
+      std = jnp.exp(logvar.astype(jnp.float32) / 2.0)
+      return Latents(z=self.scale * mean, std=std)
+    z = self.scale * model.encode(x).astype(jnp.float32)
+    return Latents(z=z, std=jnp.zeros_like(z))
+
+  def _decode_raw(self, params, z):
+    """The model's own decoder output: SD in about [-1,1], TAE in about [0,1]; float32."""
+
+    def dec(params, z):
+      return self._model(params).decode(z / self.scale).astype(jnp.float32)
+
+    if self.remat_decoder:
+      dec = jax.checkpoint(dec)
+    return dec(params, jnp.asarray(z, jnp.float32))
+
+  def decode(self, params, z) -> jax.Array:
+    """Scaled latents -> NHWC images in [0,1] (clipped)."""
+    x = self._decode_raw(params, z)
+    if self.family == "sd-vae":
+      x = (x + 1.0) / 2.0
+    return jnp.clip(x, 0.0, 1.0)
+
+  def decode_mask(self, params, z) -> jax.Array:
+    """Scaled latents -> NHW grey masks in [0,1]: mean over the RGB channels, clipped (SPEC §3)."""
+    g = jnp.mean(self._decode_raw(params, z), axis=-1)
+    if self.family == "sd-vae":
+      g = (g + 1.0) / 2.0
+    return jnp.clip(g, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def _model_class(family: str):
+  if family == "sd-vae":
+    from gms_jax.models.sd_vae import AutoencoderKL  # pylint: disable=import-outside-toplevel
+    return AutoencoderKL
+  from gms_jax.models.tae import TAE  # pylint: disable=import-outside-toplevel
+  return TAE
+
+
+def _config_class(family: str):
+  if family == "sd-vae":
+    from gms_jax.models.sd_vae import AutoencoderKLConfig  # pylint: disable=import-outside-toplevel
+    return AutoencoderKLConfig
+  from gms_jax.models.tae import TAEConfig  # pylint: disable=import-outside-toplevel
+  return TAEConfig
+
+
+def _abstract(family: str, cfg, dtype):
+  cls = _model_class(family)
+  return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def _make(family: str, graphdef, params, cfg, *, dtype, remat_decoder: bool) -> Tokenizer:
+  if family == "sd-vae":
+    scale = float(getattr(cfg, "scaling_factor", SD_SCALE))
+    latent_channels = int(cfg.latent_channels)
+    downsample = int(cfg.downsample_factor)
+  else:
+    scale, latent_channels, downsample = 1.0, int(cfg.latent_channels), 8
+  return Tokenizer(family=family, graphdef=graphdef, params=params, scale=scale,
+                   latent_channels=latent_channels, downsample=downsample,
+                   remat_decoder=remat_decoder, dtype=dtype, config=cfg)
+
+
+def from_flat(family: str, flat, cfg, *, dtype=None, remat_decoder: bool = False,
+              source: str = "params") -> Tokenizer:
+  """Flat ``/``-joined Flax params (from a converter or ``core.load_params``) -> Tokenizer.
+
+  The model is built abstractly (no random init) and filled strictly: any missing, extra or
+  mis-shaped parameter raises :class:`gms_jax.convert.core.ConversionError`."""
+  family = canonical_family(family)
+  model = _abstract(family, cfg, dtype)
+  core.apply_flat(model, flat, source=source)
+  graphdef, params = nnx.split(model, nnx.Param)
+  return _make(family, graphdef, params, cfg, dtype=dtype, remat_decoder=remat_decoder)
+
+
+def from_model(family: str, model: nnx.Module, *, dtype=None, remat_decoder: bool = False) -> Tokenizer:
+  """Wraps an existing NNX model (e.g. random weights in tests); its ``cfg`` attribute is used.
+
+  With ``dtype``, the graph is rebuilt with that compute dtype around the same params."""
+  family = canonical_family(family)
+  cfg = model.cfg
+  if dtype is not None:
+    return from_flat(family, core.model_to_flat(model), cfg, dtype=dtype, remat_decoder=remat_decoder,
+                     source="model")
+  graphdef, params = nnx.split(nnx.clone(model), nnx.Param)  # clone: later edits of `model` stay out
+  return _make(family, graphdef, params, cfg, dtype=getattr(model, "dtype", None),
+               remat_decoder=remat_decoder)
+
+
+def _is_flax_params_file(path: str) -> bool:
+  if not (os.path.isfile(path) and path.endswith(".safetensors")):
+    return False
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return (f.metadata() or {}).get("format") == core.FLAX_FORMAT
+  except Exception:  # pylint: disable=broad-except  (unreadable: let the real loader report it)
+    return False
+
+
+def _load_flax_file(family: str, path: str):
+  flat, file_family, config = core.load_params(path)
+  if canonical_family(file_family) != family:
+    raise core.ConversionError(f"{path}: holds {file_family!r} parameters, not {family!r}")
+  return flat, _config_class(family).from_dict(config)
+
+
+def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg=None) -> Tokenizer:
+  """Loads a frozen tokenizer.
+
+  Args:
+    family: ``"sd-vae"`` or ``"tae"`` (aliases ``"taef2"``, ``"taesd"``).
+    path: for ``"sd-vae"``: a converted Flax ``.safetensors`` (``gms-jax convert``), a diffusers
+      folder / bare diffusers ``.safetensors`` / ``.bin``, or an LDM ``.ckpt`` / ``.pth``.
+      For ``"tae"``: a folder with ``taef2_encoder.pth`` + ``taef2_decoder.pth`` (or one
+      ``*encoder`` / ``*decoder`` pair), or a converted Flax ``.safetensors``.
+    dtype: compute dtype (e.g. ``jnp.bfloat16``); params stay float32.
+    remat_decoder: wrap the decoder in ``jax.checkpoint``.
+    cfg: SD only: the architecture of a bare weights file (default: SPEC §1).
+  """
+  family = canonical_family(family)
+  if _is_flax_params_file(path):
+    flat, cfg = _load_flax_file(family, path)
+  elif family == "sd-vae":
+    from gms_jax.convert import sd_vae  # pylint: disable=import-outside-toplevel
+    if os.path.isdir(path) or path.endswith((".safetensors", ".bin")):
+      flat, cfg = sd_vae.load_diffusers(path, cfg=cfg)
+    else:
+      flat, cfg = sd_vae.load_ldm(path, cfg=cfg)
+  else:
+    from gms_jax.convert import tae  # pylint: disable=import-outside-toplevel
+    if not os.path.isdir(path):
+      raise FileNotFoundError(
+          f"{path}: expected a folder with taef2_encoder.pth/taef2_decoder.pth or a converted "
+          "gms_jax .safetensors")
+    flat, cfg = tae.load_tae(*tae.find_pair(path))
+  return from_flat(family, flat, cfg, dtype=dtype, remat_decoder=remat_decoder, source=path)
+
+
+def packaged_path(family: str) -> str:
+  """Path of the weights shipped inside the package for ``family`` (only TAEF2 ships)."""
+  import importlib.resources  # pylint: disable=import-outside-toplevel
+  family = canonical_family(family)
+  p = importlib.resources.files("gms_jax") / "assets" / "taef2.safetensors"
+  if family != "tae" or not p.is_file():
+    raise FileNotFoundError(
+        f"no packaged weights for tokenizer family {family!r}: set the checkpoint path "
+        "(--config.tokenizer.path); for 'sd-vae' that is your SD VAE (diffusers folder or "
+        "safetensors, LDM .ckpt, or a `gms-jax convert` output)")
+  return os.fspath(p)
+
+
+PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def from_config(config) -> Tokenizer:
+  """The tokenizer a training config names: ``config.tokenizer.{name,path,remat_decoder}``
+  at ``config.precision`` (``"float32"`` or ``"bfloat16"`` compute; params stay float32).
+  An empty path means the packaged weights (TAEF2 only)."""
+  t = config.tokenizer
+  precision = str(config.get("precision", "float32"))
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+  path = str(t.path) or packaged_path(str(t.name))
+  return load(str(t.name), path, dtype=PRECISIONS[precision],
+              remat_decoder=bool(t.get("remat_decoder", False)))
+
+
+def save(tok: Tokenizer, path: str) -> None:
+  """Writes the tokenizer's params as a converted Flax ``.safetensors`` that :func:`load` reads."""
+  flat = {"/".join(str(p) for p in k): np.asarray(v.get_value())
+          for k, v in nnx.to_flat_state(tok.params)}
+  core.save_params(path, flat, family=tok.family, config=tok.config.to_dict())
+
+
+def describe(tok: Tokenizer) -> str:
+  n = sum(int(x.size) for x in jax.tree.leaves(tok.params))
+  return (f"{tok.family} tokenizer: {n:,} params, latent {tok.latent_channels}ch /{tok.downsample}, "
+          f"scale {tok.scale}, config {json.dumps(tok.config.to_dict())}")
