@@ -1,0 +1,126 @@
+"""GMS training configs (SPEC §3 defaults): ``gms-jax train --config configs/gms.py:ARG``.
+
+``ARG`` is a comma-separated list (big_vision style): the first item names the dataset, the rest
+are modifiers applied in order::
+
+    configs/gms.py:busi                  # BUSI, SD VAE (set --config.tokenizer.path and data.root)
+    configs/gms.py:busi,taef2            # ... with the TAEF2 tiny autoencoder as the tokenizer
+    configs/gms.py:ph2,bf16              # bfloat16 compute
+    configs/gms.py:smoke                 # = sample,smoke: ~1 min on a 2-core CPU, shipped data
+
+Datasets: ``sample`` (shipped ``data/sample``), ``busi``, ``bus-bra``, ``ph2``, ``drive``,
+``chase_db1``, ``folder`` (any GMS-layout folder; set ``data.root``).
+Modifiers: ``smoke``, ``taef2`` (alias ``tae``), ``sd-vae``, ``bf16``, ``stepwise`` (per-step LR).
+
+Any key can be overridden on the command line: ``--config.batch_size=16``.
+"""
+
+import ml_collections
+
+DATASETS = ("sample", "busi", "bus-bra", "ph2", "drive", "chase_db1", "folder")
+MODIFIERS = ("smoke", "taef2", "tae", "sd-vae", "bf16", "stepwise")
+
+
+def _parse(arg):
+  parts = [p.strip() for p in (arg or "sample").split(",") if p.strip()]
+  if parts and parts[0] == "smoke":  # "smoke" alone means the shipped sample
+    parts = ["sample"] + parts
+  dataset, mods = parts[0], parts[1:]
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r} in config arg {arg!r}; one of {DATASETS}")
+  bad = [m for m in mods if m not in MODIFIERS]
+  if bad:
+    raise ValueError(f"unknown modifier(s) {bad} in config arg {arg!r}; known: {MODIFIERS}")
+  return dataset, mods
+
+
+def get_config(arg="sample"):
+  """Returns the config for ``arg`` (see the module docstring)."""
+  dataset, mods = _parse(arg)
+  c = ml_collections.ConfigDict()
+  c.seed = 2333  # model init, latent noise and data order (SPEC §3)
+
+  # ---------------------------------------------------------------- data (gms_jax.data.builder)
+  c.data = ml_collections.ConfigDict()
+  c.data.name = dataset
+  c.data.root = ""  # "" = data/sample for "sample"; required for every other dataset
+  c.data.split_file = ""  # "" = the dataset's default (split.json / GMS pickle / seeded ratio)
+  c.data.test_fraction = 0.2  # ratio split only
+  c.data.val_fraction = 0.1  # validation is carved out of train; checkpoints are chosen on it
+  c.data.split_seed = 2333
+  c.data.image_size = 224  # SPEC §3; latents are image_size / 8
+  c.data.augment = True  # SPEC §3 train-time augmentation
+  c.data.tfds_dir = ""  # "" = ~/tensorflow_datasets
+  c.data.worker_count = 0  # grain worker processes (0 = threads in the trainer process)
+  c.data.prefetch_buffer = 2
+
+  # ---------------------------------------------------------------- frozen tokenizer
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.name = "sd-vae"  # "sd-vae" (GMS) or "taef2"
+  # sd-vae: your checkpoint (diffusers folder/.safetensors, LDM .ckpt, or `gms-jax convert` output).
+  # taef2: "" = the packaged weights, or a folder with taef2_{encoder,decoder}.pth.
+  c.tokenizer.path = ""
+  c.tokenizer.remat_decoder = False  # recompute decoder activations in the backward pass
+
+  # ---------------------------------------------------------------- latent mapper (SPEC §2)
+  c.mapper = ml_collections.ConfigDict()
+  c.mapper.ch = 32  # in/out channels come from the tokenizer's latent channels
+  c.mapper.ch_mult = (1, 2, 4, 4)
+
+  # ---------------------------------------------------------------- loss (SPEC §3)
+  c.loss = ml_collections.ConfigDict()
+  c.loss.rec_weight = 1.0  # latent MSE
+  c.loss.dice_weight = 1.0  # MONAI Dice of the decoded mask
+  c.loss.noise_prob = 0.5  # per batch: image latent += std * N(0, 1)
+  c.loss.heads = ("level2", "level1", "out")
+
+  # ---------------------------------------------------------------- optimisation (SPEC §3)
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 2e-3  # AdamW
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.01
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.warmup_epochs = 5  # linear from 0, then cosine to 0 at the last epoch
+  c.schedule.per_epoch = True  # LR changes once per epoch (the original); False = every step
+
+  c.batch_size = 8  # global, over all devices and hosts
+  c.num_epochs = 1000
+  c.num_train_steps = -1  # -1 = num_epochs * steps_per_epoch(train split)
+  c.precision = "float32"  # compute dtype of mapper and tokenizer: "float32" or "bfloat16"
+
+  # ---------------------------------------------------------------- logging / eval / checkpoints
+  c.log_every_steps = 50
+  c.eval_every_steps = -1  # validation Dice; -1 = once per epoch
+  c.eval_batch_size = 8  # global; the last batch is padded
+  c.checkpoint_every_steps = -1  # -1 = at every validation (checkpoints then carry val Dice)
+  c.keep_checkpoints = 3  # the last k; the best by validation Dice is kept in addition
+
+  # ---------------------------------------------------------------- multi-host (main() only)
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False  # call jax.distributed.initialize() in main()
+  c.distributed.coordinator_address = ""  # "" = auto-detect (TPU pods, SLURM, ...)
+  c.distributed.num_processes = -1  # -1 = auto-detect
+  c.distributed.process_id = -1  # -1 = auto-detect
+  c.distributed.timeout_s = 300  # jax.distributed initialization timeout
+
+  for m in mods:
+    if m == "smoke":  # ~1 min on a 2-core CPU: 30 steps at 32x32 with the TAEF2 tokenizer
+      c.data.image_size = 32
+      c.tokenizer.name = "taef2"
+      c.num_epochs = 10  # 3 steps per epoch on the 29 training images of the sample
+      c.schedule.warmup_epochs = 1
+      c.schedule.per_epoch = False
+      c.log_every_steps = 5
+      c.eval_every_steps = 15
+      c.keep_checkpoints = 2
+    elif m in ("taef2", "tae"):
+      c.tokenizer.name = "taef2"
+    elif m == "sd-vae":
+      c.tokenizer.name = "sd-vae"
+    elif m == "bf16":
+      c.precision = "bfloat16"
+    elif m == "stepwise":
+      c.schedule.per_epoch = False
+  return c

@@ -1,0 +1,120 @@
+"""The GMS training loss (SPEC §3), exactly as the original computes it.
+
+For a batch of images and binary masks, with a frozen tokenizer (``tok``) and the mapper::
+
+    z_img, std = tok.encode(image)          # scaled posterior mean, UNscaled posterior std
+    z_mask     = tok.encode(mask as RGB).z  # never noised
+    with probability noise_prob (ONE draw per batch):  z_img = z_img + std * eps,  eps ~ N(0, 1)
+    out = mapper(z_img)                     # {"level3", "level2", "level1", "out"}
+    loss = rec_weight  * sum_k MSE(out[k], z_mask)
+         + dice_weight * sum_k DiceLoss(tok.decode_mask(out[k]), grey mask)   k in heads
+
+``DiceLoss`` is MONAI's default ``DiceLoss()``: per sample, ``1 - (2 sum(p g) + 1e-5) /
+(sum p + sum g + 1e-5)``, mean over the batch. The grey mask is the RGB mean of the [0,1] mask
+(our masks are single-channel, so it is the mask itself). Gradients flow through the frozen
+decoder into the mapper; the tokenizer's params are under ``stop_gradient``.
+
+The three heads are decoded in ONE decoder call (concatenated on the batch axis): the decoder
+normalises each sample on its own, so this equals the per-head sum (``batch_decode=False`` computes
+it head by head; the tests check both agree). Everything returned is float32 whatever the compute
+dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+HEADS = ("level2", "level1", "out")
+DICE_SMOOTH_NR = 1e-5  # MONAI DiceLoss defaults
+DICE_SMOOTH_DR = 1e-5
+
+
+def dice_loss(pred: jax.Array, target: jax.Array, *, smooth_nr: float = DICE_SMOOTH_NR,
+              smooth_dr: float = DICE_SMOOTH_DR) -> jax.Array:
+  """MONAI ``DiceLoss()`` (no sigmoid, include background, mean): (B, ...) -> scalar."""
+  pred = pred.astype(jnp.float32)
+  target = target.astype(jnp.float32)
+  axes = tuple(range(1, pred.ndim))
+  inter = jnp.sum(pred * target, axis=axes)
+  denom = jnp.sum(pred, axis=axes) + jnp.sum(target, axis=axes)
+  return jnp.mean(1.0 - (2.0 * inter + smooth_nr) / (denom + smooth_dr))
+
+
+def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """torch ``F.mse_loss`` (mean over every element), in float32."""
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+def sample_latent_noise(rng: jax.Array, shape: Sequence[int], noise_prob: float
+                        ) -> tuple[jax.Array, jax.Array]:
+  """One Bernoulli(noise_prob) per batch and eps ~ N(0,1) of the latent's shape."""
+  k_apply, k_eps = jax.random.split(rng)
+  apply = jax.random.bernoulli(k_apply, noise_prob)
+  eps = jax.random.normal(k_eps, tuple(shape), jnp.float32)
+  return apply, eps
+
+
+def _as_grey_and_rgb(masks01):
+  masks01 = jnp.asarray(masks01, jnp.float32)
+  if masks01.ndim == 4:  # (B,H,W,3) RGB mask
+    return jnp.mean(masks01, axis=-1), masks01
+  return masks01, jnp.repeat(masks01[..., None], 3, axis=-1)
+
+
+def gms_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
+             images01: jax.Array, masks01: jax.Array, *, apply_noise: jax.Array | bool,
+             eps: jax.Array | None, heads: Sequence[str] = HEADS, rec_weight: float = 1.0,
+             dice_weight: float = 1.0, batch_decode: bool = True
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The loss for given noise (``apply_noise``, ``eps``); returns ``(loss, terms)``.
+
+  Args:
+    mapper_graphdef, mapper_params: the NNX mapper, split (only ``mapper_params`` is meant to be
+      differentiated).
+    tokenizer, tok_params: a :class:`gms_jax.tokenizers.Tokenizer` and its (frozen) params.
+    images01: (B,S,S,3) in [0,1]. masks01: (B,S,S) in {0,1} (or (B,S,S,3) RGB masks).
+    apply_noise: scalar bool, whether this batch's image latent gets ``std * eps``.
+    eps: (B,h,w,C) standard normal noise (ignored when ``apply_noise`` is False; may be None then).
+  """
+  tok_params = jax.lax.stop_gradient(tok_params)
+  grey, rgb = _as_grey_and_rgb(masks01)
+  images01 = jnp.asarray(images01, jnp.float32)
+  b = images01.shape[0]
+  lat = tokenizer.encode(tok_params, jnp.concatenate([images01, rgb], axis=0))
+  z_img, z_mask, std = lat.z[:b], lat.z[b:], lat.std[:b]
+  if eps is not None:
+    z_img = z_img + jnp.where(apply_noise, std * eps, jnp.zeros_like(z_img))
+  z_img, z_mask = jax.lax.stop_gradient(z_img), jax.lax.stop_gradient(z_mask)
+
+  mapper = nnx.merge(mapper_graphdef, mapper_params)
+  out = mapper(z_img)
+  preds = [out[k].astype(jnp.float32) for k in heads]
+  rec = sum(mse(p, z_mask) for p in preds)
+  if batch_decode:
+    decoded = tokenizer.decode_mask(tok_params, jnp.concatenate(preds, axis=0))
+    decoded = [decoded[i * b:(i + 1) * b] for i in range(len(preds))]
+  else:
+    decoded = [tokenizer.decode_mask(tok_params, p) for p in preds]
+  dice = sum(dice_loss(d, grey) for d in decoded)
+  loss = rec_weight * rec + dice_weight * dice
+  terms = {"rec": rec, "dice": dice,
+           "noise": jnp.asarray(apply_noise if eps is not None else False, jnp.float32)}
+  return loss.astype(jnp.float32), terms
+
+
+def train_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
+               batch: dict[str, jax.Array], rng: jax.Array, *, noise_prob: float = 0.5,
+               heads: Sequence[str] = HEADS, rec_weight: float = 1.0, dice_weight: float = 1.0,
+               batch_decode: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """:func:`gms_loss` with the noise drawn from ``rng`` (one Bernoulli per batch)."""
+  images = batch["image"]
+  f = tokenizer.downsample
+  z_shape = (images.shape[0], images.shape[1] // f, images.shape[2] // f, tokenizer.latent_channels)
+  apply, eps = sample_latent_noise(rng, z_shape, noise_prob)
+  return gms_loss(mapper_graphdef, mapper_params, tokenizer, tok_params, images, batch["mask"],
+                  apply_noise=apply, eps=eps, heads=heads, rec_weight=rec_weight,
+                  dice_weight=dice_weight, batch_decode=batch_decode)

@@ -1,0 +1,433 @@
+"""Training the GMS latent mapper: ``gms-jax train --config configs/gms.py:busi --workdir DIR``.
+
+:func:`train_and_evaluate` reads top to bottom in stages: workdir/logging -> mesh -> input ->
+tokenizer -> model/optimizer -> shapes and shardings -> jit init -> jitted, donated, AOT-compiled
+train step -> restore -> evaluator -> loop. Data parallel on a 1-D ``('data',)`` mesh: mapper
+params and optimizer state are replicated, batches are sharded; the frozen tokenizer's params are
+a separate, non-donated, replicated argument (under ``stop_gradient`` in the loss).
+
+Learning-rate schedule: linear warm-up from 0 over ``schedule.warmup_epochs`` epochs, then cosine
+to 0 at ``num_epochs`` (optax ``warmup_cosine_decay_schedule`` in units of epochs). With
+``schedule.per_epoch=True`` (default, as the original) the LR is evaluated at the integer epoch
+``step // steps_per_epoch`` and so changes once per epoch (the first epoch runs at LR 0); with
+``False`` at the fractional epoch ``step / steps_per_epoch`` (changes every step).
+
+Randomness: ``PRNGKey(config.seed)`` gives the init key and the noise key; step ``s`` uses
+``fold_in(noise_key, s)``, and the data order is grain's seeded shuffle, so a resumed run
+reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import config_flags
+
+from gms_jax import checkpoint as ckpt_lib
+from gms_jax import inference
+from gms_jax import loss as loss_lib
+from gms_jax import metrics as metrics_lib
+from gms_jax import parallel
+from gms_jax import tokenizers
+from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN/inf; the workdir keeps the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:
+  """Optimizer-step count -> learning rate (see the module docstring)."""
+  epoch_schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.optimizer.learning_rate,
+      warmup_steps=config.schedule.warmup_epochs, decay_steps=config.num_epochs, end_value=0.0)
+  per_epoch = bool(config.schedule.per_epoch)
+
+  def schedule(count):
+    count = jnp.asarray(count)
+    epoch = count // steps_per_epoch if per_epoch else count / steps_per_epoch
+    return epoch_schedule(epoch)
+
+  return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict, schedule: Callable) -> optax.GradientTransformation:
+  """AdamW (SPEC §3: lr 2e-3, betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01)."""
+  o = config.optimizer
+  return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The keyword arguments of :func:`gms_jax.loss.train_loss` that ``config.loss`` sets."""
+  return dict(noise_prob=float(config.loss.noise_prob), heads=tuple(config.loss.heads),
+              rec_weight=float(config.loss.rec_weight), dice_weight=float(config.loss.dice_weight))
+
+
+def make_train_step(graphdef: Any, tokenizer: tokenizers.Tokenizer, tx: optax.GradientTransformation,
+                    schedule: Callable, loss_kw: dict[str, Any]) -> Callable:
+  """The (un-jitted) step ``(state, tok_params, batch) -> (state, metrics)``.
+
+  ``state`` = ``{"step", "params" (pure dict of mapper params), "opt_state", "rng"}``; only
+  ``params`` is differentiated; step ``s`` draws its latent noise from ``fold_in(rng, s)``.
+  """
+
+  def train_step(state, tok_params, batch):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+
+    def loss_fn(params):
+      return loss_lib.train_loss(graphdef, params, tokenizer, tok_params, batch, rng, **loss_kw)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": state["rng"]}
+    metrics = {"loss": loss, **terms, "lr": schedule(state["step"]),
+               "grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+
+  return train_step
+
+
+def _every(value: int, default: int) -> int:
+  return default if value is None or int(value) <= 0 else int(value)
+
+
+class _Writer:
+  """Process 0 writes metrics to TensorBoard event files and ``WORKDIR/metrics.jsonl``."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self._enabled = enabled
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+
+  def write(self, step: int, scalars: dict[str, float], *, prefix: str = "") -> None:
+    if not self._enabled:
+      return
+    for k, v in scalars.items():
+      self._tb.add_scalar(f"{prefix}{k}", float(v), int(step))
+    self._jsonl.write(json.dumps({"step": int(step), **{f"{prefix}{k}": float(v)
+                                                       for k, v in scalars.items()}}) + "\n")
+
+  def event(self, step: int, **fields) -> None:
+    if self._enabled:
+      self._jsonl.write(json.dumps({"step": int(step), **fields}) + "\n")
+
+  def flush(self) -> None:
+    if self._enabled:
+      self._tb.flush()
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.1,
+              disable=(not enabled) or not sys.stderr.isatty())
+
+
+class _LibraryInfoFilter:
+  """Drops orbax's (very chatty) INFO records from the absl log; warnings and errors pass."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def quiet_library_logs() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+    handler.addFilter(_LibraryInfoFilter())
+
+
+def _check_finite(step: int, m: dict[str, np.ndarray], workdir: str, last_saved: int | None) -> None:
+  loss = float(m["loss"])
+  if not math.isfinite(loss):
+    where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_lib.checkpoint_dir(workdir)}"
+             if last_saved is not None else "no checkpoint had been saved yet")
+    raise NonFiniteLossError(
+        f"non-finite training loss {loss} at step {step} (rec={float(m['rec'])}, "
+        f"dice={float(m['dice'])}); training stopped and nothing after step {step - 1} was "
+        f"saved; {where}. Lower the learning rate or use --config.precision=float32.")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       tokenizer: tokenizers.Tokenizer | None = None,
+                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Trains (resuming from ``workdir`` if it holds checkpoints); returns a summary dict.
+
+  Args:
+    config: see ``configs/gms.py``.
+    workdir: checkpoints, ``config.json``, ``metrics.jsonl`` and TensorBoard events go here.
+    tokenizer: a ready frozen tokenizer (tests use tiny random ones); default: from the config.
+    devices: the devices of the mesh (default: all devices of all processes).
+  """
+  # ---------------------------------------------------------------- workdir, logging
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, ckpt_lib.CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  writer = _Writer(workdir, enabled=is_main)
+  logging.info("workdir %s; process %d/%d; local devices %s", workdir, jax.process_index(),
+               jax.process_count(), jax.local_devices())
+
+  # ---------------------------------------------------------------- mesh
+  mesh = parallel.make_mesh(devices)
+  global_bs = parallel.check_batch_size(int(config.batch_size), mesh)
+  n_dev = mesh.devices.size
+  eval_bs = -(-int(config.eval_batch_size) // n_dev) * n_dev
+  parallel.check_batch_size(eval_bs, mesh, "eval_batch_size (rounded up to the device count)")
+  repl = parallel.replicated(mesh)
+  data_sharding = parallel.data_sharded(mesh)
+  logging.info("mesh %s over %d devices; global batch %d (%d per process)", dict(mesh.shape),
+               n_dev, global_bs, parallel.local_batch_size(global_bs))
+
+  # ---------------------------------------------------------------- input
+  from gms_jax.data import builder, pipeline  # pylint: disable=import-outside-toplevel
+  sources = builder.prepare(config.data)
+  image_size = int(config.data.image_size)
+  steps_per_epoch = pipeline.steps_per_epoch(len(sources["train"]), global_bs)
+  total_steps = (int(config.num_train_steps) if int(config.num_train_steps) > 0
+                 else int(config.num_epochs) * steps_per_epoch)
+  eval_every = _every(config.eval_every_steps, steps_per_epoch)
+  ckpt_every = _every(config.checkpoint_every_steps, eval_every)
+  log_every = _every(config.log_every_steps, 1)
+  train_iter = iter(pipeline.train_dataset(
+      sources["train"], global_batch_size=global_bs, image_size=image_size, seed=int(config.seed),
+      augment=bool(config.data.augment), worker_count=int(config.data.worker_count),
+      prefetch_buffer=int(config.data.prefetch_buffer)))
+  logging.info("data %s: train %d, validation %d, test %d (test is never used here); "
+               "%d steps/epoch, %d steps", config.data.name, len(sources["train"]),
+               len(sources["validation"]), len(sources["test"]), steps_per_epoch, total_steps)
+
+  # ---------------------------------------------------------------- frozen tokenizer
+  tok = tokenizer if tokenizer is not None else tokenizers.from_config(config)
+  logging.info("%s", tokenizers.describe(tok))
+  tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
+  tok_sharding = parallel.replicate_tree(tok_params, mesh)
+
+  # ---------------------------------------------------------------- model, optimizer
+  dtype = ckpt_lib.compute_dtype(config.precision)
+  mapper_cfg = MapperConfig(in_channels=tok.latent_channels, out_channels=tok.latent_channels,
+                            ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: ResAttnUNet_DS(mapper_cfg, rngs=nnx.Rngs(0), dtype=dtype)), nnx.Param)
+  schedule = make_schedule(config, steps_per_epoch)
+  tx = make_optimizer(config, schedule)
+  root_key = jax.random.PRNGKey(int(config.seed))
+  init_key, noise_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
+
+  def init_fn(init_key, noise_key):
+    model = ResAttnUNet_DS(mapper_cfg, rngs=nnx.Rngs(params=init_key), dtype=dtype)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": noise_key}
+
+  # ---------------------------------------------------------------- shapes, shardings
+  abstract_state = jax.eval_shape(init_fn, init_key, noise_key)
+  state_sharding = parallel.replicate_tree(abstract_state, mesh)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding)
+  n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_state["params"]))
+  logging.info("mapper %s: %s params, compute dtype %s", mapper_cfg, f"{n_params:,}",
+               jnp.dtype(dtype or jnp.float32).name)
+  batch_shapes = {
+      "image": jax.ShapeDtypeStruct((global_bs, image_size, image_size, 3), jnp.float32,
+                                    sharding=data_sharding),
+      "mask": jax.ShapeDtypeStruct((global_bs, image_size, image_size), jnp.float32,
+                                   sharding=data_sharding)}
+
+  # ---------------------------------------------------------------- jit init (created sharded)
+  t0 = time.time()
+  # Non-partitionable threefry for the one-off init: same values, several times faster to compile
+  # on CPU; the output is replicated, so it does not depend on the device count.
+  with jax.threefry_partitionable(False):
+    state = jax.jit(init_fn, in_shardings=(repl, repl), out_shardings=state_sharding)(
+        parallel.replicate_array(np.asarray(init_key), mesh),
+        parallel.replicate_array(np.asarray(noise_key), mesh))
+  jax.block_until_ready(state)
+  logging.info("init: %.1fs", time.time() - t0)
+
+  # ---------------------------------------------------------------- train step (jit, donate, AOT)
+  train_step = make_train_step(graphdef, tok, tx, schedule, loss_kwargs(config))
+  t0 = time.time()
+  train_step = jax.jit(train_step, in_shardings=(state_sharding, tok_sharding, data_sharding),
+                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  train_step = train_step.lower(abstract_state, tok_params, batch_shapes).compile()
+  logging.info("train step compiled: %.1fs", time.time() - t0)
+
+  # ---------------------------------------------------------------- restore
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints), metadata={
+      "config": json.loads(config.to_json_best_effort()), "mapper": mapper_cfg.to_dict(),
+      "tokenizer": {"name": str(config.tokenizer.name), "path": str(config.tokenizer.path),
+                    "family": tok.family, "latent_channels": tok.latent_channels}})
+  latest = ckpt.latest_step()
+  if latest is not None:
+    t0 = time.time()
+    state = ckpt.restore(latest, abstract_state, data_iter=train_iter)
+    logging.info("resumed from step %d in %s (%.1fs)", latest, ckpt.directory, time.time() - t0)
+  step = int(jax.device_get(state["step"]))
+  writer.event(step, event="start", total_steps=total_steps, resumed=latest is not None,
+               process_count=jax.process_count(), devices=n_dev)
+
+  # ---------------------------------------------------------------- evaluator (validation only)
+  val = list(pipeline.eval_examples(sources["validation"], image_size=image_size))
+  val_images = np.stack([e["image"] for e in val]).astype(np.float32)
+  val_masks = np.stack([e["mask"] for e in val]) >= 0.5
+  predict = jax.jit(
+      lambda p, t, x: inference.predict_probs(graphdef, p, tok, t, x),
+      in_shardings=(state_sharding["params"], tok_sharding, data_sharding), out_shardings=repl)
+
+  def evaluate(params) -> dict[str, float]:
+    probs = []
+    rows = parallel.host_slice(eval_bs)
+    for i in range(0, len(val_images), eval_bs):
+      chunk = val_images[i:i + eval_bs]
+      n = len(chunk)
+      if n < eval_bs:  # pad with copies of the last image; their predictions are dropped
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], eval_bs - n, axis=0)])
+      x = jax.make_array_from_process_local_data(data_sharding, chunk[rows], chunk.shape)
+      probs.append(np.asarray(predict(params, tok_params, x))[:n])
+    pred = np.concatenate(probs) > inference.THRESHOLD
+    dsc, iou = metrics_lib.dice_iou(pred, val_masks)
+    return {"val_dice": float(np.mean(dsc)), "val_iou": float(np.mean(iou))}
+
+  # ---------------------------------------------------------------- loop
+  logging.info("training steps %d..%d: log every %d, validate every %d, checkpoint every %d",
+               step + 1, total_steps, log_every, eval_every, ckpt_every)
+  bar = _progress(total_steps, step, is_main)
+  last_saved = latest
+  pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked on the host
+  window: list[dict[str, np.ndarray]] = []
+  t_window, steps_window = time.time(), 0
+  last_eval: dict[str, float] = {}
+  summary: dict[str, Any] = {"first_step": step + 1}
+
+  def drain(keep_last: bool) -> None:
+    """Fetches queued metrics (all, or all but the newest), raising on a non-finite loss."""
+    while len(pending) > (1 if keep_last else 0):
+      s, m = pending.pop(0)
+      m = jax.device_get(m)
+      _check_finite(s, m, workdir, last_saved)
+      window.append(m)
+      bar.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
+
+  try:
+    while step < total_steps:
+      local = next(train_iter)
+      batch = parallel.global_batch(local, mesh)
+      if step == summary["first_step"] - 1:
+        logging.info("process %d: local batch %s (mean %.6f) -> global batch %s (mean %.6f)",
+                     jax.process_index(), local["image"].shape, float(np.mean(local["image"])),
+                     batch["image"].shape, float(jnp.mean(batch["image"])))
+      state, m = train_step(state, tok_params, batch)
+      step += 1
+      steps_window += 1
+      pending.append((step, m))
+      drain(keep_last=True)  # the previous step's loss: one step of latency, no pipeline stall
+      bar.update(1)
+
+      is_last = step == total_steps
+      do_eval, do_ckpt = step % eval_every == 0 or is_last, step % ckpt_every == 0 or is_last
+      if step % log_every == 0 or do_eval or do_ckpt:
+        drain(keep_last=False)
+        dt = time.time() - t_window
+        scalars = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+        scalars["steps_per_sec"] = steps_window / max(dt, 1e-9)
+        writer.write(step, scalars, prefix="train/")
+        summary.setdefault("losses", []).append((step, scalars["loss"]))
+        window.clear()
+        t_window, steps_window = time.time(), 0
+      if do_eval:
+        t0 = time.time()
+        last_eval = evaluate(state["params"])
+        writer.write(step, {**last_eval, "seconds": time.time() - t0}, prefix="eval/")
+        logging.info("step %d: validation Dice %.4f IoU %.4f", step, last_eval["val_dice"],
+                     last_eval["val_iou"])
+      if do_ckpt:
+        ckpt.save(step, state, train_iter, metrics=last_eval if do_eval else None)
+        last_saved = step
+      writer.flush()
+  finally:
+    bar.close()
+    ckpt.wait()
+    writer.close()
+  summary.update(step=step, val=last_eval, best_step=ckpt.best_step(),
+                 latest_step=ckpt.latest_step())
+  ckpt.close()
+  logging.info("done: step %d, best checkpoint %s (validation Dice), last validation %s", step,
+               summary["best_step"], last_eval)
+  return summary
+
+
+# ----------------------------------------------------------------------------- entry point
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/gms.py:busi", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+  """absl entry point: ``argv[0]`` is the program name, the rest are flags."""
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    extra = FLAGS(argv)
+  except flags.Error as e:
+    print(f"{argv[0]}: {e}\nusage: {argv[0]} --config configs/gms.py:NAME --workdir DIR "
+          "[--config.key=value ...]", file=sys.stderr)
+    return 2
+  if len(extra) > 1:
+    print(f"{argv[0]}: unexpected arguments {extra[1:]}", file=sys.stderr)
+    return 2
+  if _CONFIG.value is None or not _WORKDIR.value:
+    print(f"usage: {argv[0]} --config configs/gms.py:NAME --workdir DIR [--config.key=value ...]",
+          file=sys.stderr)
+    return 2
+  logging.use_absl_handler()
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.INFO)
+  quiet_library_logs()
+  config = _CONFIG.value
+  parallel.initialize_distributed(config.distributed)
+  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  try:
+    train_and_evaluate(config, _WORKDIR.value)
+  except NonFiniteLossError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
