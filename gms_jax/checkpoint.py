@@ -91,7 +91,8 @@ class Checkpointer:
 
   def best_step(self) -> int | None:
     """The step with the highest validation Dice (latest step if none carries metrics)."""
-    return self.manager.best_step()
+    best = self.manager.best_step()
+    return self.manager.latest_step() if best is None else best
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
@@ -119,7 +120,8 @@ class Checkpointer:
     ``data_iter`` (a grain ``DatasetIterator``), when given, is set to the saved position in place.
     """
     items = {STATE: ocp.args.PyTreeRestore(
-        item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
+        item=abstract_state,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if data_iter is not None:
       items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
@@ -164,7 +166,8 @@ def resolve_step(ckpt: Checkpointer, which: str | int = "best") -> int:
     return int(ckpt.latest_step())
   step = int(which)
   if step not in steps:
-    raise FileNotFoundError(f"{ckpt.directory}: no checkpoint at step {step}; saved: {sorted(steps)}")
+    raise FileNotFoundError(
+        f"{ckpt.directory}: no checkpoint at step {step}; saved: {sorted(steps)}")
   return step
 
 
@@ -174,7 +177,8 @@ def restore_mapper(workdir: str, which: str | int = "best"):
   Returns ``(mapper, config, step)``: the ``ResAttnUNet_DS`` NNX model (params on the default
   device, compute dtype from ``config.precision``), the run's resolved config, and the step.
   """
-  from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS
   ckpt = Checkpointer(workdir, read_only=True, async_save=False)
   try:
     meta = ckpt.metadata()

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from absl import flags
 from absl import logging
@@ -67,7 +67,8 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Ca
   return schedule
 
 
-def make_optimizer(config: ml_collections.ConfigDict, schedule: Callable) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict,
+                   schedule: Callable) -> optax.GradientTransformation:
   """AdamW (SPEC §3: lr 2e-3, betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01)."""
   o = config.optimizer
   return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
@@ -79,8 +80,9 @@ def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
               rec_weight=float(config.loss.rec_weight), dice_weight=float(config.loss.dice_weight))
 
 
-def make_train_step(graphdef: Any, tokenizer: tokenizers.Tokenizer, tx: optax.GradientTransformation,
-                    schedule: Callable, loss_kw: dict[str, Any]) -> Callable:
+def make_train_step(graphdef: Any, tokenizer: tokenizers.Tokenizer,
+                    tx: optax.GradientTransformation, schedule: Callable,
+                    loss_kw: dict[str, Any]) -> Callable:
   """The (un-jitted) step ``(state, tok_params, batch) -> (state, metrics)``.
 
   ``state`` = ``{"step", "params" (pure dict of mapper params), "opt_state", "rng"}``; only
@@ -163,10 +165,12 @@ def quiet_library_logs() -> None:
     handler.addFilter(_LibraryInfoFilter())
 
 
-def _check_finite(step: int, m: dict[str, np.ndarray], workdir: str, last_saved: int | None) -> None:
+def _check_finite(step: int, m: dict[str, np.ndarray], workdir: str,
+                  last_saved: int | None) -> None:
   loss = float(m["loss"])
   if not math.isfinite(loss):
-    where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_lib.checkpoint_dir(workdir)}"
+    where = (f"the last good checkpoint (step {last_saved}) is kept in "
+             f"{ckpt_lib.checkpoint_dir(workdir)}"
              if last_saved is not None else "no checkpoint had been saved yet")
     raise NonFiniteLossError(
         f"non-finite training loss {loss} at step {step} (rec={float(m['rec'])}, "
@@ -255,7 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   abstract_state = jax.eval_shape(init_fn, init_key, noise_key)
   state_sharding = parallel.replicate_tree(abstract_state, mesh)
   abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding)
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+      state_sharding)
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_state["params"]))
   logging.info("mapper %s: %s params, compute dtype %s", mapper_cfg, f"{n_params:,}",
                jnp.dtype(dtype or jnp.float32).name)
@@ -399,9 +404,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 def main(argv: list[str] | None = None) -> int:
   """absl entry point: ``argv[0]`` is the program name, the rest are flags."""
   argv = list(sys.argv if argv is None else argv)
+  if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+    print(f"usage: {argv[0]} --config configs/gms.py:NAME --workdir DIR "
+          "[--config.key=value ...]\n\n"
+          "NAME: a dataset (sample, busi, bus-bra, ph2, drive, chase_db1, folder) with optional\n"
+          "modifiers, e.g. smoke | busi,taef2 | ph2,bf16 (see configs/gms.py). Training resumes\n"
+          "from the latest checkpoint in DIR; DIR/metrics.jsonl, DIR/tensorboard, DIR/config.json.")
+    return 0
   try:
     extra = FLAGS(argv)
-  except flags.Error as e:
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:  # bad --config.x
     print(f"{argv[0]}: {e}\nusage: {argv[0]} --config configs/gms.py:NAME --workdir DIR "
           "[--config.key=value ...]", file=sys.stderr)
     return 2
@@ -420,9 +432,10 @@ def main(argv: list[str] | None = None) -> int:
   parallel.initialize_distributed(config.distributed)
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
+  from gms_jax.data.checks import DataError  # pylint: disable=import-outside-toplevel
   try:
     train_and_evaluate(config, _WORKDIR.value)
-  except NonFiniteLossError as e:
+  except (NonFiniteLossError, DataError, FileNotFoundError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -70,7 +70,8 @@ def tiny_tokenizer(seed: int = 0):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
   from gms_jax.convert import core  # pylint: disable=import-outside-toplevel
-  from gms_jax.models.sd_vae import AutoencoderKL, AutoencoderKLConfig  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from gms_jax.models.sd_vae import AutoencoderKL, AutoencoderKLConfig
   cfg = AutoencoderKLConfig.tiny()
   abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
   shapes = core.flat_shapes(nnx.state(abstract, nnx.Param))

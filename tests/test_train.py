@@ -129,6 +129,26 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(dirs, reference)
   _assert_params_close(params, H.params_at(reference, 3)[0], atol=1e-7)
 
 
+@pytest.mark.parametrize("arg", ["sample", "busi", "bus-bra", "ph2", "drive", "chase_db1", "folder",
+                                 "smoke", "busi,taef2,bf16", "ph2,stepwise"])
+def test_configs(arg):
+  c = H.load_config(arg)
+  dataset = "sample" if arg == "smoke" else arg.split(",")[0]
+  assert c.data.name == dataset and c.seed == 2333 and c.batch_size == 8
+  o = c.optimizer
+  assert (o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay) == (2e-3, 0.9, 0.999, 1e-8, 0.01)
+  assert tuple(c.loss.heads) == ("level2", "level1", "out") and c.loss.noise_prob == 0.5
+  if arg == "smoke":
+    assert c.tokenizer.name == "taef2" and c.data.image_size == 32 and c.tokenizer.path == ""
+  else:
+    assert c.data.image_size == 224 and c.num_epochs == 1000 and c.num_train_steps == -1
+    assert c.schedule.warmup_epochs == 5 and c.schedule.per_epoch == (arg != "ph2,stepwise")
+    assert c.tokenizer.name == ("taef2" if "taef2" in arg else "sd-vae")
+    assert c.precision == ("bfloat16" if "bf16" in arg else "float32")
+  with pytest.raises(ValueError):
+    H.load_config("busi,nonsense")
+
+
 def test_schedule_per_epoch_and_stepwise():
   from gms_jax import train  # pylint: disable=import-outside-toplevel
   c = H.load_config("busi")  # SPEC: warm-up 5 epochs from 0, cosine to 0 at epoch 1000
@@ -136,7 +156,8 @@ def test_schedule_per_epoch_and_stepwise():
   lr = lambda s: float(per_epoch(s))  # noqa: E731
   assert lr(0) == lr(9) == 0.0  # epoch 0
   assert lr(10) == lr(19) == pytest.approx(2e-3 / 5)  # constant within an epoch
-  assert lr(50) == pytest.approx(2e-3) and lr(9999) < 1e-8 and lr(10000) == pytest.approx(0, abs=1e-10)
+  assert lr(50) == pytest.approx(2e-3) and lr(9999) < 1e-8
+  assert lr(10000) == pytest.approx(0, abs=1e-10)
   assert lr(5000) == pytest.approx(1e-3 * (1 + np.cos(np.pi * 495 / 995)), rel=1e-5)
   c.schedule.per_epoch = False
   stepwise = train.make_schedule(c, steps_per_epoch=10)
