@@ -1,0 +1,332 @@
+#!/usr/bin/env python
+"""Training step benchmark: gms_jax's jitted step vs the same model and loss in PyTorch.
+
+Both sides run the SPEC §3 step on the same weights and the same batch: encode image and mask with
+the frozen tokenizer (no gradient), latent noise with p=0.5 (SD-VAE: unscaled posterior std), the
+mapper, Σ MSE + Σ Dice(decode_mask(head)) over the heads level2/level1/out with gradients through
+the frozen decoder (input gradients only), and an AdamW update (lr 2e-3, wd 0.01).
+
+* JAX: ``gms_jax.train``'s jitted step when it exposes one, else ``gms_jax.loss.train_loss`` +
+  ``optax.adamw`` assembled here exactly as the trainer does; AOT-compiled, compile time reported
+  separately; FLOPs per step from XLA's cost analysis.
+* PyTorch: diffusers ``AutoencoderKL`` (SD-VAE) or the TAE reference (``tests/torch_refs.py``),
+  the reference mapper, ``torch.optim.AdamW``; heads decoded one by one as the original does.
+
+Every (framework, tokenizer, remat) variant runs in its own subprocess, so the reported peak RSS
+(sampled during the timed steps) belongs to that variant alone.  "remat" = the decoder's
+activations are recomputed in the backward pass (``jax.checkpoint`` / ``torch.utils.checkpoint``).
+
+Examples::
+
+    python benchmarks/train_step.py                                   # both tokenizers, 8 x 224²
+    python benchmarks/train_step.py --tokenizer taef2 --repeats 10
+    python benchmarks/train_step.py --tokenizer sd-vae --batch 2 --remat off
+    python benchmarks/train_step.py --quick                           # CI smoke (seconds)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # pylint: disable=wrong-import-position
+
+HEADS = ("level2", "level1", "out")
+NAME = "train_step"
+
+
+# ============================================================================ JAX worker
+
+
+def _product_config():
+  """The trainer's default config (``configs/gms.py``, SPEC §3 numbers)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = C.REPO / "configs" / "gms.py"
+  mod_spec = importlib.util.spec_from_file_location("gms_bench_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config("sample")
+
+
+def _jax_step(tok, graphdef, params, batch_decode: bool):
+  """``(jitted step, init_state)``: the step of ``gms_jax.train.train_and_evaluate`` rebuilt
+  around the same pieces (its ``make_schedule`` / ``make_optimizer``, ``gms_jax.loss.train_loss``,
+  the same state dict, the same metrics, ``donate_argnums=(0,)``); the trainer's step is a closure
+  inside ``train_and_evaluate``, so it cannot be imported as is."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gms_jax import loss as loss_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+
+  config = _product_config()
+  schedule = train_lib.make_schedule(config, 100)
+  tx = train_lib.make_optimizer(config, schedule)
+  loss_kwargs = dict(noise_prob=float(config.loss.noise_prob), heads=tuple(config.loss.heads),
+                     rec_weight=float(config.loss.rec_weight),
+                     dice_weight=float(config.loss.dice_weight))  # as the trainer passes them
+  if not batch_decode:  # benchmark option: one decoder call per head instead of one in all
+    loss_kwargs["batch_decode"] = False
+
+  def train_step(state, tok_params, batch):  # as in gms_jax/train.py
+    rng = jax.random.fold_in(state["rng"], state["step"])
+
+    def loss_fn(params):
+      return loss_lib.train_loss(graphdef, params, tok, tok_params, batch, rng, **loss_kwargs)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": state["rng"]}
+    metrics = {"loss": loss, **terms, "lr": schedule(state["step"]),
+               "grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+
+  pure = nnx.to_pure_dict(params)
+  state = {"step": jnp.zeros((), jnp.int32), "params": pure, "opt_state": tx.init(pure),
+           "rng": jax.random.PRNGKey(int(config.seed))}
+  impl = ("gms_jax.train step (make_schedule/make_optimizer + gms_jax.loss.train_loss"
+          + (", batch_decode=False" if not batch_decode else "") + ")")
+  return jax.jit(train_step, donate_argnums=(0,)), state, impl
+
+
+def jax_worker(job):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from gms_jax import loss as gloss  # pylint: disable=import-outside-toplevel
+
+  spec = job["spec"]
+  tok, graphdef, params = C.jax_load(spec, remat=job["remat"])
+  images, masks = C.make_batch(job["batch"], job["size"], job["seed"])
+  batch = {"image": jnp.asarray(images), "mask": jnp.asarray(masks)}
+  rec = {"rss_after_setup_bytes": C.rss_bytes(), "backend": C.jax_backend()}
+
+  if job["check"] and not job.get("compile_only"):  # the noise-free loss at the initial params, for the cross-framework check
+    n = min(2, job["batch"])
+    f = jax.jit(lambda p, tp, x, m: gloss.gms_loss(graphdef, p, tok, tp, x, m, apply_noise=False,
+                                                    eps=None, heads=HEADS)[0])
+    rec["check_loss"] = float(f(params, tok.params, batch["image"][:n], batch["mask"][:n]))
+    del f
+
+  step, state, impl = _jax_step(tok, graphdef, params, job["batch_decode"])
+  t0 = time.perf_counter()
+  lowered = step.lower(state, tok.params, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  rec.update(impl=impl, lower_s=t1 - t0, compile_s=t2 - t1, flops=C.cost_flops(compiled),
+             xla_memory=C.memory_analysis(compiled), rss_after_compile_bytes=C.rss_bytes())
+  if job.get("compile_only"):
+    rec.update(ru_maxrss_bytes=C.peak_rss_bytes(), device_memory=C.jax_memory_stats())
+    return rec
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], tok.params, batch)
+    return metrics["loss"]
+
+  times, peak, loss = C.timed(run, job["repeats"], job["warmup"], jax.block_until_ready)
+  rec.update(C.stats(times), times_s=times, step_peak_rss_bytes=peak,
+             ru_maxrss_bytes=C.peak_rss_bytes(), last_loss=float(loss),
+             device_memory=C.jax_memory_stats())
+  return rec
+
+
+# ============================================================================ PyTorch worker
+
+
+def torch_worker(job):
+  torch, dev = C.torch_setup(job["threads"])
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  from torch.utils.checkpoint import checkpoint  # pylint: disable=import-outside-toplevel
+
+  spec, family = job["spec"], job["spec"]["family"]
+  encode, decode_raw, mapper, _ = C.torch_load(spec, dev)
+  images, masks = C.make_batch(job["batch"], job["size"], job["seed"])
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
+  grey = torch.from_numpy(masks).to(dev)
+  m3 = grey[:, None].expand(-1, 3, -1, -1).contiguous()
+  opt = torch.optim.AdamW(mapper.parameters(), lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
+                          weight_decay=0.01)
+  bf16 = job["dtype"] == "bfloat16"
+  gen = torch.Generator(device=dev).manual_seed(job["seed"])
+  rec = {"rss_after_setup_bytes": C.rss_bytes(), "threads": torch.get_num_threads(),
+         "interop_threads": torch.get_num_interop_threads(), "device": str(dev),
+         "impl": "diffusers AutoencoderKL" if family == "sd-vae" else "torch_refs TAE"}
+
+  def decode_mask(z):
+    if job["remat"]:
+      return checkpoint(lambda t: C.torch_decode_mask(family, decode_raw, t), z, use_reentrant=False)
+    return C.torch_decode_mask(family, decode_raw, z)
+
+  def loss_fn(xb, greyb, m3b, noise: bool):
+    with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+      z_img, std = encode(xb)
+      z_mask, _ = encode(m3b)
+      z_img, z_mask, std = z_img.float(), z_mask.float(), std.float()
+      if noise and torch.rand((), generator=gen, device=dev).item() < 0.5:
+        z_img = z_img + std * torch.randn(z_img.shape, generator=gen, device=dev)
+    with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+      out = mapper(z_img)
+      preds = [out[k].float() for k in HEADS]
+      rec_loss = sum(F.mse_loss(p, z_mask) for p in preds)
+      dice = sum(C.torch_dice(decode_mask(p), greyb) for p in preds)  # one decode per head
+    return rec_loss + dice
+
+  if job["check"]:
+    n = min(2, job["batch"])
+    with torch.no_grad():
+      rec["check_loss"] = float(loss_fn(x[:n], grey[:n], m3[:n], noise=False))
+
+  def run():
+    loss = loss_fn(x, grey, m3, noise=True)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+  if dev.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  times, peak, loss = C.timed(run, job["repeats"], job["warmup"], lambda o: (C.torch_sync(dev), o)[1])
+  rec.update(C.stats(times), times_s=times, step_peak_rss_bytes=peak,
+             ru_maxrss_bytes=C.peak_rss_bytes(), last_loss=float(loss.detach()),
+             device_memory=C.torch_memory_stats(dev))
+  return rec
+
+
+# ============================================================================ driver
+
+
+def _mfu(rec, model_flops, peak):
+  if not (model_flops and rec.get("median_s")):
+    return None, None
+  achieved = model_flops / rec["median_s"]
+  return achieved, (achieved / peak if peak else None)
+
+
+def _peak_for(rec, machine, dtype):
+  be = rec.get("backend") or {}
+  if be.get("platform") == "gpu" or str(rec.get("device", "")).startswith("cuda"):
+    kind = be.get("device_kind", "")
+    for name, peaks in C.GPU_PEAKS.items():
+      if name in kind:
+        return peaks[dtype]
+    return None
+  return (machine.get("cpu_peak_estimate") or {}).get("peak_flops")
+
+
+def main(argv=None):
+  p = C.base_parser(__doc__.split("\n\n")[0])
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--remat", choices=("off", "on", "both"), default=None,
+                 help="decoder rematerialisation variants to run (default: both; --quick: off)")
+  p.add_argument("--no-batch-decode", action="store_true",
+                 help="JAX: decode the three heads in three decoder calls (default: one call)")
+  p.add_argument("--no-check", action="store_true",
+                 help="skip the cross-framework loss check (noise-free loss on 2 samples)")
+  p.add_argument("--compile-only", action="store_true",
+                 help="JAX only: compile the step and report compile time, FLOPs and XLA's memory "
+                      "analysis without running it (e.g. SD-VAE at batch 8 on a small CPU)")
+  p.add_argument("--timeout", type=float, default=3600, help="per-variant worker timeout (s)")
+  args = p.parse_args(argv)
+  if args.worker:
+    import json  # pylint: disable=import-outside-toplevel
+    job = json.loads(args.worker)
+    rec = (jax_worker if job["framework"] == "jax" else torch_worker)(job)
+    C.write_worker_result(job, rec)
+    return 0
+  C.apply_quick(args)
+  if args.compile_only:
+    args.frameworks = "jax"
+
+  machine = C.machine_info()
+  cache, tmp = C.cache_dir(args)
+  toks = C.tokenizer_list(args)
+  print(f"# {NAME}: batch {args.batch} x {args.size}², {args.dtype}, repeats {args.repeats}, "
+        f"warmup {args.warmup}; {machine['cpu']} ({machine['cpu_count']} cores), "
+        f"commit {machine['commit'][:10]}{' (dirty)' if machine['dirty'] else ''}")
+  print("# preparing shared weights ...", flush=True)
+  specs = C.prepare_weights(args, cache, toks)
+  remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
+  records = []
+  for tname in toks:
+    spec = dict(specs[tname], dtype=args.dtype)
+    for remat in remats:
+      for fw in C.framework_list(args):
+        job = {"framework": fw, "tokenizer": tname, "variant": "remat" if remat else "no-remat",
+               "remat": remat, "batch": args.batch, "size": args.size, "dtype": args.dtype,
+               "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+               "threads": args.threads, "quick": args.quick, "check": not args.no_check, "compile_only": args.compile_only,
+               "batch_decode": not args.no_batch_decode, "spec": spec}
+        print(f"# running {fw} / {tname} / {job['variant']} ...", flush=True)
+        rec = C.run_worker(os.path.abspath(__file__), job, timeout_s=args.timeout)
+        if "error" in rec:
+          print(f"#   FAILED: {rec['error']}", flush=True)
+        else:
+          print(f"#   median {C.fmt(rec.get('median_s'), '.3f')} s  "
+                f"(compile {C.fmt(rec.get('compile_s'), '.1f')} s)", flush=True)
+        records.append(rec)
+  if tmp is not None:
+    tmp.cleanup()
+
+  # ---- derived numbers: speed-up vs PyTorch (same tokenizer and remat), model FLOPs, MFU
+  by = {(r["framework"], r["tokenizer"], r["variant"]): r for r in records}
+  for r in records:
+    torch_rec = by.get(("torch", r["tokenizer"], r["variant"]))
+    if r["framework"] == "jax" and torch_rec and r.get("median_s") and torch_rec.get("median_s"):
+      r["speedup_vs_torch"] = torch_rec["median_s"] / r["median_s"]
+      r["time_ratio_jax_over_torch"] = r["median_s"] / torch_rec["median_s"]
+    if r.get("check_loss") is not None and torch_rec and torch_rec.get("check_loss") is not None:
+      a, b = r["check_loss"], torch_rec["check_loss"]
+      r["check_loss_rel_diff"] = abs(a - b) / max(abs(b), 1e-12)
+    base = by.get(("jax", r["tokenizer"], "no-remat")) or by.get(("jax", r["tokenizer"], "remat"))
+    r["model_flops"] = base.get("flops") if base else None
+    if r.get("median_s"):
+      r["images_per_s"] = r["batch"] / r["median_s"]
+    r["achieved_flops"], r["mfu"] = _mfu(r, r["model_flops"], _peak_for(r, machine, args.dtype))
+
+  headers = ["tokenizer", "framework", "remat", "batch", "compile s", "median s", "min s", "max s",
+             "IQR s", "img/s", "JAX speed-up", "step peak RSS GiB", "XLA temp GiB", "device peak GiB",
+             "GFLOP/step", "GFLOP/s", "MFU", "loss check rel"]
+  rows = []
+  for r in records:
+    if "error" in r:
+      rows.append([r["tokenizer"], r["framework"], r["variant"], r["batch"], "FAILED"] + ["-"] * 13)
+      continue
+    dm = (r.get("device_memory") or {}).get("peak_bytes_in_use")
+    rows.append([
+        r["tokenizer"], r["framework"], r["variant"], f"{r['batch']}x{r['size']}²",
+        C.fmt(r.get("compile_s"), ".1f"), C.fmt(r.get("median_s"), ".3f"),
+        C.fmt(r.get("min_s"), ".3f"), C.fmt(r.get("max_s"), ".3f"), C.fmt(r.get("iqr_s"), ".3f"),
+        C.fmt(r.get("images_per_s"), ".3g"),
+        C.fmt(r.get("speedup_vs_torch"), ".2f") + ("x" if r.get("speedup_vs_torch") else ""),
+        C.fmt(C.gib(r.get("step_peak_rss_bytes")), ".2f"),
+        C.fmt(C.gib((r.get("xla_memory") or {}).get("temp_size_in_bytes")), ".2f"),
+        C.fmt(C.gib(dm), ".2f"),
+        C.fmt(r["model_flops"] / 1e9 if r.get("model_flops") else None, ".1f"),
+        C.fmt(r["achieved_flops"] / 1e9 if r.get("achieved_flops") else None, ".1f"),
+        C.fmt(100 * r["mfu"] if r.get("mfu") else None, ".1f") + ("%" if r.get("mfu") else ""),
+        C.fmt(r.get("check_loss_rel_diff"), ".1e"),
+    ])
+  print()
+  table = C.print_table(headers, rows)
+  print("\nJAX speed-up = PyTorch median / JAX median (same tokenizer, same remat). Step peak RSS "
+        "= highest resident memory of the variant's process sampled during the timed steps; XLA "
+        "temp = XLA's buffer assignment for the step's scratch (activations etc.). GFLOP/step = "
+        "XLA cost analysis of the JAX step without remat (model FLOPs, used for both frameworks); "
+        "MFU against " + ("the GPU's dense peak" if any(
+            (r.get("backend") or {}).get("platform") == "gpu" for r in records)
+                           else "an estimated CPU fp32 peak") + ".")
+  C.write_results(C.results_path(args, NAME), {
+      "benchmark": NAME, "machine": machine,
+      "args": {k: v for k, v in vars(args).items() if k != "worker"},
+      "records": records, "table_markdown": table})
+  return 1 if any("error" in r for r in records) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
