@@ -6,9 +6,9 @@ the frozen tokenizer (no gradient), latent noise with p=0.5 (SD-VAE: unscaled po
 mapper, Σ MSE + Σ Dice(decode_mask(head)) over the heads level2/level1/out with gradients through
 the frozen decoder (input gradients only), and an AdamW update (lr 2e-3, wd 0.01).
 
-* JAX: ``gms_jax.train``'s jitted step when it exposes one, else ``gms_jax.loss.train_loss`` +
-  ``optax.adamw`` assembled here exactly as the trainer does; AOT-compiled, compile time reported
-  separately; FLOPs per step from XLA's cost analysis.
+* JAX: ``gms_jax.train.make_train_step`` (the function the trainer jits) with the trainer's
+  schedule, optimizer and loss settings; AOT-compiled, compile time reported separately; FLOPs per
+  step from XLA's cost analysis.
 * PyTorch: diffusers ``AutoencoderKL`` (SD-VAE) or the TAE reference (``tests/torch_refs.py``),
   the reference mapper, ``torch.optim.AdamW``; heads decoded one by one as the original does.
 
@@ -50,48 +50,27 @@ def _product_config():
   return mod.get_config("sample")
 
 
-def _jax_step(tok, graphdef, params, batch_decode: bool):
-  """``(jitted step, init_state)``: the step of ``gms_jax.train.train_and_evaluate`` rebuilt
-  around the same pieces (its ``make_schedule`` / ``make_optimizer``, ``gms_jax.loss.train_loss``,
-  the same state dict, the same metrics, ``donate_argnums=(0,)``); the trainer's step is a closure
-  inside ``train_and_evaluate``, so it cannot be imported as is."""
+def _jax_step(tok, graphdef, params, batch_decode: str):
+  """``(jitted step, init_state, description)``: ``gms_jax.train.make_train_step`` (the function
+  the trainer jits) with the trainer's ``make_schedule`` / ``make_optimizer`` / ``loss_kwargs`` on
+  the default config, the same state dict, ``donate_argnums=(0,)``."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gms_jax import loss as loss_lib  # pylint: disable=import-outside-toplevel
   from gms_jax import train as train_lib  # pylint: disable=import-outside-toplevel
 
   config = _product_config()
+  config.loss.batch_decode = batch_decode
   schedule = train_lib.make_schedule(config, 100)
   tx = train_lib.make_optimizer(config, schedule)
-  loss_kwargs = dict(noise_prob=float(config.loss.noise_prob), heads=tuple(config.loss.heads),
-                     rec_weight=float(config.loss.rec_weight),
-                     dice_weight=float(config.loss.dice_weight))  # as the trainer passes them
-  if not batch_decode:  # benchmark option: one decoder call per head instead of one in all
-    loss_kwargs["batch_decode"] = False
-
-  def train_step(state, tok_params, batch):  # as in gms_jax/train.py
-    rng = jax.random.fold_in(state["rng"], state["step"])
-
-    def loss_fn(params):
-      return loss_lib.train_loss(graphdef, params, tok, tok_params, batch, rng, **loss_kwargs)
-
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                 "rng": state["rng"]}
-    metrics = {"loss": loss, **terms, "lr": schedule(state["step"]),
-               "grad_norm": optax.global_norm(grads)}
-    return new_state, metrics
-
+  loss_kw = train_lib.loss_kwargs(config)
+  step = train_lib.make_train_step(graphdef, tok, tx, schedule, loss_kw)
   pure = nnx.to_pure_dict(params)
   state = {"step": jnp.zeros((), jnp.int32), "params": pure, "opt_state": tx.init(pure),
            "rng": jax.random.PRNGKey(int(config.seed))}
-  impl = ("gms_jax.train step (make_schedule/make_optimizer + gms_jax.loss.train_loss"
-          + (", batch_decode=False" if not batch_decode else "") + ")")
-  return jax.jit(train_step, donate_argnums=(0,)), state, impl
+  impl = (f"gms_jax.train.make_train_step (batch_decode={batch_decode!r} -> "
+          f"{loss_kw['batch_decode']})")
+  return jax.jit(step, donate_argnums=(0,)), state, impl
 
 
 def jax_worker(job):
@@ -224,8 +203,9 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--remat", choices=("off", "on", "both"), default=None,
                  help="decoder rematerialisation variants to run (default: both; --quick: off)")
-  p.add_argument("--no-batch-decode", action="store_true",
-                 help="JAX: decode the three heads in three decoder calls (default: one call)")
+  p.add_argument("--batch-decode", choices=("auto", "true", "false"), default="auto",
+                 help="JAX: config.loss.batch_decode (auto: one decoder call for the three heads "
+                      "on GPU/TPU, one call per head on CPU)")
   p.add_argument("--no-check", action="store_true",
                  help="skip the cross-framework loss check (noise-free loss on 2 samples)")
   p.add_argument("--compile-only", action="store_true",
@@ -261,7 +241,7 @@ def main(argv=None):
                "remat": remat, "batch": args.batch, "size": args.size, "dtype": args.dtype,
                "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
                "threads": args.threads, "quick": args.quick, "check": not args.no_check, "compile_only": args.compile_only,
-               "batch_decode": not args.no_batch_decode, "spec": spec}
+               "batch_decode": args.batch_decode, "spec": spec}
         print(f"# running {fw} / {tname} / {job['variant']} ...", flush=True)
         rec = C.run_worker(os.path.abspath(__file__), job, timeout_s=args.timeout)
         if "error" in rec:

@@ -73,6 +73,9 @@ def get_config(arg="sample"):
   c.loss.dice_weight = 1.0  # MONAI Dice of the decoded mask
   c.loss.noise_prob = 0.5  # per batch: image latent += std * N(0, 1)
   c.loss.heads = ("level2", "level1", "out")
+  # The heads' decodes: "auto" = one decoder call for all heads on GPU/TPU, one per head on CPU
+  # (faster there); "true" / "false" force it. Same loss either way (tests/test_loss.py).
+  c.loss.batch_decode = "auto"
 
   # ---------------------------------------------------------------- optimisation (SPEC §3)
   c.optimizer = ml_collections.ConfigDict()

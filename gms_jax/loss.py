@@ -14,9 +14,10 @@ For a batch of images and binary masks, with a frozen tokenizer (``tok``) and th
 (our masks are single-channel, so it is the mask itself). Gradients flow through the frozen
 decoder into the mapper; the tokenizer's params are under ``stop_gradient``.
 
-The three heads are decoded in ONE decoder call (concatenated on the batch axis): the decoder
-normalises each sample on its own, so this equals the per-head sum (``batch_decode=False`` computes
-it head by head; the tests check both agree). Everything returned is float32 whatever the compute
+With ``batch_decode=True`` the three heads are decoded in ONE decoder call (concatenated on the
+batch axis): the decoder normalises each sample on its own, so this equals the per-head sum that
+``batch_decode=False`` computes (the tests check both agree). One call suits accelerators; on CPU
+one call per head is faster (smaller activations), which ``config.loss.batch_decode="auto"`` picks. Everything returned is float32 whatever the compute
 dtype.
 """
 

@@ -74,10 +74,27 @@ def make_optimizer(config: ml_collections.ConfigDict,
   return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
 
 
-def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def resolve_batch_decode(value: Any, platform: str | None = None) -> bool:
+  """``config.loss.batch_decode``: ``"auto"`` decodes the heads in one decoder call on GPU/TPU and
+  one call per head on CPU, where the 3x larger activations fall out of cache (measured on a 2-core
+  CPU, TAEF2 batch 8 x 224²: 28.5-29.6 s per step batched vs 21.0-23.7 s per head)."""
+  if isinstance(value, bool):
+    return value
+  v = str(value).strip().lower()
+  if v == "auto":
+    return (platform or jax.default_backend()) != "cpu"
+  if v in ("true", "yes", "on", "1"):
+    return True
+  if v in ("false", "no", "off", "0"):
+    return False
+  raise ValueError(f"config.loss.batch_decode must be 'auto', 'true' or 'false', got {value!r}")
+
+
+def loss_kwargs(config: ml_collections.ConfigDict, platform: str | None = None) -> dict[str, Any]:
   """The keyword arguments of :func:`gms_jax.loss.train_loss` that ``config.loss`` sets."""
   return dict(noise_prob=float(config.loss.noise_prob), heads=tuple(config.loss.heads),
-              rec_weight=float(config.loss.rec_weight), dice_weight=float(config.loss.dice_weight))
+              rec_weight=float(config.loss.rec_weight), dice_weight=float(config.loss.dice_weight),
+              batch_decode=resolve_batch_decode(config.loss.get("batch_decode", "auto"), platform))
 
 
 def make_train_step(graphdef: Any, tokenizer: tokenizers.Tokenizer,

@@ -51,7 +51,7 @@ def test_train_step_quick(tmp_path):
     assert r["median_s"] > 0 and r["step_peak_rss_bytes"] > 0
   jax_rec = next(r for r in recs if r["framework"] == "jax")
   assert jax_rec["compile_s"] > 0 and jax_rec["flops"] > 0 and jax_rec["speedup_vs_torch"] > 0
-  assert jax_rec["impl"].startswith("gms_jax.train step")
+  assert jax_rec["impl"].startswith("gms_jax.train.make_train_step")
   # Same weights, same batch, no noise: the two frameworks compute the same loss.
   assert jax_rec["check_loss_rel_diff"] < 1e-4
 

@@ -146,3 +146,14 @@ def test_noise_is_one_draw_per_batch():
   assert 16 < sum(draws) < 48  # p = 0.5, one Bernoulli per batch (a scalar)
   apply, eps = loss_lib.sample_latent_noise(rng, (2, 2, 2, 4), 0.5)
   assert apply.shape == () and eps.shape == (2, 2, 2, 4)
+
+
+def test_batch_decode_config_resolution():
+  from gms_jax import train  # pylint: disable=import-outside-toplevel
+  assert train.resolve_batch_decode("auto", "cpu") is False
+  assert train.resolve_batch_decode("auto", "gpu") is True
+  assert train.resolve_batch_decode("auto", "tpu") is True
+  assert train.resolve_batch_decode("false", "gpu") is False
+  assert train.resolve_batch_decode(True, "cpu") is True
+  with pytest.raises(ValueError, match="batch_decode"):
+    train.resolve_batch_decode("sometimes", "cpu")
