@@ -10,6 +10,7 @@ mask. Outputs (written to a temp folder, then renamed into place):
     <out>/summary.json     mean and sample std (ddof=1) of every metric, checkpoint step, dataset
     <out>/masks/<name>.png predicted S x S masks, 0/255 (SPEC §4)
     <out>/overlays/<name>.png  image with ground-truth (green) and predicted (red) contours
+    <out>/overlays_montage.png the first ``--montage`` overlays in one grid (for reports)
 
 The checkpoint is the best on the *validation* split by default (selected during training); the
 test split is only ever evaluated, never used for selection.
@@ -47,7 +48,22 @@ def overlay(image01: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray
   return img
 
 
-def evaluate(seg: Segmenter, examples, out_dir: str, *, max_overlays: int = 64, meta: dict | None = None) -> dict:
+def montage(tiles: list[np.ndarray], columns: int = 4, pad: int = 2) -> np.ndarray:
+  """Equal-sized HxWx3 uint8 tiles in a grid (row-major), white gaps of ``pad`` pixels."""
+  if not tiles:
+    raise ValueError("montage of no images")
+  h, w = tiles[0].shape[:2]
+  cols = min(columns, len(tiles))
+  rows = -(-len(tiles) // cols)
+  grid = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), 255, np.uint8)
+  for i, t in enumerate(tiles):
+    r, c = divmod(i, cols)
+    grid[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = t
+  return grid
+
+
+def evaluate(seg: Segmenter, examples, out_dir: str, *, max_overlays: int = 64, meta: dict | None = None,
+             montage_n: int = 0) -> dict:
   """Runs the protocol over ``examples`` (dicts from ``pipeline.eval_examples``); returns the summary."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from gms_jax.predict import save_mask_png  # pylint: disable=import-outside-toplevel
@@ -57,6 +73,7 @@ def evaluate(seg: Segmenter, examples, out_dir: str, *, max_overlays: int = 64, 
   os.makedirs(os.path.join(tmp, "masks"))
   os.makedirs(os.path.join(tmp, "overlays"))
   rows = []
+  tiles = []  # the first montage_n overlays, for overlays_montage.png
   t0 = time.perf_counter()
 
   def flush(buf):
@@ -73,8 +90,12 @@ def evaluate(seg: Segmenter, examples, out_dir: str, *, max_overlays: int = 64, 
       row["native_h"], row["native_w"] = native_gt.shape
       rows.append(row)
       save_mask_png(os.path.join(tmp, "masks", f"{ex['name']}.png"), pred)
-      if len(rows) <= max_overlays:
-        Image.fromarray(overlay(ex["image"], gt, pred)).save(os.path.join(tmp, "overlays", f"{ex['name']}.png"))
+      if len(rows) <= max(max_overlays, montage_n):
+        ov = overlay(ex["image"], gt, pred)
+        if len(rows) <= max_overlays:
+          Image.fromarray(ov).save(os.path.join(tmp, "overlays", f"{ex['name']}.png"))
+        if len(rows) <= montage_n:
+          tiles.append(ov)
 
   buf = []
   for ex in examples:
@@ -92,6 +113,8 @@ def evaluate(seg: Segmenter, examples, out_dir: str, *, max_overlays: int = 64, 
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
+  if tiles:
+    Image.fromarray(montage(tiles)).save(os.path.join(tmp, "overlays_montage.png"))
   keys = ["dsc", "iou", "hd95", "dsc_native", "iou_native", "hd95_native"]
   summary = metrics.summarize(rows, keys)
   summary.update(meta or {})
@@ -141,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", default=None, help="default: <workdir>/eval/<dataset>-<split>")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--max-overlays", type=int, default=64)
+  parser.add_argument("--montage", type=int, default=8,
+                      help="overlays of the first N images in one grid, overlays_montage.png (0: none)")
   args = parser.parse_args(argv)
 
   from gms_jax.data import builder, pipeline  # pylint: disable=import-outside-toplevel
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
       yield from pipeline.eval_examples(sources[s], image_size=seg.image_size)
 
   out = args.out or os.path.join(args.workdir, "eval", f"{data.name}-{args.split}")
-  summary = evaluate(seg, examples(), out, max_overlays=args.max_overlays,
+  summary = evaluate(seg, examples(), out, max_overlays=args.max_overlays, montage_n=args.montage,
                      meta={"dataset": data.name, "root": str(data.root), "split": args.split,
                            "workdir": os.path.abspath(args.workdir)})
   print(f"{data.name}/{args.split}: n={summary['n']} step={summary['checkpoint_step']}  "

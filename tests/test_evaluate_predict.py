@@ -69,7 +69,8 @@ def _examples(n=6, size=32, seed=0):
 
 def test_ground_truth_as_prediction_scores_perfectly(tmp_path):
   exs = _examples()
-  summary = evaluate.evaluate(_Oracle(exs), iter(exs), str(tmp_path / "ev"), max_overlays=2)
+  summary = evaluate.evaluate(_Oracle(exs), iter(exs), str(tmp_path / "ev"), max_overlays=2,
+                              montage_n=5)
   with open(tmp_path / "ev" / "metrics.csv") as f:
     rows = list(csv.DictReader(f))
   assert [r["name"] for r in rows] == [e["name"] for e in exs]
@@ -87,6 +88,13 @@ def test_ground_truth_as_prediction_scores_perfectly(tmp_path):
   assert m.shape == (32, 32) and set(np.unique(m)) <= {0, 255}
   np.testing.assert_array_equal(m > 0, exs[3]["mask"] > 0)
   assert len(os.listdir(tmp_path / "ev" / "overlays")) == 2
+  # 5 tiles of 32x32 in 4 columns -> 2 rows, 2-pixel white gaps; tile 3 is overlay(ex3).
+  grid = np.asarray(Image.open(tmp_path / "ev" / "overlays_montage.png"))
+  assert grid.shape == (2 * 32 + 2, 4 * 32 + 3 * 2, 3)
+  pred3 = exs[3]["mask"] > 0.5
+  np.testing.assert_array_equal(grid[0:32, 3 * 34:3 * 34 + 32],
+                                evaluate.overlay(exs[3]["image"], exs[3]["mask"] >= 0.5, pred3))
+  assert (grid[32:34] == 255).all() and (grid[34:, 34:] == 255).all()  # gap row, empty cells
   assert not os.path.exists(str(tmp_path / "ev") + ".tmp")
 
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gms_jax.models import layers
+
 
 @dataclasses.dataclass(frozen=True)
 class AutoencoderKLConfig:
@@ -136,14 +138,13 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-  """Nearest-neighbour ×2, then 3x3 conv."""
+  """Nearest-neighbour ×2, then 3x3 conv (computed as four 2x2 convs, see ``layers``)."""
 
   def __init__(self, c: int, *, dtype, rngs: nnx.Rngs):
     self.conv = _conv(c, c, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return self.conv(x)
+    return layers.upsample2x_conv3x3(self.conv, x)
 
 
 class Level(nnx.Module):

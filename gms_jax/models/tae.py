@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gms_jax.models import layers as layers_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class TAEConfig:
@@ -106,13 +108,23 @@ class Block(nnx.Module):
 
 
 class _Stack(nnx.Module):
+  """Layers applied in order; an ``Upsample`` followed by a 3x3 conv runs as one fused
+  :func:`~gms_jax.models.layers.upsample2x_conv3x3` (same result, 2.25x fewer FLOPs)."""
 
   def __init__(self, layers):
     self.layers = nnx.List(layers)
 
   def __call__(self, x):
-    for layer in self.layers:
-      x = layer(x)
+    seq = list(self.layers)
+    i = 0
+    while i < len(seq):
+      if (isinstance(seq[i], Upsample) and i + 1 < len(seq)
+          and layers_lib.is_same_conv3x3(seq[i + 1])):
+        x = layers_lib.upsample2x_conv3x3(seq[i + 1], x)
+        i += 2
+        continue
+      x = seq[i](x)
+      i += 1
     return x
 
 
