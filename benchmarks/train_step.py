@@ -263,8 +263,10 @@ def main(argv=None):
     if r.get("check_loss") is not None and torch_rec and torch_rec.get("check_loss") is not None:
       a, b = r["check_loss"], torch_rec["check_loss"]
       r["check_loss_rel_diff"] = abs(a - b) / max(abs(b), 1e-12)
+    # FLOPs of the JAX program (XLA cost analysis, without remat). PyTorch runs a different
+    # program (it materialises the upsampled tensors, so it does more FLOPs): no FLOP/s for it.
     base = by.get(("jax", r["tokenizer"], "no-remat")) or by.get(("jax", r["tokenizer"], "remat"))
-    r["model_flops"] = base.get("flops") if base else None
+    r["model_flops"] = base.get("flops") if base and r["framework"] == "jax" else None
     if r.get("median_s"):
       r["images_per_s"] = r["batch"] / r["median_s"]
     r["achieved_flops"], r["mfu"] = _mfu(r, r["model_flops"], _peak_for(r, machine, args.dtype))
@@ -297,8 +299,8 @@ def main(argv=None):
   print("\nJAX speed-up = PyTorch median / JAX median (same tokenizer, same remat). Step peak RSS "
         "= highest resident memory of the variant's process sampled during the timed steps; XLA "
         "temp = XLA's buffer assignment for the step's scratch (activations etc.). GFLOP/step = "
-        "XLA cost analysis of the JAX step without remat (model FLOPs, used for both frameworks); "
-        "MFU against " + ("the GPU's dense peak" if any(
+        "XLA cost analysis of the JAX step without remat (JAX rows only: PyTorch runs a different "
+        "program); MFU against " + ("the GPU's dense peak" if any(
             (r.get("backend") or {}).get("platform") == "gpu" for r in records)
                            else "an estimated CPU fp32 peak") + ".")
   C.write_results(C.results_path(args, NAME), {
