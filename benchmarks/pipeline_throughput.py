@@ -6,18 +6,22 @@
 
 For each worker count it builds the pipeline, pulls ``--warmup`` batches (worker start-up, page
 cache), then times ``--batches`` batches. ``first_batch_s`` is the time to the first batch
-(includes starting worker processes). Prints a table; ``--out`` also writes the rows as JSON.
+(includes starting worker processes). Prints a table and writes it with the machine description
+to ``--out`` (default ``benchmarks/results/pipeline_throughput.json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # pylint: disable=wrong-import-position
+
+NAME = "pipeline_throughput"
 
 
 def _run(source, *, workers, read_threads, batch, size, warmup, batches, seed):
@@ -62,8 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny run for CI: 64², 1+16 batches")
-    p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument("--out", default="", help="results JSON (default benchmarks/results/<name>.json)")
     args = p.parse_args(argv)
+    machine = C.machine_info()
     if args.quick:
         args.image_size, args.warmup, args.batches = 64, 1, 16
 
@@ -81,21 +86,19 @@ def main(argv=None) -> int:
                 rows.append(_run(train, workers=workers, read_threads=threads,
                                  batch=args.batch_size, size=args.image_size,
                                  warmup=args.warmup, batches=args.batches, seed=args.seed))
-    header = (f"pipeline throughput: {args.dataset} train ({len(train)} examples), augmentation on, "
-              f"batch {args.batch_size}, {args.image_size}x{args.image_size}; "
-              f"{os.cpu_count()} CPUs; prepare {prepare_s:.1f}s")
-    print(header)
-    print(f"{'workers':>7} {'threads':>7} {'images/s':>9} {'batches/s':>9} {'first batch s':>13}")
-    for r in rows:
-        print(f"{r['workers']:>7} {r['read_threads']:>7} {r['images_per_s']:>9} "
-              f"{r['batches_per_s']:>9} {r['first_batch_s']:>13}")
-    if args.out:
-        meta = {"dataset": args.dataset, "train_examples": len(train), "cpus": os.cpu_count(),
-                "python": platform.python_version(), "prepare_s": round(prepare_s, 2),
-                "quick": args.quick, "argv": sys.argv[1:] if argv is None else list(argv)}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=1)
-        print(f"wrote {args.out}")
+    print(f"# {NAME}: {args.dataset} train ({len(train)} examples), augmentation on, batch "
+          f"{args.batch_size}, {args.image_size}x{args.image_size}; {machine['cpu']} "
+          f"({machine['cpu_count']} cores); tfds prepare {prepare_s:.1f} s")
+    table = C.print_table(
+        ["dataset", "workers", "read threads", "batch", "images/s", "batches/s", "first batch s"],
+        [[args.dataset, r["workers"], r["read_threads"], f"{r['batch']}x{r['image_size']}²",
+          r["images_per_s"], r["batches_per_s"], r["first_batch_s"]] for r in rows])
+    C.write_results(C.results_path(args, NAME), {
+        "benchmark": NAME, "machine": machine,
+        "args": {k: v for k, v in vars(args).items()},
+        "records": [dict(r, dataset=args.dataset, train_examples=len(train), prepare_s=prepare_s)
+                    for r in rows],
+        "table_markdown": table})
     return 0
 
 

@@ -29,13 +29,13 @@ def section(path: str) -> str:
   v = m.get("versions", {})
   libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "flax", "torch", "diffusers") if v.get(k))
   load = m.get("loadavg_at_start")
+  kinds = sorted({(r.get("backend") or {}).get("device_kind") or r.get("device")
+                  for r in d.get("records", []) if isinstance(r, dict)} - {None})
   lines = [
       f"### `{os.path.relpath(path, HERE)}` — {d.get('benchmark', '?')}",
       "",
       f"- machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, "
-      f"{m.get('mem_gib') or 0:.0f} GiB; backend(s): "
-      + ", ".join(sorted({(r.get('backend') or {}).get('device_kind') or r.get('device') or '?'
-                          for r in d.get("records", []) if isinstance(r, dict)})),
+      f"{m.get('mem_gib') or 0:.0f} GiB" + (f"; backend: {', '.join(kinds)}" if kinds else ""),
       f"- date {m.get('date', '?')}, commit `{(m.get('commit') or '?')[:10]}`"
       + (" (uncommitted changes)" if m.get("dirty") else "")
       + (f", load average at start {load[0]:.2f}" if load else ""),

@@ -34,7 +34,7 @@ def _check_machine(payload: dict, name: str):
   m = payload["machine"]
   for key in ("commit", "cpu", "cpu_count", "versions", "command", "date"):
     assert key in m
-  assert payload["table_markdown"].startswith("| tokenizer")
+  assert payload["table_markdown"].startswith("| ")
 
 
 def test_train_step_quick(tmp_path):
@@ -70,3 +70,10 @@ def test_inference_quick(tmp_path):
   # Same weights and images: both frameworks predict the same mask fraction.
   fr = {r["framework"]: r["batch1"]["mask_fraction"] for r in recs}
   assert abs(fr["jax"] - fr["torch"]) < 0.02
+
+
+def test_pipeline_throughput_quick(tmp_path):
+  d = _run("pipeline_throughput.py", tmp_path / "pipeline.json", "--workers", "0")
+  _check_machine(d, "pipeline_throughput")
+  (r,) = d["records"]
+  assert r["workers"] == 0 and r["batch"] == 8 and r["images_per_s"] > 0
