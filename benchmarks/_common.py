@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 for _p in (str(REPO), str(REPO / "tests")):
@@ -484,6 +484,34 @@ def torch_load(spec: dict[str, Any], dev):
   return encode, decode_raw, mapper, modules
 
 
+class TorchWorker(NamedTuple):
+  """What every PyTorch worker starts from (``torch_worker_setup``)."""
+  torch: Any
+  dev: Any
+  family: str
+  encode: Callable
+  decode_raw: Callable
+  mapper: Any
+  rec: dict[str, Any]  # the record's common fields: threads, device, impl, RSS after setup
+
+
+def torch_worker_setup(job: dict[str, Any]) -> TorchWorker:
+  """Threads, device, the shared weights (``torch_load``) and the record's common fields."""
+  torch, dev = torch_setup(job["threads"])
+  family = job["spec"]["family"]
+  encode, decode_raw, mapper, _ = torch_load(job["spec"], dev)
+  rec = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+         "device": str(dev), "rss_after_setup_bytes": rss_bytes(),
+         "impl": "diffusers AutoencoderKL" if family == "sd-vae" else "torch_refs TAE"}
+  return TorchWorker(torch, dev, family, encode, decode_raw, mapper, rec)
+
+
+def torch_images(images, dev):
+  """NHWC float numpy images -> a contiguous NCHW tensor on ``dev``."""
+  import torch  # pylint: disable=import-outside-toplevel
+  return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
+
+
 def torch_decode_mask(family: str, decode_raw, z):
   """SPEC §3 ``decode``: decoder -> mean over RGB -> (x+1)/2 for SD -> clamp [0,1]; (B,H,W)."""
   g = decode_raw(z).float().mean(dim=1)
@@ -550,6 +578,23 @@ def run_worker(script: str, job: dict[str, Any], *, timeout_s: float | None = No
     rec["error"] = f"worker exit status {rc}{hint}: " + "\n".join(err.strip().splitlines()[-8:])
   rec["worker_wall_s"] = wall
   return rec
+
+
+def finish_record(rec: dict[str, Any], step_peak_rss: int, dev=None) -> dict[str, Any]:
+  """Adds the memory fields every worker ends with: the RSS peak sampled during the timed calls,
+  the process's lifetime peak RSS, and device memory (JAX's allocator stats, or CUDA's for a torch
+  ``dev``)."""
+  rec.update(step_peak_rss_bytes=step_peak_rss, ru_maxrss_bytes=peak_rss_bytes(),
+             device_memory=jax_memory_stats() if dev is None else torch_memory_stats(dev))
+  return rec
+
+
+def worker_main(args, jax_worker: Callable, torch_worker: Callable) -> int:
+  """The ``--worker JOB`` entry point of a benchmark script: run the job, write its record."""
+  job = json.loads(args.worker)
+  rec = (jax_worker if job["framework"] == "jax" else torch_worker)(job)
+  write_worker_result(job, rec)
+  return 0
 
 
 def write_worker_result(job: dict[str, Any], rec: dict[str, Any]) -> None:

@@ -52,20 +52,15 @@ def jax_worker(job):
     out["per_batch"].append({"batch": b, "compile_s": compile_s, "flops": C.cost_flops(compiled),
                              **st, "times_s": times, "images_per_s": b / st["median_s"],
                              "mask_fraction": float(jnp.mean(masks))})
-  out.update(step_peak_rss_bytes=peak, ru_maxrss_bytes=C.peak_rss_bytes(),
-             device_memory=C.jax_memory_stats())
-  return out
+  return C.finish_record(out, peak)
 
 
 def torch_worker(job):
-  torch, dev = C.torch_setup(job["threads"])
-  spec, family = job["spec"], job["spec"]["family"]
-  encode, decode_raw, mapper, _ = C.torch_load(spec, dev)
+  w = C.torch_worker_setup(job)
+  torch, dev, family, encode, decode_raw, mapper = w[:6]
   mapper.eval()
   bf16 = job["dtype"] == "bfloat16"
-  out = {"threads": torch.get_num_threads(), "device": str(dev), "rss_after_setup_bytes": C.rss_bytes(),
-         "impl": "diffusers AutoencoderKL" if family == "sd-vae" else "torch_refs TAE",
-         "per_batch": []}
+  out = dict(w.rec, per_batch=[])
 
   @torch.inference_mode()
   def predict(x):
@@ -78,16 +73,14 @@ def torch_worker(job):
     torch.cuda.reset_peak_memory_stats()
   for b in job["batches"]:
     images, _ = C.make_batch(b, job["size"], job["seed"])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
+    x = C.torch_images(images, dev)
     times, pk, masks = C.timed(lambda: predict(x), job["repeats"], job["warmup"],  # pylint: disable=cell-var-from-loop
                                lambda o: (C.torch_sync(dev), o)[1])
     peak = max(peak, pk)
     st = C.stats(times)
     out["per_batch"].append({"batch": b, **st, "times_s": times, "images_per_s": b / st["median_s"],
                              "mask_fraction": float(masks.float().mean())})
-  out.update(step_peak_rss_bytes=peak, ru_maxrss_bytes=C.peak_rss_bytes(),
-             device_memory=C.torch_memory_stats(dev))
-  return out
+  return C.finish_record(out, peak, dev)
 
 
 def main(argv=None):
@@ -96,11 +89,7 @@ def main(argv=None):
   p.add_argument("--timeout", type=float, default=3600, help="per-worker timeout (s)")
   args = p.parse_args(argv)
   if args.worker:
-    import json  # pylint: disable=import-outside-toplevel
-    job = json.loads(args.worker)
-    rec = (jax_worker if job["framework"] == "jax" else torch_worker)(job)
-    C.write_worker_result(job, rec)
-    return 0
+    return C.worker_main(args, jax_worker, torch_worker)
   if args.repeats == p.get_default("repeats"):
     args.repeats = 3  # a sweep: fewer repeats per point than the train step
   C.apply_quick(args)

@@ -50,7 +50,7 @@ def _product_config():
   return mod.get_config("sample")
 
 
-def _jax_step(tok, graphdef, params, batch_decode: str):
+def _jax_step(tok, graphdef, params, batch_decode: str, batch_encode: str):
   """``(jitted step, init_state, description)``: ``gms_jax.train.make_train_step`` (the function
   the trainer jits) with the trainer's ``make_schedule`` / ``make_optimizer`` / ``loss_kwargs`` on
   the default config, the same state dict, ``donate_argnums=(0,)``."""
@@ -61,6 +61,7 @@ def _jax_step(tok, graphdef, params, batch_decode: str):
 
   config = _product_config()
   config.loss.batch_decode = batch_decode
+  config.loss.batch_encode = batch_encode
   schedule = train_lib.make_schedule(config, 100)
   tx = train_lib.make_optimizer(config, schedule)
   loss_kw = train_lib.loss_kwargs(config)
@@ -69,7 +70,7 @@ def _jax_step(tok, graphdef, params, batch_decode: str):
   state = {"step": jnp.zeros((), jnp.int32), "params": pure, "opt_state": tx.init(pure),
            "rng": jax.random.PRNGKey(int(config.seed))}
   impl = (f"gms_jax.train.make_train_step (batch_decode={batch_decode!r} -> "
-          f"{loss_kw['batch_decode']})")
+          f"{loss_kw['batch_decode']}, batch_encode={batch_encode!r} -> {loss_kw['batch_encode']})")
   return jax.jit(step, donate_argnums=(0,)), state, impl
 
 
@@ -91,7 +92,8 @@ def jax_worker(job):
     rec["check_loss"] = float(f(params, tok.params, batch["image"][:n], batch["mask"][:n]))
     del f
 
-  step, state, impl = _jax_step(tok, graphdef, params, job["batch_decode"])
+  step, state, impl = _jax_step(tok, graphdef, params, job["batch_decode"],
+                                 job.get("batch_encode", "auto"))
   t0 = time.perf_counter()
   lowered = step.lower(state, tok.params, batch)
   t1 = time.perf_counter()
@@ -109,33 +111,28 @@ def jax_worker(job):
     return metrics["loss"]
 
   times, peak, loss = C.timed(run, job["repeats"], job["warmup"], jax.block_until_ready)
-  rec.update(C.stats(times), times_s=times, step_peak_rss_bytes=peak,
-             ru_maxrss_bytes=C.peak_rss_bytes(), last_loss=float(loss),
-             device_memory=C.jax_memory_stats())
-  return rec
+  rec.update(C.stats(times), times_s=times, last_loss=float(loss))
+  return C.finish_record(rec, peak)
 
 
 # ============================================================================ PyTorch worker
 
 
 def torch_worker(job):
-  torch, dev = C.torch_setup(job["threads"])
+  w = C.torch_worker_setup(job)
+  torch, dev, family, encode, decode_raw, mapper = w[:6]
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
   from torch.utils.checkpoint import checkpoint  # pylint: disable=import-outside-toplevel
 
-  spec, family = job["spec"], job["spec"]["family"]
-  encode, decode_raw, mapper, _ = C.torch_load(spec, dev)
   images, masks = C.make_batch(job["batch"], job["size"], job["seed"])
-  x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
+  x = C.torch_images(images, dev)
   grey = torch.from_numpy(masks).to(dev)
   m3 = grey[:, None].expand(-1, 3, -1, -1).contiguous()
   opt = torch.optim.AdamW(mapper.parameters(), lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
                           weight_decay=0.01)
   bf16 = job["dtype"] == "bfloat16"
   gen = torch.Generator(device=dev).manual_seed(job["seed"])
-  rec = {"rss_after_setup_bytes": C.rss_bytes(), "threads": torch.get_num_threads(),
-         "interop_threads": torch.get_num_interop_threads(), "device": str(dev),
-         "impl": "diffusers AutoencoderKL" if family == "sd-vae" else "torch_refs TAE"}
+  rec = dict(w.rec)
 
   def decode_mask(z):
     if job["remat"]:
@@ -171,10 +168,8 @@ def torch_worker(job):
   if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
   times, peak, loss = C.timed(run, job["repeats"], job["warmup"], lambda o: (C.torch_sync(dev), o)[1])
-  rec.update(C.stats(times), times_s=times, step_peak_rss_bytes=peak,
-             ru_maxrss_bytes=C.peak_rss_bytes(), last_loss=float(loss.detach()),
-             device_memory=C.torch_memory_stats(dev))
-  return rec
+  rec.update(C.stats(times), times_s=times, last_loss=float(loss.detach()))
+  return C.finish_record(rec, peak, dev)
 
 
 # ============================================================================ driver
@@ -206,6 +201,9 @@ def main(argv=None):
   p.add_argument("--batch-decode", choices=("auto", "true", "false"), default="auto",
                  help="JAX: config.loss.batch_decode (auto: one decoder call for the three heads "
                       "on GPU/TPU, one call per head on CPU)")
+  p.add_argument("--batch-encode", choices=("auto", "true", "false"), default="auto",
+                 help="JAX: config.loss.batch_encode (auto: images and masks in one encoder call "
+                      "on GPU/TPU, two calls on CPU)")
   p.add_argument("--no-check", action="store_true",
                  help="skip the cross-framework loss check (noise-free loss on 2 samples)")
   p.add_argument("--compile-only", action="store_true",
@@ -214,11 +212,7 @@ def main(argv=None):
   p.add_argument("--timeout", type=float, default=3600, help="per-variant worker timeout (s)")
   args = p.parse_args(argv)
   if args.worker:
-    import json  # pylint: disable=import-outside-toplevel
-    job = json.loads(args.worker)
-    rec = (jax_worker if job["framework"] == "jax" else torch_worker)(job)
-    C.write_worker_result(job, rec)
-    return 0
+    return C.worker_main(args, jax_worker, torch_worker)
   C.apply_quick(args)
   if args.compile_only:
     args.frameworks = "jax"
@@ -241,7 +235,8 @@ def main(argv=None):
                "remat": remat, "batch": args.batch, "size": args.size, "dtype": args.dtype,
                "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
                "threads": args.threads, "quick": args.quick, "check": not args.no_check, "compile_only": args.compile_only,
-               "batch_decode": args.batch_decode, "spec": spec}
+               "batch_decode": args.batch_decode, "batch_encode": args.batch_encode,
+               "spec": spec}
         print(f"# running {fw} / {tname} / {job['variant']} ...", flush=True)
         rec = C.run_worker(os.path.abspath(__file__), job, timeout_s=args.timeout)
         if "error" in rec:

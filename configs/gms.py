@@ -76,6 +76,7 @@ def get_config(arg="sample"):
   # The heads' decodes: "auto" = one decoder call for all heads on GPU/TPU, one per head on CPU
   # (faster there); "true" / "false" force it. Same loss either way (tests/test_loss.py).
   c.loss.batch_decode = "auto"
+  c.loss.batch_encode = "auto"  # images and masks: one encoder call on GPU/TPU, two on CPU
 
   # ---------------------------------------------------------------- optimisation (SPEC §3)
   c.optimizer = ml_collections.ConfigDict()

@@ -17,8 +17,10 @@ decoder into the mapper; the tokenizer's params are under ``stop_gradient``.
 With ``batch_decode=True`` the three heads are decoded in ONE decoder call (concatenated on the
 batch axis): the decoder normalises each sample on its own, so this equals the per-head sum that
 ``batch_decode=False`` computes (the tests check both agree). One call suits accelerators; on CPU
-one call per head is faster (smaller activations), which ``config.loss.batch_decode="auto"`` picks. Everything returned is float32 whatever the compute
-dtype.
+one call per head is faster (smaller activations), which ``config.loss.batch_decode="auto"`` picks.
+``batch_encode`` is the same choice for the encoder (images and masks in one call of 2B, or two
+calls of B; ``config.loss.batch_encode="auto"``). Everything returned is float32 whatever the
+compute dtype.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def _as_grey_and_rgb(masks01):
 def gms_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
              images01: jax.Array, masks01: jax.Array, *, apply_noise: jax.Array | bool,
              eps: jax.Array | None, heads: Sequence[str] = HEADS, rec_weight: float = 1.0,
-             dice_weight: float = 1.0, batch_decode: bool = True
+             dice_weight: float = 1.0, batch_decode: bool = True, batch_encode: bool = True
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The loss for given noise (``apply_noise``, ``eps``); returns ``(loss, terms)``.
 
@@ -85,8 +87,11 @@ def gms_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_param
   grey, rgb = _as_grey_and_rgb(masks01)
   images01 = jnp.asarray(images01, jnp.float32)
   b = images01.shape[0]
-  lat = tokenizer.encode(tok_params, jnp.concatenate([images01, rgb], axis=0))
-  z_img, z_mask, std = lat.z[:b], lat.z[b:], lat.std[:b]
+  if batch_encode:
+    lat = tokenizer.encode(tok_params, jnp.concatenate([images01, rgb], axis=0))
+    z_img, z_mask, std = lat.z[:b], lat.z[b:], lat.std[:b]
+  else:
+    (z_img, std), z_mask = tokenizer.encode(tok_params, images01), tokenizer.encode(tok_params, rgb).z
   if eps is not None:
     z_img = z_img + jnp.where(apply_noise, std * eps, jnp.zeros_like(z_img))
   z_img, z_mask = jax.lax.stop_gradient(z_img), jax.lax.stop_gradient(z_mask)
@@ -110,7 +115,8 @@ def gms_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_param
 def train_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
                batch: dict[str, jax.Array], rng: jax.Array, *, noise_prob: float = 0.5,
                heads: Sequence[str] = HEADS, rec_weight: float = 1.0, dice_weight: float = 1.0,
-               batch_decode: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+               batch_decode: bool = True, batch_encode: bool = True
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """:func:`gms_loss` with the noise drawn from ``rng`` (one Bernoulli per batch)."""
   images = batch["image"]
   f = tokenizer.downsample
@@ -118,4 +124,5 @@ def train_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_par
   apply, eps = sample_latent_noise(rng, z_shape, noise_prob)
   return gms_loss(mapper_graphdef, mapper_params, tokenizer, tok_params, images, batch["mask"],
                   apply_noise=apply, eps=eps, heads=heads, rec_weight=rec_weight,
-                  dice_weight=dice_weight, batch_decode=batch_decode)
+                  dice_weight=dice_weight, batch_decode=batch_decode,
+                  batch_encode=batch_encode)

@@ -74,10 +74,13 @@ def make_optimizer(config: ml_collections.ConfigDict,
   return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
 
 
-def resolve_batch_decode(value: Any, platform: str | None = None) -> bool:
-  """``config.loss.batch_decode``: ``"auto"`` decodes the heads in one decoder call on GPU/TPU and
-  one call per head on CPU, where the 3x larger activations fall out of cache (measured on a 2-core
-  CPU, TAEF2 batch 8 x 224²: 28.5-29.6 s per step batched vs 21.0-23.7 s per head)."""
+def resolve_batch_decode(value: Any, platform: str | None = None, *,
+                         name: str = "batch_decode") -> bool:
+  """``config.loss.batch_decode`` / ``batch_encode``: ``"auto"`` makes one tokenizer call for the
+  heads (for images and masks) on GPU/TPU and one call per head (per input) on CPU, where the
+  larger activations fall out of cache (measured on a 2-core CPU, TAEF2 batch 8 x 224²:
+  28.5-29.6 s per step with the heads batched vs 21.0-23.7 s per head; see benchmarks/RESULTS.md
+  for the encoder)."""
   if isinstance(value, bool):
     return value
   v = str(value).strip().lower()
@@ -87,14 +90,16 @@ def resolve_batch_decode(value: Any, platform: str | None = None) -> bool:
     return True
   if v in ("false", "no", "off", "0"):
     return False
-  raise ValueError(f"config.loss.batch_decode must be 'auto', 'true' or 'false', got {value!r}")
+  raise ValueError(f"config.loss.{name} must be 'auto', 'true' or 'false', got {value!r}")
 
 
 def loss_kwargs(config: ml_collections.ConfigDict, platform: str | None = None) -> dict[str, Any]:
   """The keyword arguments of :func:`gms_jax.loss.train_loss` that ``config.loss`` sets."""
   return dict(noise_prob=float(config.loss.noise_prob), heads=tuple(config.loss.heads),
               rec_weight=float(config.loss.rec_weight), dice_weight=float(config.loss.dice_weight),
-              batch_decode=resolve_batch_decode(config.loss.get("batch_decode", "auto"), platform))
+              batch_decode=resolve_batch_decode(config.loss.get("batch_decode", "auto"), platform),
+              batch_encode=resolve_batch_decode(config.loss.get("batch_encode", "auto"), platform,
+                                                name="batch_encode"))
 
 
 def make_train_step(graphdef: Any, tokenizer: tokenizers.Tokenizer,

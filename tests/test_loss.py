@@ -115,8 +115,8 @@ def case():
     kw = dict(apply_noise=apply, eps=eps)
     batched = loss_lib.gms_loss(graphdef, params, tok, tok_params, images, masks, **kw)
     per_head = loss_lib.gms_loss(graphdef, params, tok, tok_params, images, masks,
-                                 batch_decode=False, **kw)
-    return batched, per_head
+                                 batch_decode=False, batch_encode=False, **kw)
+    return batched, per_head  # per_head: also images and masks encoded in separate calls
 
   return dict(vae=vae, mapper=mapper, tok=tok, params=nnx.to_pure_dict(state), images=images,
               masks=masks, eps=eps, jax_losses=jax_losses)
@@ -135,7 +135,7 @@ def test_loss_matches_torch_reference(case, apply_noise):
   assert abs(float(terms["rec"]) - want_rec) <= 1e-5
   assert abs(float(terms["dice"]) - want_dice) <= 1e-5
   assert abs(float(got) - want) <= 1e-5
-  assert abs(float(got_ph) - float(got)) <= 1e-6  # one batched decode == the per-head sum
+  assert abs(float(got_ph) - float(got)) <= 1e-6  # batched calls == per-head / per-input calls
   assert float(terms["noise"]) == float(apply_noise)
 
 
@@ -157,3 +157,14 @@ def test_batch_decode_config_resolution():
   assert train.resolve_batch_decode(True, "cpu") is True
   with pytest.raises(ValueError, match="batch_decode"):
     train.resolve_batch_decode("sometimes", "cpu")
+  from _train_helpers import load_config  # pylint: disable=import-outside-toplevel
+  cfg = load_config("sample")
+  assert cfg.loss.batch_decode == cfg.loss.batch_encode == "auto"
+  kw = train.loss_kwargs(cfg, "cpu")
+  assert kw["batch_decode"] is False and kw["batch_encode"] is False
+  cfg.loss.batch_encode = "true"
+  assert train.loss_kwargs(cfg, "cpu")["batch_encode"] is True
+  assert train.loss_kwargs(cfg, "gpu")["batch_decode"] is True
+  cfg.loss.batch_encode = "never"
+  with pytest.raises(ValueError, match="batch_encode"):
+    train.loss_kwargs(cfg, "cpu")
