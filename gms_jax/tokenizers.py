@@ -18,8 +18,9 @@ Families:
 * ``"tae"`` (TAESD family, e.g. TAEF2): ``z = encoder(img)`` (scale 1, no posterior: ``std`` is 0);
   ``decode``: decoder output (already about [0,1]) clipped; ``decode_mask``: its RGB mean, clipped.
 
-``remat_decoder=True`` wraps the decoder in ``jax.checkpoint`` (the training loss backpropagates
-through it); ``dtype`` is the compute dtype the model is built with (params stay float32; outputs
+``remat_decoder=True`` rematerialises the decoder block by block (``jax.checkpoint`` per block:
+the training loss backpropagates through it, and this keeps only block inputs between the passes);
+``dtype`` is the compute dtype the model is built with (params stay float32; outputs
 are float32).  I/O lives here and in :mod:`gms_jax.convert`; models do none.
 """
 
@@ -101,12 +102,9 @@ class Tokenizer:
   def _decode_raw(self, params, z):
     """The model's own decoder output: SD in about [-1,1], TAE in about [0,1]; float32."""
 
-    def dec(params, z):
-      return self._model(params).decode(z / self.scale).astype(jnp.float32)
-
-    if self.remat_decoder:
-      dec = jax.checkpoint(dec)
-    return dec(params, jnp.asarray(z, jnp.float32))
+    z = jnp.asarray(z, jnp.float32)
+    x = self._model(params).decode(z / self.scale, remat=self.remat_decoder)
+    return x.astype(jnp.float32)
 
   def decode(self, params, z) -> jax.Array:
     """Scaled latents -> NHWC images in [0,1] (clipped)."""
@@ -214,7 +212,7 @@ def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg
       For ``"tae"``: a folder with ``taef2_encoder.pth`` + ``taef2_decoder.pth`` (or one
       ``*encoder`` / ``*decoder`` pair), or a converted Flax ``.safetensors``.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); params stay float32.
-    remat_decoder: wrap the decoder in ``jax.checkpoint``.
+    remat_decoder: rematerialise the decoder block by block in the backward pass.
     cfg: SD only: the architecture of a bare weights file (default: SPEC §1).
   """
   family = canonical_family(family)

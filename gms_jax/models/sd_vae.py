@@ -155,13 +155,14 @@ class Level(nnx.Module):
     self.downsample = downsample
     self.upsample = upsample
 
-  def __call__(self, x):
+  def __call__(self, x, *, remat: bool = False):
+    call = lambda m, x: layers.remat_call(lambda m, x: m(x), (m,), x, remat)
     for blk in self.block:
-      x = blk(x)
+      x = call(blk, x)
     if self.downsample is not None:
-      x = self.downsample(x)
+      x = call(self.downsample, x)
     if self.upsample is not None:
-      x = self.upsample(x)
+      x = call(self.upsample, x)
     return x
 
 
@@ -226,11 +227,13 @@ class Decoder(nnx.Module):
     self.norm_out = _norm(chs[0], cfg, dtype=dtype, rngs=rngs)
     self.conv_out = _conv(chs[0], cfg.out_channels, 3, dtype=dtype, rngs=rngs)
 
-  def __call__(self, z):
-    h = self.mid(self.conv_in(z))
+  def __call__(self, z, *, remat: bool = False):
+    """``remat``: recompute each block's activations in the backward pass (``layers.remat_call``)."""
+    h = layers.remat_call(lambda c, m, z: m(c(z)), (self.conv_in, self.mid), z, remat)
     for i in reversed(range(len(self.up))):
-      h = self.up[i](h)
-    return self.conv_out(nnx.swish(self.norm_out(h)))
+      h = self.up[i](h, remat=remat)
+    return layers.remat_call(lambda n, c, h: c(nnx.swish(n(h))), (self.norm_out, self.conv_out), h,
+                             remat)
 
 
 class AutoencoderKL(nnx.Module):
@@ -257,9 +260,11 @@ class AutoencoderKL(nnx.Module):
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
-  def decode(self, z):
-    """z: (B,h,w,latent) unscaled latent → (B,f·h,f·w,out_channels) image, float32."""
-    return self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
+  def decode(self, z, *, remat: bool = False):
+    """z: (B,h,w,latent) unscaled latent → (B,f·h,f·w,out_channels) image, float32.
+
+    ``remat``: block-wise rematerialisation of the decoder (same values, less memory)."""
+    return self.decoder(self.post_quant_conv(z), remat=remat).astype(jnp.float32)
 
   def __call__(self, x):
     """Reconstruction through the posterior mean."""

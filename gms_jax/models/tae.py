@@ -114,16 +114,18 @@ class _Stack(nnx.Module):
   def __init__(self, layers):
     self.layers = nnx.List(layers)
 
-  def __call__(self, x):
+  def __call__(self, x, *, remat: bool = False):
+    """``remat``: recompute each layer's activations (a Block, a conv, a fused upsample + conv)
+    in the backward pass (``layers.remat_call``), keeping only the layers' inputs."""
     seq = list(self.layers)
     i = 0
     while i < len(seq):
       if (isinstance(seq[i], Upsample) and i + 1 < len(seq)
           and layers_lib.is_same_conv3x3(seq[i + 1])):
-        x = layers_lib.upsample2x_conv3x3(seq[i + 1], x)
+        x = layers_lib.remat_call(layers_lib.upsample2x_conv3x3, (seq[i + 1],), x, remat)
         i += 2
         continue
-      x = seq[i](x)
+      x = layers_lib.remat_call(lambda m, x: m(x), (seq[i],), x, remat)
       i += 1
     return x
 
@@ -173,5 +175,5 @@ class TAE(nnx.Module):
   def encode(self, x01):
     return self.encoder(x01)
 
-  def decode(self, z):
-    return self.decoder(z)
+  def decode(self, z, *, remat: bool = False):
+    return self.decoder(z, remat=remat)
