@@ -60,7 +60,7 @@ def get_config(arg="sample"):
   # sd-vae: your checkpoint (diffusers folder/.safetensors, LDM .ckpt, or `gms-jax convert` output).
   # taef2: "" = the packaged weights, or a folder with taef2_{encoder,decoder}.pth.
   c.tokenizer.path = ""
-  c.tokenizer.remat_decoder = False  # recompute decoder activations in the backward pass
+  c.tokenizer.remat_decoder = False  # recompute decoder activations in the backward pass, per block
 
   # ---------------------------------------------------------------- latent mapper (SPEC §2)
   c.mapper = ml_collections.ConfigDict()
