@@ -589,6 +589,25 @@ def finish_record(rec: dict[str, Any], step_peak_rss: int, dev=None) -> dict[str
   return rec
 
 
+def pool_rounds(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """One record from the same variant's workers in several rounds (``--rounds``): the timed
+  repeats pooled (stats recomputed), each round's median kept, peak RSS the highest; the first
+  failed round's record if any failed."""
+  failed = [r for r in recs if "error" in r]
+  if failed:
+    return failed[0]
+  rec = dict(recs[0])
+  if len(recs) == 1 or "times_s" not in rec:
+    return rec
+  times = [t for r in recs for t in r["times_s"]]
+  rec.update(stats(times), times_s=times, rounds=len(recs),
+             round_medians_s=[r["median_s"] for r in recs],
+             step_peak_rss_bytes=max(r["step_peak_rss_bytes"] for r in recs),
+             ru_maxrss_bytes=max(r.get("ru_maxrss_bytes") or 0 for r in recs),
+             worker_wall_s=sum(r.get("worker_wall_s") or 0.0 for r in recs))
+  return rec
+
+
 def worker_main(args, jax_worker: Callable, torch_worker: Callable) -> int:
   """The ``--worker JOB`` entry point of a benchmark script: run the job, write its record."""
   job = json.loads(args.worker)

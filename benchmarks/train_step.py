@@ -20,6 +20,7 @@ Examples::
 
     python benchmarks/train_step.py                                   # both tokenizers, 8 x 224²
     python benchmarks/train_step.py --tokenizer taef2 --repeats 10
+    python benchmarks/train_step.py --tokenizer taef2 --remat off --rounds 2   # jax,torch,torch,jax
     python benchmarks/train_step.py --tokenizer sd-vae --batch 2 --remat off
     python benchmarks/train_step.py --quick                           # CI smoke (seconds)
 """
@@ -209,6 +210,10 @@ def main(argv=None):
   p.add_argument("--compile-only", action="store_true",
                  help="JAX only: compile the step and report compile time, FLOPs and XLA's memory "
                       "analysis without running it (e.g. SD-VAE at batch 8 on a small CPU)")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="run each variant's worker this many times, reversing the framework order "
+                      "every other round, and pool the timed repeats: ratios that survive the "
+                      "machine's speed drifting between workers")
   p.add_argument("--timeout", type=float, default=3600, help="per-variant worker timeout (s)")
   args = p.parse_args(argv)
   if args.worker:
@@ -230,21 +235,27 @@ def main(argv=None):
   for tname in toks:
     spec = dict(specs[tname], dtype=args.dtype)
     for remat in remats:
+      per_fw: dict[str, list] = {}
+      for rnd in range(max(1, args.rounds)):
+        fws = C.framework_list(args)
+        for fw in (fws[::-1] if rnd % 2 else fws):
+          job = {"framework": fw, "tokenizer": tname, "variant": "remat" if remat else "no-remat",
+                 "remat": remat, "batch": args.batch, "size": args.size, "dtype": args.dtype,
+                 "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+                 "threads": args.threads, "quick": args.quick, "check": not args.no_check, "compile_only": args.compile_only,
+                 "batch_decode": args.batch_decode, "batch_encode": args.batch_encode,
+                 "spec": spec}
+          rnd_s = f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""
+          print(f"# running {fw} / {tname} / {job['variant']}{rnd_s} ...", flush=True)
+          rec = C.run_worker(os.path.abspath(__file__), job, timeout_s=args.timeout)
+          if "error" in rec:
+            print(f"#   FAILED: {rec['error']}", flush=True)
+          else:
+            print(f"#   median {C.fmt(rec.get('median_s'), '.3f')} s  "
+                  f"(compile {C.fmt(rec.get('compile_s'), '.1f')} s)", flush=True)
+          per_fw.setdefault(fw, []).append(rec)
       for fw in C.framework_list(args):
-        job = {"framework": fw, "tokenizer": tname, "variant": "remat" if remat else "no-remat",
-               "remat": remat, "batch": args.batch, "size": args.size, "dtype": args.dtype,
-               "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
-               "threads": args.threads, "quick": args.quick, "check": not args.no_check, "compile_only": args.compile_only,
-               "batch_decode": args.batch_decode, "batch_encode": args.batch_encode,
-               "spec": spec}
-        print(f"# running {fw} / {tname} / {job['variant']} ...", flush=True)
-        rec = C.run_worker(os.path.abspath(__file__), job, timeout_s=args.timeout)
-        if "error" in rec:
-          print(f"#   FAILED: {rec['error']}", flush=True)
-        else:
-          print(f"#   median {C.fmt(rec.get('median_s'), '.3f')} s  "
-                f"(compile {C.fmt(rec.get('compile_s'), '.1f')} s)", flush=True)
-        records.append(rec)
+        records.append(C.pool_rounds(per_fw[fw]))
   if tmp is not None:
     tmp.cleanup()
 

@@ -38,7 +38,7 @@ def _check_machine(payload: dict, name: str):
 
 
 def test_train_step_quick(tmp_path):
-  d = _run("train_step.py", tmp_path / "train_step.json")
+  d = _run("train_step.py", tmp_path / "train_step.json", "--rounds", "2")
   _check_machine(d, "train_step")
   recs = d["records"]
   assert {(r["framework"], r["tokenizer"], r["variant"]) for r in recs} == {
@@ -49,6 +49,9 @@ def test_train_step_quick(tmp_path):
                 "step_peak_rss_bytes", "ru_maxrss_bytes", "check_loss", "last_loss"):
       assert key in r, key
     assert r["median_s"] > 0 and r["step_peak_rss_bytes"] > 0
+    # two rounds of one repeat each, pooled
+    assert r["rounds"] == 2 and len(r["times_s"]) == 2 and len(r["round_medians_s"]) == 2
+    assert r["median_s"] == pytest.approx(sum(r["round_medians_s"]) / 2)
   jax_rec = next(r for r in recs if r["framework"] == "jax")
   assert jax_rec["compile_s"] > 0 and jax_rec["flops"] > 0 and jax_rec["speedup_vs_torch"] > 0
   assert jax_rec["impl"].startswith("gms_jax.train.make_train_step")
