@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 USAGE = """usage: gms-jax <command> [args]
 
@@ -13,7 +15,8 @@ commands:
   convert     PyTorch weights -> Flax       gms-jax convert --format {diffusers,ldm,gms-mapper,tae} SRC OUT
   check-data  validate a dataset folder     gms-jax check-data PATH
 
-`gms-jax <command> --help` for each command's options.
+`gms-jax <command> --help` for each command's options. Errors are one line on stderr (exit 2:
+usage or config, 1: data or other failures); `--verbose` (or GMS_JAX_VERBOSE=1) adds the traceback.
 """
 
 # command -> (module, function); imported lazily so `gms-jax convert --help` does not import jax.
@@ -26,23 +29,41 @@ COMMANDS = {
 }
 
 
+def _verbose(argv: list[str]) -> tuple[list[str], bool]:
+  """Removes ``--verbose`` from ``argv``; verbose if it was there or ``GMS_JAX_VERBOSE`` is set."""
+  env = os.environ.get("GMS_JAX_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
+  rest = [a for a in argv if a != "--verbose"]
+  return rest, env or len(rest) != len(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(USAGE)
     return 0
-  cmd, rest = argv[0], argv[1:]
+  cmd, (rest, verbose) = argv[0], _verbose(argv[1:])
   if cmd not in COMMANDS:
-    print(f"gms-jax: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    print(f"gms-jax: error: unknown command {cmd!r} (commands: {', '.join(COMMANDS)}; "
+          "see gms-jax --help)", file=sys.stderr)
     return 2
   import importlib  # pylint: disable=import-outside-toplevel
+  from gms_jax import errors  # pylint: disable=import-outside-toplevel
   module_name, fn = COMMANDS[cmd]
-  func = getattr(importlib.import_module(module_name), fn)
-  if cmd == "train":
-    # absl-style entry point: argv[0] is the program name, the rest are absl flags.
-    rc = func([f"gms-jax {cmd}"] + rest)
-  else:
-    rc = func(rest)
+  try:
+    func = getattr(importlib.import_module(module_name), fn)
+    if cmd == "train":
+      # absl-style entry point: argv[0] is the program name, the rest are absl flags.
+      rc = func([f"gms-jax {cmd}"] + rest)
+    else:
+      rc = func(rest)
+  except KeyboardInterrupt:
+    print(f"gms-jax {cmd}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except  (the one place errors become one line)
+    if verbose:
+      traceback.print_exc()
+    print(f"gms-jax {cmd}: error: {errors.describe(e)}", file=sys.stderr)
+    return errors.exit_code(e)
   return int(rc or 0)
 
 

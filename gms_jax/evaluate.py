@@ -4,7 +4,9 @@ Per image, at the model resolution S (224 by default): mapper "out" head -> deco
 ``> 0.5``; ground truth = the mask nearest-resized to S, threshold ``>= 0.5``; DSC, IoU (0 when the
 denominator is 0) and HD95 (see :mod:`gms_jax.metrics`). The extra ``*_native`` columns compare the
 probability map resized (bilinear) to the image's native size and thresholded against the native
-mask. Outputs (written to a temp folder, then renamed into place):
+mask. Outputs (written to a fresh temp folder beside ``<out>``, then renamed into place; an
+existing ``<out>`` is replaced only when it is an earlier ``gms-jax evaluate`` output holding
+nothing else (see :mod:`gms_jax.outputs`), any other non-empty folder is refused):
 
     <out>/metrics.csv      one row per image
     <out>/summary.json     mean and sample std (ddof=1) of every metric, checkpoint step, dataset
@@ -28,8 +30,11 @@ import time
 
 import numpy as np
 
+from gms_jax import errors
 from gms_jax import metrics
-from gms_jax.predict import Segmenter, resize_probs
+from gms_jax import outputs
+from gms_jax.data.checks import DataError
+from gms_jax.predict import Segmenter, check_workdir, parse_checkpoint, resize_probs
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
@@ -65,13 +70,22 @@ def montage(tiles: list[np.ndarray], columns: int = 4, pad: int = 2) -> np.ndarr
 def evaluate(seg: Segmenter, examples, out_dir: str, *, max_overlays: int = 64, meta: dict | None = None,
              montage_n: int = 0) -> dict:
   """Runs the protocol over ``examples`` (dicts from ``pipeline.eval_examples``); returns the summary."""
+  out_dir = os.path.abspath(out_dir)
+  outputs.check_owned(out_dir, "evaluate")  # before any work: refuse a folder that is not ours
+  tmp = outputs.make_staging_dir(out_dir)
+  try:
+    return _evaluate(seg, examples, out_dir, tmp, max_overlays=max_overlays, meta=meta,
+                     montage_n=montage_n)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)  # our staging folder (gone after a successful publish)
+
+
+def _evaluate(seg, examples, out_dir, tmp, *, max_overlays, meta, montage_n) -> dict:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from gms_jax.predict import save_mask_png  # pylint: disable=import-outside-toplevel
-  out_dir = os.path.abspath(out_dir)
-  tmp = out_dir + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(os.path.join(tmp, "masks"))
-  os.makedirs(os.path.join(tmp, "overlays"))
+  for sub in ("masks", "overlays"):
+    os.makedirs(os.path.join(tmp, sub))
+    outputs.apply_umask(os.path.join(tmp, sub), directory=True)
   rows = []
   tiles = []  # the first montage_n overlays, for overlays_montage.png
   t0 = time.perf_counter()
@@ -106,8 +120,7 @@ def evaluate(seg: Segmenter, examples, out_dir: str, *, max_overlays: int = 64, 
   if buf:
     flush(buf)
   if not rows:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise ValueError("evaluation split is empty")
+    raise DataError("the evaluation split is empty")
 
   with open(os.path.join(tmp, "metrics.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -122,9 +135,9 @@ def evaluate(seg: Segmenter, examples, out_dir: str, *, max_overlays: int = 64, 
   summary["seconds"] = round(time.perf_counter() - t0, 2)
   with open(os.path.join(tmp, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
-  os.replace(tmp, out_dir)
+  written = [os.path.relpath(os.path.join(r, n), tmp) for r, _, names in os.walk(tmp) for n in names]
+  outputs.write_manifest(tmp, "evaluate", written)
+  outputs.publish(tmp, out_dir, "evaluate")
   return summary
 
 
@@ -152,38 +165,52 @@ class _nullcontext:
     return False
 
 
+SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="gms-jax evaluate", description=__doc__.split("\n")[0])
+  parser = errors.ArgumentParser(prog="gms-jax evaluate", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--dataset", default=None,
                       help="dataset name (default: the one trained on); another name = cross-domain")
   parser.add_argument("--root", default=None, help="dataset folder (GMS layout), if not the config's")
   parser.add_argument("--split-file", default=None, help="split file for --dataset (GMS .pkl or .json)")
-  parser.add_argument("--split", default="test", choices=["test", "validation", "train", "all"])
+  parser.add_argument("--split", default="test",
+                      choices=["test", "validation", "val", "valid", "train", "all"])
   parser.add_argument("--checkpoint", default="best", help="'best' (validation Dice), 'latest' or a step")
-  parser.add_argument("--out", default=None, help="default: <workdir>/eval/<dataset>-<split>")
+  parser.add_argument("--out", default=None,
+                      help="a new or empty folder, or an earlier evaluate output to replace "
+                           "(default: <workdir>/eval/<dataset>-<split>)")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--max-overlays", type=int, default=64)
   parser.add_argument("--montage", type=int, default=8,
                       help="overlays of the first N images in one grid, overlays_montage.png (0: none)")
   args = parser.parse_args(argv)
+  args.split = SPLIT_ALIASES.get(args.split, args.split)
+  if args.batch_size < 1:
+    raise errors.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+  for flag, v in (("--max-overlays", args.max_overlays), ("--montage", args.montage)):
+    if v < 0:
+      raise errors.UsageError(f"{flag} must be >= 0, got {v}")
+  which = parse_checkpoint(args.checkpoint)
 
+  from gms_jax import checkpoint  # pylint: disable=import-outside-toplevel
   from gms_jax.data import builder, pipeline  # pylint: disable=import-outside-toplevel
-  which = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
+  check_workdir(args.workdir)
+  data = _data_cfg(checkpoint.load_config(args.workdir), args.dataset, args.root, args.split_file)
+  out = args.out or os.path.join(args.workdir, "eval", f"{data.name}-{args.split}")
+  outputs.check_owned(os.path.abspath(out), "evaluate")  # refuse before any work
   seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size)
-  data = _data_cfg(seg.config, args.dataset, args.root, args.split_file)
   try:
     sources = builder.prepare(data)
   except (FileNotFoundError, ValueError) as e:
-    print(f"gms-jax evaluate: error: {e}", file=sys.stderr)
-    return 2
+    raise errors.ConfigError(errors.one_line(e)) if not isinstance(e, DataError) else e
   splits = ["train", "validation", "test"] if args.split == "all" else [args.split]
 
   def examples():
     for s in splits:
       yield from pipeline.eval_examples(sources[s], image_size=seg.image_size)
 
-  out = args.out or os.path.join(args.workdir, "eval", f"{data.name}-{args.split}")
   summary = evaluate(seg, examples(), out, max_overlays=args.max_overlays, montage_n=args.montage,
                      meta={"dataset": data.name, "root": str(data.root), "split": args.split,
                            "workdir": os.path.abspath(args.workdir)})

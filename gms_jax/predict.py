@@ -18,6 +18,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from gms_jax import errors
+from gms_jax import outputs
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -40,6 +43,7 @@ def save_mask_png(path: str, mask: np.ndarray) -> None:
   os.close(fd)
   try:
     Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), mode="L").save(tmp, format="PNG")
+    os.chmod(tmp, outputs.umask_mode())  # mkstemp makes 0600; masks get the user's umask
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -73,7 +77,9 @@ class Segmenter:
   def from_workdir(cls, workdir: str, which: str | int = "best", *, batch_size: int = 8) -> "Segmenter":
     """Loads the checkpoint ``which`` ("best" on validation Dice, "latest", or a step)."""
     from gms_jax import checkpoint, tokenizers  # pylint: disable=import-outside-toplevel
-    mapper, config, step = checkpoint.restore_mapper(workdir, which)
+    check_workdir(workdir)
+    with _quiet_absl_warnings():  # orbax warns that a read-only manager does not save
+      mapper, config, step = checkpoint.restore_mapper(workdir, which)
     tok = tokenizers.from_config(config)
     return cls(mapper, tok, image_size=config.data.image_size, batch_size=batch_size, step=step, config=config)
 
@@ -121,46 +127,134 @@ def _to_rgb(x: np.ndarray) -> np.ndarray:
   return x
 
 
+class _quiet_absl_warnings:
+  """Raises the ``absl`` logger to ERROR for the duration (orbax's read-only notices)."""
+
+  def __enter__(self):
+    import logging  # pylint: disable=import-outside-toplevel
+    self._logger = logging.getLogger("absl")
+    self._level = self._logger.level
+    self._logger.setLevel(logging.ERROR)
+    return self
+
+  def __exit__(self, *a):
+    self._logger.setLevel(self._level)
+    return False
+
+
+def check_workdir(workdir: str) -> None:
+  """One-line errors for a path that is not a trained workdir (before orbax is asked)."""
+  from gms_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(workdir):
+    raise errors.UsageError(f"--workdir {workdir}: no such folder")
+  if not os.path.isfile(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+    raise errors.UsageError(f"--workdir {workdir}: not a gms-jax workdir (no "
+                            f"{checkpoint.CONFIG_FILE}; train or import one first)")
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+    raise errors.UsageError(f"--workdir {workdir}: holds no checkpoint yet (training has not "
+                            "saved one)")
+
+
+def parse_checkpoint(value: str) -> str | int:
+  """``--checkpoint``: "best", "latest" or a step number."""
+  v = str(value).strip()
+  if v in ("best", "latest"):
+    return v
+  if v.isdigit():
+    return int(v)
+  raise errors.UsageError(f"--checkpoint must be 'best', 'latest' or a step number, got {value!r}")
+
+
 def collect_images(inputs: Iterable[str]) -> list[str]:
   """Image files named directly or found (recursively, sorted) in the named folders."""
   files = []
   for item in inputs:
     if os.path.isdir(item):
-      for root, _, names in sorted(os.walk(item)):
-        files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+      for root, dirs, names in os.walk(item):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in sorted(names)
+                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
     elif os.path.isfile(item):
       files.append(item)
     else:
-      raise FileNotFoundError(f"{item}: no such file or folder")
-  return files
+      raise errors.UsageError(f"{item}: no such file or folder")
+  seen, unique = set(), []
+  for f in files:  # an image named twice (a file and its folder) is segmented once
+    key = os.path.realpath(f)
+    if key not in seen:
+      seen.add(key)
+      unique.append(f)
+  return unique
+
+
+def output_names(files: Sequence[str]) -> list[str]:
+  """Relative output paths (``.png``) that keep the inputs' relative paths below their common
+  folder, so ``a/x.png`` and ``b/x.png`` never collide; ``x.png`` + ``x.jpg`` in one folder
+  become ``x.png.png`` and ``x.jpg.png``."""
+  if not files:
+    return []
+  absolute = [os.path.abspath(f) for f in files]
+  root = os.path.commonpath([os.path.dirname(a) for a in absolute])
+  rel = [os.path.relpath(a, root) for a in absolute]
+  stems = [os.path.splitext(r)[0] for r in rel]
+  counts: dict[str, int] = {}
+  for s in stems:
+    counts[s] = counts.get(s, 0) + 1
+  return [(s if counts[s] == 1 else r) + ".png" for s, r in zip(stems, rel)]
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="gms-jax predict",
-                                   description="Segment image files or folders with a trained workdir.")
+  parser = errors.ArgumentParser(prog="gms-jax predict",
+                                 description="Segment image files or folders with a trained workdir.")
   parser.add_argument("--workdir", required=True, help="training workdir (holds config.json and checkpoints)")
   parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-  parser.add_argument("--out", required=True, help="output folder for <stem>.png masks (0/255, native size)")
+  parser.add_argument("--out", required=True,
+                      help="output folder for the masks (0/255 PNG, native size), keeping the inputs' "
+                           "relative paths; a new or empty folder, or an earlier predict output")
   parser.add_argument("--checkpoint", default="best", help="'best' (validation Dice), 'latest' or a step")
   parser.add_argument("--batch-size", type=int, default=8)
   args = parser.parse_args(argv)
-  try:
-    files = collect_images(args.inputs)
-  except FileNotFoundError as e:
-    print(f"gms-jax predict: error: {e}", file=sys.stderr)
-    return 2
+  if args.batch_size < 1:
+    raise errors.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+  which = parse_checkpoint(args.checkpoint)
+  out = os.path.abspath(args.out)
+  files = collect_images(args.inputs)
   if not files:
-    print("gms-jax predict: error: no image files found in " + " ".join(args.inputs), file=sys.stderr)
-    return 2
-  which = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
+    raise errors.UsageError("no image files found in " + " ".join(args.inputs))
+  outputs.check_disjoint(out, args.inputs)
+  outputs.check_owned(out, "predict")
+  check_workdir(args.workdir)
+  names = output_names(files)
   seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size)
-  stems = {}
+
+  from gms_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  previous = outputs.read_manifest(out) or {"files": []}
+  # The manifest lists every file this run may write BEFORE it writes one, so an interrupted
+  # run's folder is still recognised as ours.
+  outputs.write_manifest(out, "predict", list(previous["files"]) + names)
+  skipped: list[tuple[str, str]] = []
+  written = 0
   for start in range(0, len(files), 64):
-    chunk = files[start:start + 64]
-    for path, mask in zip(chunk, seg.predict(chunk)):
-      stem = os.path.splitext(os.path.basename(path))[0]
-      stems[stem] = stems.get(stem, 0) + 1
-      name = stem if stems[stem] == 1 else f"{stem}_{stems[stem]}"
-      save_mask_png(os.path.join(args.out, name + ".png"), mask)
-  print(f"wrote {len(files)} masks to {args.out} (checkpoint step {seg.step})")
+    chunk = list(zip(files[start:start + 64], names[start:start + 64]))
+    images, targets = [], []
+    for path, name in chunk:
+      try:
+        images.append(pipeline.load_image_file(path))
+        targets.append((path, name))
+      except Exception as e:  # pylint: disable=broad-except  (one bad file costs only itself)
+        skipped.append((path, errors.describe(e).replace(f"{path}: ", "", 1)))
+    if not images:
+      continue
+    for (path, name), mask in zip(targets, seg.predict(images)):
+      try:
+        save_mask_png(os.path.join(out, name), mask)
+        written += 1
+      except OSError as e:
+        skipped.append((path, errors.describe(e)))
+  print(f"wrote {written} masks to {out} (checkpoint step {seg.step})")
+  for path, reason in skipped:
+    print(f"gms-jax predict: skipped {path}: {reason}", file=sys.stderr)
+  if skipped:
+    raise errors.GmsError(f"{len(skipped)} of {len(files)} images skipped (listed above)")
   return 0

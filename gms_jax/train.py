@@ -37,6 +37,8 @@ from flax import nnx
 from ml_collections import config_flags
 
 from gms_jax import checkpoint as ckpt_lib
+from gms_jax import configuration
+from gms_jax import errors
 from gms_jax import inference
 from gms_jax import loss as loss_lib
 from gms_jax import metrics as metrics_lib
@@ -200,6 +202,22 @@ def _check_finite(step: int, m: dict[str, np.ndarray], workdir: str,
         f"saved; {where}. Lower the learning rate or use --config.precision=float32.")
 
 
+def _load_tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
+  """``tokenizers.from_config``, with an unreadable/wrong weights file as one ConfigError line."""
+  try:
+    return tokenizers.from_config(config)
+  except Exception as e:  # pylint: disable=broad-except  (any loader failure names the file)
+    path = str(config.tokenizer.path) or "<packaged>"
+    raise errors.ConfigError(f"config.tokenizer.path={path}: cannot load "
+                             f"{config.tokenizer.name} weights: {errors.describe(e)}") from e
+
+
+def _eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -214,13 +232,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     tokenizer: a ready frozen tokenizer (tests use tiny random ones); default: from the config.
     devices: the devices of the mesh (default: all devices of all processes).
   """
-  # ---------------------------------------------------------------- workdir, logging
+  # ---------------------------------------------------------------- config, workdir
+  # Nothing is written before the config is validated and the workdir is known to be this run's.
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, ckpt_lib.CONFIG_FILE), "w") as f:
+  configuration.validate(config, n_devices=len(devices or jax.devices()),
+                         n_processes=jax.process_count(), check_tokenizer=tokenizer is None)
+  fresh = claim_workdir(config, workdir, write=is_main)
+  progress = {"started": False}
+  try:
+    return _train_and_evaluate(config, workdir, tokenizer=tokenizer, devices=devices,
+                               progress=progress)
+  except BaseException:
+    if fresh is not None and not progress["started"] and is_main:
+      release_workdir(workdir, fresh)  # failed before its first step: leave no workdir behind
+    raise
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: str, *, write: bool
+                  ) -> list[str] | None:
+  """Makes ``workdir`` this run's, or raises :class:`gms_jax.errors.ConfigError`.
+
+  A missing or empty folder becomes a new run (``config.json`` written; returns the entries
+  created, for :func:`release_workdir`); a folder with ``config.json`` is resumed only when the
+  config matches it (:func:`gms_jax.configuration.check_resume`; returns None); any other
+  non-empty folder is refused (it is not a gms-jax workdir)."""
+  config_path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
+  if check_workdir(config, workdir) == "resume":
+    return None
+  created = [] if os.path.isdir(workdir) else [workdir]
+  if write:
+    os.makedirs(workdir, exist_ok=True)
+    with open(config_path, "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  return created
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """``"new"`` (missing or empty folder) or ``"resume"`` (a run of this config); raises
+  :class:`gms_jax.errors.ConfigError` for another run's workdir or a folder that is not one."""
+  config_path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
+  if os.path.isfile(config_path):
+    try:
+      with open(config_path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      raise errors.ConfigError(f"{config_path}: unreadable ({errors.one_line(e)}); use a new "
+                               "--workdir") from None
+    configuration.check_resume(saved, config, workdir)
+    return "resume"
+  if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+    raise errors.ConfigError(
+        f"{workdir} exists and is not a gms-jax workdir (no {ckpt_lib.CONFIG_FILE}); refusing "
+        "to write into it: use a new or empty --workdir")
+  return "new"
+
+
+def release_workdir(workdir: str, created: list[str]) -> None:
+  """Undoes :func:`claim_workdir` for a run that never reached its first step: removes the
+  folder if this run created it, else only what this run put in the (then empty) folder."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  if workdir in created:
+    shutil.rmtree(workdir, ignore_errors=True)
+    return
+  for name in os.listdir(workdir) if os.path.isdir(workdir) else []:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      os.remove(path)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                        tokenizer: tokenizers.Tokenizer | None, devices: list[jax.Device] | None,
+                        progress: dict[str, bool]) -> dict[str, Any]:
+  # ---------------------------------------------------------------- logging
+  is_main = jax.process_index() == 0
   writer = _Writer(workdir, enabled=is_main)
   logging.info("workdir %s; process %d/%d; local devices %s", workdir, jax.process_index(),
                jax.process_count(), jax.local_devices())
@@ -255,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                len(sources["validation"]), len(sources["test"]), steps_per_epoch, total_steps)
 
   # ---------------------------------------------------------------- frozen tokenizer
-  tok = tokenizer if tokenizer is not None else tokenizers.from_config(config)
+  tok = tokenizer if tokenizer is not None else _load_tokenizer(config)
   logging.info("%s", tokenizers.describe(tok))
   tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
   tok_sharding = parallel.replicate_tree(tok_params, mesh)
@@ -376,6 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      jax.process_index(), local["image"].shape, float(np.mean(local["image"])),
                      batch["image"].shape, float(jnp.mean(batch["image"])))
       state, m = train_step(state, tok_params, batch)
+      progress["started"] = True
       step += 1
       steps_window += 1
       pending.append((step, m))
@@ -390,6 +478,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         scalars = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
         scalars["steps_per_sec"] = steps_window / max(dt, 1e-9)
         writer.write(step, scalars, prefix="train/")
+        if is_main and not sys.stderr.isatty():  # no progress bar: one line per log interval
+          sec = 1.0 / max(scalars["steps_per_sec"], 1e-9)
+          val = f"{last_eval['val_dice']:.4f}" if last_eval else "n/a"
+          logging.info("step %d/%d: loss %.4f, val Dice %s, %.2f s/step, ETA %s", step,
+                       total_steps, scalars["loss"], val, sec, _eta(sec * (total_steps - step)))
         summary.setdefault("losses", []).append((step, scalars["loss"]))
         window.clear()
         t_window, steps_window = time.time(), 0
@@ -423,46 +516,78 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json")
 
 
+_USAGE = "--config configs/gms.py:NAME --workdir DIR [--config.key=value ...]"
+
+
+def _config_arg(argv: list[str]) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _flag_error(argv: list[str], exc: BaseException) -> errors.ConfigError:
+  """One line for a failed flag parse: an unknown config name or key (with suggestions), or the
+  bad value's message."""
+  spec = _config_arg(argv)
+  if spec:
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+      return errors.ConfigError(f"--config {spec}: no such config file {path}")
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    try:
+      module_spec = importlib.util.spec_from_file_location("_gms_config", path)
+      module = importlib.util.module_from_spec(module_spec)
+      module_spec.loader.exec_module(module)
+      cfg = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
+      return errors.ConfigError(f"--config {spec}: {errors.describe(e)}")
+    flat = configuration.flatten(configuration.to_plain(cfg))
+    sections = {k.rsplit(".", 1)[0] for k in flat if "." in k}
+    for a in argv:
+      if a.startswith("--config."):
+        key = a[len("--config."):].split("=", 1)[0]
+        if key not in flat and key not in sections:
+          return errors.ConfigError(configuration.suggest_key(key, flat))
+  return errors.ConfigError(f"bad flag: {errors.one_line(exc)}")
+
+
 def main(argv: list[str] | None = None) -> int:
-  """absl entry point: ``argv[0]`` is the program name, the rest are flags."""
+  """absl entry point: ``argv[0]`` is the program name, the rest are flags. Errors are raised
+  (as :class:`gms_jax.errors.GmsError` where they are the user's to fix); ``gms_jax.cli`` prints
+  them as one line."""
   argv = list(sys.argv if argv is None else argv)
   if any(a in ("-h", "--help", "-help") for a in argv[1:]):
-    print(f"usage: {argv[0]} --config configs/gms.py:NAME --workdir DIR "
-          "[--config.key=value ...]\n\n"
+    print(f"usage: {argv[0]} {_USAGE}\n\n"
           "NAME: a dataset (sample, busi, bus-bra, ph2, drive, chase_db1, folder) with optional\n"
           "modifiers, e.g. smoke | busi,taef2 | ph2,bf16 (see configs/gms.py). Training resumes\n"
-          "from the latest checkpoint in DIR; DIR/metrics.jsonl, DIR/tensorboard, DIR/config.json.")
+          "from the latest checkpoint in DIR when DIR holds a run of the same config (a different\n"
+          "model, data or schedule is refused); DIR/metrics.jsonl, DIR/tensorboard, DIR/config.json.")
     return 0
   try:
     extra = FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:  # bad --config.x
-    print(f"{argv[0]}: {e}\nusage: {argv[0]} --config configs/gms.py:NAME --workdir DIR "
-          "[--config.key=value ...]", file=sys.stderr)
-    return 2
+  except Exception as e:  # pylint: disable=broad-except  (absl/ml_collections raise many types)
+    raise _flag_error(argv, e) from None
   if len(extra) > 1:
-    print(f"{argv[0]}: unexpected arguments {extra[1:]}", file=sys.stderr)
-    return 2
+    raise errors.UsageError(f"unexpected arguments {extra[1:]}; usage: {_USAGE}")
   if _CONFIG.value is None or not _WORKDIR.value:
-    print(f"usage: {argv[0]} --config configs/gms.py:NAME --workdir DIR [--config.key=value ...]",
-          file=sys.stderr)
-    return 2
+    raise errors.UsageError(f"--config and --workdir are required; usage: {_USAGE}")
+  config = _CONFIG.value
+  configuration.validate(config)  # before any logging or work (again with devices in training)
+  check_workdir(config, os.path.abspath(_WORKDIR.value))
   logging.use_absl_handler()
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)
   quiet_library_logs()
-  config = _CONFIG.value
   parallel.initialize_distributed(config.distributed)
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  from gms_jax.data.checks import DataError  # pylint: disable=import-outside-toplevel
-  try:
-    train_and_evaluate(config, _WORKDIR.value)
-  except (NonFiniteLossError, DataError, FileNotFoundError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  train_and_evaluate(config, _WORKDIR.value)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from gms_jax import cli  # pylint: disable=import-outside-toplevel
+  sys.exit(cli.main(["train"] + sys.argv[1:]))

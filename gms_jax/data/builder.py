@@ -354,10 +354,46 @@ def _build(builder: GmsSegmentation) -> None:
         raise
 
 
+def verify_cache(builder) -> str | None:
+    """Checks every ArrayRecord shard of a prepared dataset against ``dataset_info.json``: the
+    file exists and its record count (from the file's footer, cheap) is the recorded shard
+    length. Returns a message naming the first bad file, or None."""
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+    for split, info in builder.info.splits.items():
+        for path, expected in zip(info.filepaths, info.shard_lengths):
+            path = os.fspath(path)
+            if not os.path.isfile(path):
+                return f"{path}: cached shard of split '{split}' is missing"
+            try:
+                reader = array_record_module.ArrayRecordReader(path)
+                try:
+                    n = reader.num_records()
+                finally:
+                    reader.close()
+            except Exception as e:  # pylint: disable=broad-except  (any reader failure = corrupt)
+                return f"{path}: cached shard of split '{split}' is unreadable ({e})"
+            if n != expected:
+                return (f"{path}: cached shard of split '{split}' holds {n} records, "
+                        f"dataset_info.json says {expected} (truncated or corrupt)")
+    return None
+
+
 def prepare(data_cfg: Any) -> dict[str, GmsSource]:
     """Build (once, atomically) and open the train / validation / test splits."""
     cfg, tfds_dir = make_config(data_cfg)
     builder = make_builder(cfg, tfds_dir)
+    if builder.is_prepared():
+        bad = verify_cache(builder)
+        if bad:
+            lock = Path(tfds_dir) / ".gms_locks" / f"{cfg.name}.lock"
+            with _file_lock(lock):
+                builder = make_builder(cfg, tfds_dir)
+                bad = verify_cache(builder) if builder.is_prepared() else None
+                if bad:  # a cache gms-jax built: remove it and build it again below
+                    log.warning("%s; rebuilding %s", bad, builder.data_dir)
+                    import shutil  # pylint: disable=import-outside-toplevel
+                    shutil.rmtree(os.fspath(builder.data_dir))
+                builder = make_builder(cfg, tfds_dir)
     if not builder.is_prepared():
         lock = Path(tfds_dir) / ".gms_locks" / f"{cfg.name}.lock"
         with _file_lock(lock):

@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
 import re
@@ -43,7 +44,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from gms_jax.data.checks import IMAGE_EXTENSIONS, DataError
 
+log = logging.getLogger(__name__)
+
 SPLIT_NAMES = ("train", "validation", "test")
+SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
 _MAX_SPLIT_FILE_BYTES = 64 << 20
 
 GroupFn = Callable[[str], str]
@@ -163,6 +167,11 @@ def _read_bytes(path: str) -> bytes:
 def _normalise_split_obj(obj, path: str) -> dict[str, list[str]]:
     if not isinstance(obj, dict):
         raise DataError(f"{path}: a split file must hold a dict of splits, got {type(obj).__name__}")
+    aliased = [k for k in obj if k in SPLIT_ALIASES]
+    if aliased:  # "val" / "valid" name the validation split
+        if "validation" in obj or len(aliased) > 1:
+            raise DataError(f"{path}: the validation split is given twice ({sorted(aliased)})")
+        obj = {SPLIT_ALIASES.get(k, k): v for k, v in obj.items()}
     unknown = set(obj) - set(SPLIT_NAMES)
     if unknown:
         raise DataError(
@@ -294,8 +303,9 @@ def _preview(names: Sequence[str], k: int = 5) -> str:
 
 
 def _match_names(
-    listed: Sequence[str], available: set[str], split: str, path: str
-) -> list[str]:
+    listed: Sequence[str], available: set[str]
+) -> tuple[list[str], list[str]]:
+    """(stems found in the folder, names not found)."""
     out, missing = [], []
     for name in listed:
         if name in available:
@@ -306,12 +316,7 @@ def _match_names(
             out.append(stem)
         else:
             missing.append(name)
-    if missing:
-        raise DataError(
-            f"{path}: split '{split}' names {len(missing)} file(s) that do not exist in the "
-            f"folder (no image/mask pair): {_preview(missing)}"
-        )
-    return out
+    return out, missing
 
 
 def resolve_splits(
@@ -331,7 +336,19 @@ def resolve_splits(
     if split_file:
         path = os.fspath(split_file)
         spec = load_split_file(path)
-        matched = {k: _match_names(v, available, k, path) for k, v in spec.items()}
+        found = {k: _match_names(v, available) for k, v in spec.items()}
+        missing = {k: m for k, (_, m) in found.items() if m}
+        if missing:  # every split's missing names, in one error
+            raise DataError(
+                f"{path}: names that do not exist in the folder (no image/mask pair): "
+                + "; ".join(f"split '{k}': {len(m)} ({_preview(m)})" for k, m in missing.items())
+            )
+        matched = {k: out for k, (out, _) in found.items()}
+        unused = sorted(available - set().union(*map(set, matched.values())))
+        if unused:
+            log.warning(
+                "%s: %d image/mask pair(s) in the folder are in no split and are not used: %s",
+                path, len(unused), _preview(unused))
         for split in spec:
             if not matched[split]:
                 raise DataError(f"{path}: split '{split}' is empty")

@@ -1,0 +1,133 @@
+"""Output folders that a command owns: never delete or overwrite what it did not write.
+
+A folder written by ``gms-jax evaluate`` or ``predict`` holds a manifest (:data:`MANIFEST`) that
+lists the command and every file it wrote. Such a folder may be written again by the same
+command; any other non-empty folder (or one holding files not in its manifest) is refused with
+:class:`gms_jax.errors.OutputError`. Also: input/output overlap checks, and writing files with
+the user's umask (``tempfile.mkstemp`` creates them 0600). Plain file I/O; no math.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterable
+
+from gms_jax.errors import OutputError
+
+MANIFEST = ".gms-jax-output.json"
+
+
+def umask_mode(mode: int = 0o666) -> int:
+  """``mode`` with the process umask applied (what ``open()`` would have given)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return mode & ~mask
+
+
+def apply_umask(path: str, *, directory: bool = False) -> None:
+  os.chmod(path, umask_mode(0o777 if directory else 0o666))
+
+
+def _files_under(folder: str) -> set[str]:
+  out = set()
+  for root, dirs, names in os.walk(folder):
+    dirs[:] = sorted(dirs)
+    for n in names:
+      out.add(os.path.relpath(os.path.join(root, n), folder))
+  return out
+
+
+def read_manifest(folder: str) -> dict | None:
+  path = os.path.join(folder, MANIFEST)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      m = json.load(f)
+    return m if isinstance(m, dict) and isinstance(m.get("files"), list) else None
+  except (OSError, ValueError):
+    return None
+
+
+def check_owned(folder: str, command: str, flag: str = "--out") -> str:
+  """``"new"`` when ``folder`` is missing or empty, ``"own"`` when it is an earlier output of
+  ``command`` holding only files that the manifest lists; raises :class:`OutputError` otherwise."""
+  if not os.path.exists(folder):
+    return "new"
+  if not os.path.isdir(folder):
+    raise OutputError(f"{flag} {folder}: exists and is not a folder")
+  present = _files_under(folder)
+  if not present and not os.listdir(folder):
+    return "new"
+  manifest = read_manifest(folder)
+  if manifest is None or manifest.get("command") != command:
+    raise OutputError(
+        f"{flag} {folder}: folder is not empty and was not written by gms-jax {command}; "
+        "refusing to write into it (choose a new or empty folder)")
+  foreign = sorted(present - set(manifest["files"]) - {MANIFEST})
+  if foreign:
+    more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
+    raise OutputError(
+        f"{flag} {folder}: holds files that gms-jax {command} did not write "
+        f"({', '.join(foreign[:3])}{more}); refusing to replace it (choose a new folder)")
+  return "own"
+
+
+def write_manifest(folder: str, command: str, files: Iterable[str], **extra) -> None:
+  """Writes the manifest atomically (temp file + rename), with the user's umask."""
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump({"command": command, "files": sorted(set(files)), **extra}, f, indent=1)
+    apply_umask(tmp)
+    os.replace(tmp, os.path.join(folder, MANIFEST))
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def make_staging_dir(out: str) -> str:
+  """A fresh, uniquely named folder beside ``out`` (same filesystem, for an atomic rename)."""
+  parent = os.path.dirname(os.path.abspath(out)) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  apply_umask(tmp, directory=True)
+  return tmp
+
+
+def publish(staging: str, out: str, command: str) -> None:
+  """Moves the finished ``staging`` folder to ``out``. An existing ``out`` must still pass
+  :func:`check_owned` (an earlier output of ``command``, or empty); it is moved aside and removed
+  only after the new folder is in place."""
+  if check_owned(out, command) == "new" and not os.path.exists(out):
+    os.replace(staging, out)
+    return
+  old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-",
+                         dir=os.path.dirname(os.path.abspath(out)))
+  os.rmdir(old)  # a unique free name to move the previous output to
+  os.replace(out, old)
+  try:
+    os.replace(staging, out)
+  except BaseException:
+    os.replace(old, out)
+    raise
+  shutil.rmtree(old)  # the previous output of this command (checked just above)
+
+
+def _is_within(path: str, folder: str) -> bool:
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_disjoint(out: str, inputs: Iterable[str], flag: str = "--out") -> None:
+  """Refuses an output folder that is, contains, or lies inside one of ``inputs``."""
+  for item in inputs:
+    if _is_within(out, item) or _is_within(item, out):
+      raise OutputError(
+          f"{flag} {out}: overlaps the input {item} (an output folder must not be, contain, or "
+          "lie inside an input); choose a folder outside the inputs")
