@@ -24,6 +24,15 @@ class UsageError(GmsError, ValueError):
   exit_code = 2
 
 
+class MissingPathError(FileNotFoundError, UsageError):
+  """A path named on the command line does not exist (exit 2)."""
+
+  exit_code = 2
+
+  def __str__(self) -> str:  # FileNotFoundError would format (errno, strerror) pairs
+    return str(self.args[0]) if self.args else ""
+
+
 class ConfigError(GmsError, ValueError):
   """A config key with a bad value, an unknown key, or a workdir of another run (exit 2)."""
 

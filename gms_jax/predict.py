@@ -178,7 +178,7 @@ def collect_images(inputs: Iterable[str]) -> list[str]:
     elif os.path.isfile(item):
       files.append(item)
     else:
-      raise errors.UsageError(f"{item}: no such file or folder")
+      raise errors.MissingPathError(f"{item}: no such file or folder")
   seen, unique = set(), []
   for f in files:  # an image named twice (a file and its folder) is segmented once
     key = os.path.realpath(f)

@@ -305,3 +305,23 @@ def test_split_description_in_metadata(tmp_path):
     assert meta["dataset"] == "folder"
     assert sorted(meta["split_names"]["test"]) == sorted(src["test"].names())
     assert splits.Splits  # module is importable alongside
+
+
+def test_truncated_cache_is_detected_and_rebuilt(tmp_path, caplog):
+    """Issue 12 (6): a cached shard cut short (a killed copy, a full disk) is found by its record
+    count and rebuilt, naming the file; the rebuilt dataset reads back completely."""
+    root = make_folder(tmp_path / "data", n=12)
+    cfg = _cfg(root, tmp_path / "tfds")
+    first = builder.prepare(cfg)
+    expected = [first["train"][i]["name"] for i in range(len(first["train"]))]
+    shard = next((tmp_path / "tfds").rglob("gms_segmentation-train.array_record-*"))
+    assert builder.verify_cache(builder.make_builder(*builder.make_config(cfg))) is None
+    size = shard.stat().st_size
+    with open(shard, "r+b") as fh:
+        fh.truncate(size // 2)
+    with caplog.at_level("WARNING"):
+        again = builder.prepare(cfg)
+    warned = [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+    assert len(warned) == 1 and str(shard) in warned[0]
+    assert shard.stat().st_size == size
+    assert [again["train"][i]["name"] for i in range(len(again["train"]))] == expected

@@ -144,3 +144,25 @@ def test_default_split_file(tmp_path):
     assert splits.default_split_file("folder", tmp_path).endswith("foo_train_test_names.pkl")
     (tmp_path / "split.json").write_text("{}")
     assert splits.default_split_file("busi", tmp_path).endswith("split.json")
+
+
+def test_split_file_reports_every_split_missing_names_and_unused_pairs(tmp_path, caplog):
+    """Issue 12 (5): missing names of ALL splits in one error; pairs in no split are warned about."""
+    names = [f"n{i:02d}" for i in range(8)]
+    f = tmp_path / "split.json"
+    f.write_text(json.dumps({"train": ["n00", "ghost1"], "val": ["n01"], "test": ["ghost2"]}))
+    with pytest.raises(DataError) as e:
+        splits.resolve_splits(names, split_file=f)
+    msg = str(e.value)
+    assert str(f) in msg and "'ghost1'" in msg and "'ghost2'" in msg
+    assert "split 'train'" in msg and "split 'test'" in msg and "\n" not in msg
+    f.write_text(json.dumps({"train": ["n00", "n01"], "valid": ["n02"], "test": ["n03"]}))
+    with caplog.at_level("WARNING"):
+        s = splits.resolve_splits(names, split_file=f)
+    assert s.validation == ("n02",)  # "valid" / "val" name the validation split
+    warned = [r.getMessage() for r in caplog.records if "in no split" in r.getMessage()]
+    assert len(warned) == 1 and "4 image/mask pair(s)" in warned[0] and "'n04'" in warned[0]
+    f.write_text(json.dumps({"train": ["n00"], "val": ["n01"], "validation": ["n02"],
+                             "test": ["n03"]}))
+    with pytest.raises(DataError, match="validation split is given twice"):
+        splits.resolve_splits(names, split_file=f)

@@ -139,5 +139,8 @@ def test_resize_probs_and_collect_images(tmp_path):
 
 
 def test_predict_cli_reports_bad_inputs(tmp_path, capsys):
-  assert predict.main(["--workdir", str(tmp_path), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]) == 2
-  assert "missing.png" in capsys.readouterr().err
+  from gms_jax import cli  # pylint: disable=import-outside-toplevel
+  args = ["predict", "--workdir", str(tmp_path), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert "missing.png" in err and len(err.strip().splitlines()) == 1

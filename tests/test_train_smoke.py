@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +25,8 @@ def _baseline_dice(tfds_dir: str, image_size: int) -> float:
 
 
 @pytest.mark.slow
-def test_smoke_config_learns(tmp_path):
-  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
-  try:
-    tokenizers.packaged_path("taef2")
-  except FileNotFoundError as e:
-    pytest.skip(f"packaged TAEF2 weights missing: {e}")
-  workdir, tfds = tmp_path / "smoke", str(tmp_path / "tfds")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "gms_jax.cli", "train", "--config",
-         f"{H.REPO / 'configs' / 'gms.py'}:smoke", "--workdir", str(workdir),
-         f"--config.data.tfds_dir={tfds}"]
-  p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False)
+def test_smoke_config_learns(smoke_run):
+  workdir, tfds, p = smoke_run
   assert p.returncode == 0, p.stderr[-6000:]
 
   config = json.loads((workdir / "config.json").read_text())

@@ -64,13 +64,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--format", required=True, choices=sorted(FORMATS))
   parser.add_argument("src", help="source checkpoint file or directory")
   parser.add_argument("out", help="output .safetensors file (written atomically)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing OUT (by default an existing file is never replaced)")
   args = parser.parse_args(argv)
+  if os.path.exists(args.out) and (not args.overwrite or os.path.isdir(args.out)
+                                   or os.path.realpath(args.out) == os.path.realpath(args.src)):
+    from gms_jax.errors import OutputError  # pylint: disable=import-outside-toplevel
+    raise OutputError(f"{args.out}: exists; refusing to replace it (choose another OUT, or "
+                      "--overwrite for a file that is not the source)")
   t0 = time.perf_counter()
-  try:
-    flat, family, config = convert(args.format, args.src)
-  except (ConversionError, FileNotFoundError, ImportError) as e:
-    print(f"gms-jax convert: error: {e}")
-    return 2
+  flat, family, config = convert(args.format, args.src)  # errors: one line via gms_jax.cli
   save_params(args.out, flat, family=family, config=config)
   n = sum(int(v.size) for v in flat.values())
   print(f"wrote {args.out}: family={family}, {len(flat)} tensors, {n:,} parameters, "

@@ -186,6 +186,9 @@ def save_params(path: str, flat: Mapping[str, np.ndarray], *, family: str, confi
   os.close(fd)
   try:
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in flat.items()}, tmp, metadata=meta)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; the file gets the user's umask
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

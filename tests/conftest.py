@@ -1,0 +1,49 @@
+"""Session fixtures shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gms_jax_command() -> list[str]:
+  """The installed ``gms-jax`` console script (beside this Python), else ``python -m gms_jax.cli``."""
+  script = Path(sys.executable).parent / "gms-jax"
+  return [str(script)] if script.is_file() else [sys.executable, "-m", "gms_jax.cli"]
+
+
+def cli_env(**extra) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+  env.pop("GMS_JAX_VERBOSE", None)
+  env.update(extra)
+  return env
+
+
+def run_cli(*args, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+  return subprocess.run(gms_jax_command() + [str(a) for a in args], env=cli_env(**env),
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+  """``gms-jax train --config configs/gms.py:smoke`` once per session (stderr is not a TTY).
+
+  Returns ``(workdir, tfds_dir, completed_process)``; tests must not modify the workdir."""
+  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
+  try:
+    tokenizers.packaged_path("taef2")
+  except FileNotFoundError as e:
+    pytest.skip(f"packaged TAEF2 weights missing: {e}")
+  root = tmp_path_factory.mktemp("smoke")
+  workdir, tfds = root / "smoke", root / "tfds"
+  p = run_cli("train", "--config", f"{REPO / 'configs' / 'gms.py'}:smoke", "--workdir", workdir,
+              f"--config.data.tfds_dir={tfds}", timeout=600)
+  assert p.returncode == 0, p.stderr[-6000:]
+  return workdir, str(tfds), p
