@@ -83,10 +83,17 @@ def test_one_device_vs_eight_devices(dirs, reference):
   assert rc == 0, out[-6000:]
   assert "mesh {'data': 8} over 8 devices" in out
   ref_losses, got_losses = H.train_losses(reference), H.train_losses(f"{workdir}/8dev")
-  for step in (1, 2, 3):  # float32 losses ~10: compare relative to the value
-    assert got_losses[step] == pytest.approx(ref_losses[step], rel=1e-6), (step, got_losses)
+  # float32 losses ~10, relative comparison. The 8-device gradient all-reduce sums in another
+  # order than one device: ~1e-7 relative per step, grown to 1.2e-6 by step 3 on this machine's
+  # CPU (AMD EPYC, 2026-12) after 3 Adam updates; 1e-5 still catches any real divergence (a wrong
+  # batch split or a missing all-reduce moves the loss by > 1e-3).
+  for step in (1, 2, 3):
+    assert got_losses[step] == pytest.approx(ref_losses[step], rel=1e-5), (step, got_losses)
+  # Adam divides by sqrt(v): for near-zero gradients the summation-order difference above moves
+  # a parameter by up to ~1e-5 here (measured 9.8e-6); every Adam step moves each parameter by
+  # ~lr = 2e-3, so 5e-5 still fails on any step that differs.
   worst = _assert_params_close(H.params_at(f"{workdir}/8dev", 3)[0], H.params_at(reference, 3)[0],
-                               atol=1e-6)
+                               atol=5e-5)
   print(f"\n[1 vs 8 devices] max |param diff| after 3 steps: {worst:.2e}")
 
 
