@@ -66,6 +66,9 @@ def get_config(arg="sample"):
   c.mapper = ml_collections.ConfigDict()
   c.mapper.ch = 32  # in/out channels come from the tokenizer's latent channels
   c.mapper.ch_mult = (1, 2, 4, 4)
+  # "" = random init (SPEC §2); else start from these weights (fresh optimizer): an official
+  # best_model.pth, a `gms-jax convert` output or a workdir. Recorded in the workdir metadata.
+  c.mapper.init = ""
 
   # ---------------------------------------------------------------- loss (SPEC §3)
   c.loss = ml_collections.ConfigDict()

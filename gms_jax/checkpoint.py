@@ -4,9 +4,10 @@ Layout::
 
     WORKDIR/config.json                      resolved training config (for people and tools)
     WORKDIR/checkpoints/<step>/state/        train state: {"step", "params", "opt_state", "rng"}
-    WORKDIR/checkpoints/<step>/data_iter/    grain iterator state, one JSON per process
+    WORKDIR/checkpoints/<step>/data_iter/    grain iterator state, one JSON per process (absent
+                                             for an imported step 0: the iterator starts fresh)
     WORKDIR/checkpoints/<step>/metrics/      {"val_dice", "val_iou"} when validated at that step
-    WORKDIR/checkpoints/_ROOT_METADATA       {"config", "mapper", "tokenizer"} (first run)
+    WORKDIR/checkpoints/_ROOT_METADATA       run metadata (first run; gms_jax.run_metadata.RunMetadata)
 
 ``params`` is a pure nested dict (``nnx.to_pure_dict``) of the mapper's ``nnx.Param`` values, so
 ``nnx.merge(graphdef, params)`` rebuilds the model. Both items of a step are written together and
@@ -28,7 +29,6 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 
 STATE = "state"
@@ -122,10 +122,15 @@ class Checkpointer:
     items = {STATE: ocp.args.PyTreeRestore(
         item=abstract_state,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
-    if data_iter is not None:
+    if data_iter is not None and self.has_data_iter(step):
+      # A step written without an iterator (``gms-jax import``: step 0) leaves it at its start.
       items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
     return restored[STATE]
+
+  def has_data_iter(self, step: int) -> bool:
+    """Whether the checkpoint of ``step`` holds a data iterator position."""
+    return os.path.isdir(os.path.join(self.directory, str(int(step)), DATA_ITER))
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Only the mapper params of ``step`` (partial restore), as ``abstract_params`` describes."""
@@ -172,33 +177,9 @@ def resolve_step(ckpt: Checkpointer, which: str | int = "best") -> int:
 
 
 def restore_mapper(workdir: str, which: str | int = "best"):
-  """Loads a trained latent mapper from a training workdir.
-
-  Returns ``(mapper, config, step)``: the ``ResAttnUNet_DS`` NNX model (params on the default
-  device, compute dtype from ``config.precision``), the run's resolved config, and the step.
-  """
-  # pylint: disable-next=import-outside-toplevel
-  from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS
-  ckpt = Checkpointer(workdir, read_only=True, async_save=False)
-  try:
-    meta = ckpt.metadata()
-    if "mapper" not in meta:
-      raise FileNotFoundError(f"{ckpt.directory}: checkpoint metadata has no mapper config")
-    config = (ml_collections.ConfigDict(meta["config"]) if "config" in meta
-              else load_config(workdir))
-    step = resolve_step(ckpt, which)
-    mapper_cfg = MapperConfig.from_dict(meta["mapper"])
-    dtype = compute_dtype(config.get("precision", "float32"))
-    abstract = nnx.eval_shape(lambda: ResAttnUNet_DS(mapper_cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    graphdef, abstract_state = nnx.split(abstract, nnx.Param)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        nnx.to_pure_dict(abstract_state))
-    params = ckpt.restore_params(step, abstract_params)
-  finally:
-    ckpt.close()
-  return nnx.merge(graphdef, params), config, step
+  """``(mapper, config, step)`` of a workdir: see :func:`gms_jax.run_metadata.restore_mapper`."""
+  from gms_jax import run_metadata  # pylint: disable=import-outside-toplevel
+  return run_metadata.restore_mapper(workdir, which)
 
 
 def compute_dtype(precision: str):

@@ -13,6 +13,8 @@ commands:
   evaluate    evaluate a trained workdir    gms-jax evaluate --workdir runs/smoke [--dataset NAME] [--split test]
   predict     segment image files/folders   gms-jax predict --workdir runs/smoke IMAGES... --out DIR
   convert     PyTorch weights -> Flax       gms-jax convert --format {diffusers,ldm,gms-mapper,tae} SRC OUT
+  import      mapper weights -> a workdir   gms-jax import --config configs/gms.py:busi --mapper best_model.pth --workdir DIR
+  export      workdir -> official .pth     gms-jax export --workdir DIR [--format pth|safetensors] OUT
   check-data  validate a dataset folder     gms-jax check-data PATH
 
 `gms-jax <command> --help` for each command's options. Errors are one line on stderr (exit 2:
@@ -25,6 +27,8 @@ COMMANDS = {
     "evaluate": ("gms_jax.evaluate", "main"),
     "predict": ("gms_jax.predict", "main"),
     "convert": ("gms_jax.convert", "main"),
+    "import": ("gms_jax.pretrained", "import_main"),
+    "export": ("gms_jax.pretrained", "export_main"),
     "check-data": ("gms_jax.data.checks", "main"),
 }
 

@@ -83,6 +83,20 @@ class Segmenter:
     tok = tokenizers.from_config(config)
     return cls(mapper, tok, image_size=config.data.image_size, batch_size=batch_size, step=step, config=config)
 
+  @classmethod
+  def from_pretrained(cls, mapper: str, tokenizer, *, image_size: int = 224, family: str = "sd-vae",
+                      batch_size: int = 8) -> "Segmenter":
+    """Without a workdir: ``mapper`` = official ``best_model.pth``, a ``gms-jax convert`` output or
+    a workdir; ``tokenizer`` = a loaded :class:`gms_jax.tokenizers.Tokenizer`, or its weights (a
+    path or ``hf:`` id, ``""`` = packaged TAEF2) of tokenizer ``family``."""
+    from gms_jax import pretrained, tokenizers  # pylint: disable=import-outside-toplevel
+    if not isinstance(tokenizer, tokenizers.Tokenizer):
+      tokenizer = tokenizers.load(family, str(tokenizer) or tokenizers.packaged_path(family))
+    weights = pretrained.read_mapper(mapper)
+    weights.check_channels(tokenizer.latent_channels, tokenizer.family)
+    return cls(pretrained.to_mapper(weights), tokenizer, image_size=image_size, batch_size=batch_size,
+               step=weights.step)
+
   # ------------------------------------------------------------------ inference
   def predict_probs(self, images01: np.ndarray) -> np.ndarray:
     """(N, S, S, 3) float images in [0,1] at the model resolution -> (N, S, S) probabilities.

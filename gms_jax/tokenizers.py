@@ -184,17 +184,6 @@ def from_model(family: str, model: nnx.Module, *, dtype=None, remat_decoder: boo
                remat_decoder=remat_decoder)
 
 
-def _is_flax_params_file(path: str) -> bool:
-  if not (os.path.isfile(path) and path.endswith(".safetensors")):
-    return False
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  try:
-    with safe_open(path, framework="numpy") as f:
-      return (f.metadata() or {}).get("format") == core.FLAX_FORMAT
-  except Exception:  # pylint: disable=broad-except  (unreadable: let the real loader report it)
-    return False
-
-
 def _load_flax_file(family: str, path: str):
   flat, file_family, config = core.load_params(path)
   if canonical_family(file_family) != family:
@@ -216,7 +205,7 @@ def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg
     cfg: SD only: the architecture of a bare weights file (default: SPEC §1).
   """
   family = canonical_family(family)
-  if _is_flax_params_file(path):
+  if core.is_flax_params_file(path):
     flat, cfg = _load_flax_file(family, path)
   elif family == "sd-vae":
     from gms_jax.convert import sd_vae  # pylint: disable=import-outside-toplevel

@@ -43,8 +43,11 @@ from gms_jax import inference
 from gms_jax import loss as loss_lib
 from gms_jax import metrics as metrics_lib
 from gms_jax import parallel
+from gms_jax import pretrained
 from gms_jax import tokenizers
-from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS
+from gms_jax import run_metadata
+from gms_jax.models import latent_mapper
+from gms_jax.models.latent_mapper import MapperConfig
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -351,15 +354,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   dtype = ckpt_lib.compute_dtype(config.precision)
   mapper_cfg = MapperConfig(in_channels=tok.latent_channels, out_channels=tok.latent_channels,
                             ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
-  graphdef, _ = nnx.split(nnx.eval_shape(
-      lambda: ResAttnUNet_DS(mapper_cfg, rngs=nnx.Rngs(0), dtype=dtype)), nnx.Param)
+  graphdef, _ = nnx.split(latent_mapper.abstract(mapper_cfg, dtype), nnx.Param)
+  init_weights = None  # config.mapper.init: start from these weights instead of a random init
+  if str(config.mapper.get("init", "") or ""):
+    init_weights = pretrained.read_mapper(str(config.mapper.init))
+    init_weights.check_channels(tok.latent_channels, str(config.tokenizer.name))
+    init_weights.check_config(mapper_cfg)
   schedule = make_schedule(config, steps_per_epoch)
   tx = make_optimizer(config, schedule)
   root_key = jax.random.PRNGKey(int(config.seed))
   init_key, noise_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
 
   def init_fn(init_key, noise_key):
-    model = ResAttnUNet_DS(mapper_cfg, rngs=nnx.Rngs(params=init_key), dtype=dtype)
+    model = latent_mapper.create(mapper_cfg, init_key, dtype=dtype)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "rng": noise_key}
@@ -387,6 +394,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = jax.jit(init_fn, in_shardings=(repl, repl), out_shardings=state_sharding)(
         parallel.replicate_array(np.asarray(init_key), mesh),
         parallel.replicate_array(np.asarray(noise_key), mesh))
+  if init_weights is not None:  # AdamW's fresh state does not depend on the param values
+    state["params"] = jax.tree.map(lambda x: parallel.replicate_array(x, mesh),
+                                   pretrained.nested_params(init_weights))
+    logging.info("mapper init from %s (sha256 %s)", init_weights.source, init_weights.sha256)
   jax.block_until_ready(state)
   logging.info("init: %.1fs", time.time() - t0)
 
@@ -399,10 +410,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("train step compiled: %.1fs", time.time() - t0)
 
   # ---------------------------------------------------------------- restore
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints), metadata={
-      "config": json.loads(config.to_json_best_effort()), "mapper": mapper_cfg.to_dict(),
-      "tokenizer": {"name": str(config.tokenizer.name), "path": str(config.tokenizer.path),
-                    "family": tok.family, "latent_channels": tok.latent_channels}})
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints), metadata=(
+      run_metadata.RunMetadata.for_run(
+          config, mapper_cfg, tok,
+          init=None if init_weights is None else init_weights.provenance("mapper.init")).to_dict()))
   latest = ckpt.latest_step()
   if latest is not None:
     t0 = time.time()

@@ -28,7 +28,8 @@ class ConversionError(ValueError):
 # ----------------------------------------------------------------------------- reading
 
 
-def _torch():
+def torch_module():
+  """``torch``, or an ImportError saying how to install it."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:  # pragma: no cover - depends on the environment
@@ -53,7 +54,7 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
     except Exception as e:  # safetensors raises several types for a bad header
       raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
     return {k: np.asarray(v) for k, v in sd.items()}
-  torch = _torch()
+  torch = torch_module()
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
@@ -196,6 +197,24 @@ def save_params(path: str, flat: Mapping[str, np.ndarray], *, family: str, confi
     raise
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def is_flax_params_file(path: str) -> bool:
+  """Whether ``path`` is a safetensors file written by :func:`save_params`."""
+  if not (os.path.isfile(path) and path.endswith(".safetensors")):
+    return False
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return (f.metadata() or {}).get("format") == FLAX_FORMAT
+  except Exception:  # pylint: disable=broad-except  (unreadable: let the real loader report it)
+    return False
+
+
 def load_params(path: str) -> tuple[dict[str, np.ndarray], str, dict]:
   """Reads a file written by :func:`save_params`: ``(flat params, family, config dict)``."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
@@ -214,19 +233,24 @@ def load_params(path: str) -> tuple[dict[str, np.ndarray], str, dict]:
   return flat, meta["family"], json.loads(meta["config"])
 
 
+def check_flat(flat: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], *,
+               source: str = "params") -> None:
+  """Raises one ConversionError unless ``flat`` has exactly the paths and shapes of ``shapes``."""
+  missing = sorted(set(shapes) - set(flat))
+  unexpected = sorted(set(flat) - set(shapes))
+  bad = sorted(k for k in set(shapes) & set(flat) if tuple(flat[k].shape) != tuple(shapes[k]))
+  if missing or unexpected or bad:
+    raise ConversionError(
+        f"{source}: parameters do not fit the model: missing {missing}, unexpected {unexpected}, "
+        f"shape mismatch {[(k, tuple(flat[k].shape), tuple(shapes[k])) for k in bad]}")
+
+
 def apply_flat(model, flat: Mapping[str, np.ndarray], *, source: str = "params") -> None:
   """Loads flat ``/``-joined params into an NNX model in place, strictly (same keys, same shapes)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   state = nnx.state(model, nnx.Param)
-  shapes = flat_shapes(state)
-  missing = sorted(set(shapes) - set(flat))
-  unexpected = sorted(set(flat) - set(shapes))
-  bad = sorted(k for k in set(shapes) & set(flat) if tuple(flat[k].shape) != shapes[k])
-  if missing or unexpected or bad:
-    raise ConversionError(
-        f"{source}: parameters do not fit the model: missing {missing}, unexpected {unexpected}, "
-        f"shape mismatch {[(k, tuple(flat[k].shape), shapes[k]) for k in bad]}")
+  check_flat(flat, flat_shapes(state), source=source)
   flat_state = nnx.to_flat_state(state)
   new = []
   for path, leaf in flat_state:

@@ -13,10 +13,9 @@ import re
 from typing import Mapping
 
 import numpy as np
-from flax import nnx
-
 from gms_jax.convert import core
-from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS
+from gms_jax.models import latent_mapper
+from gms_jax.models.latent_mapper import MapperConfig
 
 FAMILY = "mapper"  # as written in converted files by gms_jax.convert.convert
 
@@ -84,8 +83,7 @@ def _resolve_prelu_aliases(state_dict: Mapping[str, np.ndarray], source: str) ->
 
 @functools.lru_cache(maxsize=8)
 def _target_shapes(cfg: MapperConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-  abstract = nnx.eval_shape(lambda: ResAttnUNet_DS(cfg, rngs=nnx.Rngs(0)))
-  return tuple(core.flat_shapes(nnx.state(abstract, nnx.Param)).items())
+  return tuple(latent_mapper.param_shapes(cfg).items())
 
 
 def target_shapes(cfg: MapperConfig) -> dict[str, tuple[int, ...]]:
@@ -117,3 +115,46 @@ def load_gms_mapper(path: str) -> tuple[dict[str, np.ndarray], MapperConfig]:
   sd = core.load_torch_file(path)
   cfg = infer_config(sd)
   return convert_state_dict(sd, cfg, source=path), cfg
+
+
+# ----------------------------------------------------------------------------- Flax -> official
+
+
+def torch_keys(path: str) -> tuple[str, ...]:
+  """Flax path -> the official torch key(s) holding it (inverse of :func:`key_map`).
+
+  A PReLU slope has two: ``{blk}.resblock.conv{i}.1.weight`` and its alias ``{blk}.resblock.act{i}.weight``.
+  """
+  parts = path.split("/")
+  leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "weight": "weight"}[parts[-1]]
+  if parts[0] == "input_blocks":
+    return (f"input_blocks.{leaf}",)
+  if parts[0].startswith("convds"):
+    return (f"{parts[0]}.{'0' if parts[1] == 'norm' else '2'}.{leaf}",)
+  blk, group, sub = parts[0], parts[1], parts[2]
+  if group == "attention":
+    return (f"{blk}.attention.{sub}.{leaf}",)
+  if sub == "skip_connection":
+    return (f"{blk}.resblock.skip_connection.{leaf}",)
+  kind, i = sub[:-1], sub[-1]  # norm1 / act1 / conv1
+  if kind == "act":
+    return (f"{blk}.resblock.conv{i}.1.weight", f"{blk}.resblock.act{i}.weight")
+  return (f"{blk}.resblock.conv{i}.{'0' if kind == 'norm' else '2'}.{leaf}",)
+
+
+def to_state_dict(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Flat Flax mapper params -> the official ``ResAttnUNet_DS`` state dict (numpy, torch layout).
+
+  Conv kernels go back to OIHW; every key the original's ``state_dict()`` has is present, the PReLU
+  slopes under both of their names (the same array object).  Exact: only transposes, no arithmetic.
+  """
+  out = {}
+  for path in sorted(flat):
+    arr = np.asarray(flat[path])
+    value = np.ascontiguousarray(arr.transpose(3, 2, 0, 1) if arr.ndim == 4 else arr)
+    keys = torch_keys(path)
+    if key_map(keys[0]) != path:  # guards the inverse against drift from the forward map
+      raise AssertionError(f"{path}: inverse key {keys[0]} maps back to {key_map(keys[0])}")
+    for key in keys:
+      out[key] = value
+  return out

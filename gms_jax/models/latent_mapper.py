@@ -186,3 +186,25 @@ class ResAttnUNet_DS(nnx.Module):  # pylint: disable=invalid-name  (the original
 def num_params(model: nnx.Module) -> int:
   """Total number of parameters of an NNX model."""
   return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# ----------------------------------------------------------------------------- construction
+# The one place a mapper is built: training, checkpoint restore, converters, import and tests.
+
+
+def create(cfg: MapperConfig, key: jax.Array, *, dtype=None) -> ResAttnUNet_DS:
+  """A randomly initialised mapper (SPEC §2 init) from a PRNG key; ``dtype`` = compute dtype."""
+  return ResAttnUNet_DS(cfg, rngs=nnx.Rngs(params=key), dtype=dtype)
+
+
+def abstract(cfg: MapperConfig, dtype=None) -> ResAttnUNet_DS:
+  """The mapper as shapes only (``nnx.eval_shape``): nothing is allocated or initialised."""
+  return nnx.eval_shape(lambda: ResAttnUNet_DS(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def param_shapes(cfg: MapperConfig) -> dict[str, tuple[int, ...]]:
+  """``{"conv1_0/resblock/conv1/kernel": shape, ...}``: flat ``/``-joined parameter paths."""
+  out = {}
+  for path, leaf in nnx.to_flat_state(nnx.state(abstract(cfg), nnx.Param)):
+    out["/".join(str(p) for p in path)] = tuple(leaf.get_value().shape)
+  return out

@@ -1,0 +1,315 @@
+"""Mapper weights in and out of workdirs: ``gms-jax import``, ``gms-jax export`` and ``mapper.init``.
+
+A mapper checkpoint can be any of:
+
+* the official GMS ``best_model.pth`` (torch pickle ``{"model": state_dict}``), or the same state
+  dict as safetensors (what ``gms-jax export --format safetensors`` writes);
+* a Flax parameter file written by ``gms-jax convert --format gms-mapper``;
+* a gms-jax workdir (its best checkpoint, or ``which``).
+
+:func:`read_mapper` turns each into :class:`MapperWeights` (flat Flax params + ``MapperConfig`` +
+provenance).  :func:`import_workdir` writes them as step 0 of a new workdir, with the same
+checkpoint layout and metadata as ``gms-jax train`` (fresh optimizer state, the run's noise key;
+no data iterator: a resumed run starts its data order from the beginning), so ``evaluate``,
+``predict``, ``Segmenter.from_workdir`` and ``train`` (= fine-tune) accept it as a trained one.
+:func:`export_mapper` writes a workdir's mapper back in the official format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+
+from gms_jax.convert import core
+from gms_jax.models.latent_mapper import MapperConfig
+
+
+class WeightsError(ValueError):
+  """Mapper weights do not fit the run (e.g. channel count vs the tokenizer); one-line message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MapperWeights:
+  """Flat Flax params of a latent mapper, its config, and where they came from."""
+  flat: dict[str, np.ndarray]
+  cfg: MapperConfig
+  source: str  # absolute path of the file or workdir
+  format: str  # "gms-torch" | "gms-jax-convert" | "gms-jax-workdir"
+  sha256: str | None = None  # of the file (None for a workdir)
+  step: int | None = None  # the workdir's step
+
+  def provenance(self, how: str) -> dict[str, Any]:
+    """The ``init`` entry of :class:`gms_jax.run_metadata.RunMetadata`."""
+    d = {"how": how, "source": self.source, "format": self.format, "sha256": self.sha256}
+    if self.step is not None:
+      d["step"] = int(self.step)
+    return d
+
+  def check_channels(self, latent_channels: int, tokenizer: str) -> None:
+    """One clear error when the mapper's in/out channels are not the tokenizer's latent channels."""
+    if self.cfg.in_channels != latent_channels or self.cfg.out_channels != latent_channels:
+      raise WeightsError(
+          f"{self.source}: the mapper maps {self.cfg.in_channels} -> {self.cfg.out_channels} latent "
+          f"channels but the tokenizer {tokenizer} has {latent_channels}; use the tokenizer the mapper "
+          "was trained with (--config.tokenizer.name / --config.tokenizer.path)")
+
+  def check_config(self, cfg: MapperConfig) -> None:
+    """Errors naming every ``MapperConfig`` field where ``cfg`` (the run's) differs from the weights."""
+    diff = [f"{f.name}={getattr(cfg, f.name)!r} (weights: {getattr(self.cfg, f.name)!r})"
+            for f in dataclasses.fields(MapperConfig) if getattr(cfg, f.name) != getattr(self.cfg, f.name)]
+    if diff:
+      raise WeightsError(f"{self.source}: the run's mapper config does not fit the weights: "
+                         + ", ".join(diff) + " (set --config.mapper.ch / ch_mult to match)")
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _is_workdir(path: str) -> bool:
+  from gms_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  return os.path.isdir(checkpoint.checkpoint_dir(path))
+
+
+def read_mapper(path: str, *, which: str | int = "best") -> MapperWeights:
+  """Any mapper checkpoint (see the module docstring) -> :class:`MapperWeights` (strict)."""
+  path = os.path.abspath(os.path.expanduser(str(path)))
+  if os.path.isdir(path):
+    if not _is_workdir(path):
+      raise FileNotFoundError(f"{path}: a folder, but not a gms-jax workdir (no checkpoints/)")
+    from gms_jax import run_metadata  # pylint: disable=import-outside-toplevel
+    model, _, step = run_metadata.restore_mapper(path, which)
+    return MapperWeights(flat=core.model_to_flat(model), cfg=model.cfg, source=path,
+                         format="gms-jax-workdir", step=step)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such mapper checkpoint")
+  from gms_jax.convert import mapper as conv  # pylint: disable=import-outside-toplevel
+  if core.is_flax_params_file(path):
+    flat, family, cfg_dict = core.load_params(path)
+    if family != conv.FAMILY:
+      raise core.ConversionError(f"{path}: holds {family!r} parameters, not a latent mapper")
+    cfg = MapperConfig.from_dict(cfg_dict)
+    core.check_flat(flat, conv.target_shapes(cfg), source=path)
+    fmt = "gms-jax-convert"
+  else:
+    flat, cfg = conv.load_gms_mapper(path)
+    fmt = "gms-torch"
+  return MapperWeights(flat=dict(flat), cfg=cfg, source=path, format=fmt, sha256=sha256_file(path))
+
+
+def nested_params(weights: MapperWeights) -> dict[str, Any]:
+  """The pure nested dict (``nnx.to_pure_dict`` layout) of the params, as numpy arrays."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gms_jax.models import latent_mapper  # pylint: disable=import-outside-toplevel
+  tree = nnx.to_pure_dict(nnx.state(latent_mapper.abstract(weights.cfg), nnx.Param))
+  import jax  # pylint: disable=import-outside-toplevel
+
+  def leaf(path, _):
+    return np.asarray(weights.flat["/".join(str(getattr(k, "key", k)) for k in path)], np.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def to_mapper(weights: MapperWeights, dtype=None):
+  """An NNX ``ResAttnUNet_DS`` holding the weights (``dtype`` = compute dtype)."""
+  from gms_jax.models import latent_mapper  # pylint: disable=import-outside-toplevel
+  model = latent_mapper.abstract(weights.cfg, dtype)
+  core.apply_flat(model, weights.flat, source=weights.source)
+  return model
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) -> dict[str, Any]:
+  """Writes ``mapper_path`` + the config's tokenizer as step 0 of the new workdir ``workdir``.
+
+  ``config.mapper.ch`` / ``ch_mult`` are set from the weights.  Refuses an existing non-empty
+  ``workdir``; nothing is created before every check has passed.  Returns a summary dict.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from gms_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax import run_metadata, tokenizers  # pylint: disable=import-outside-toplevel
+  from gms_jax import train  # pylint: disable=import-outside-toplevel
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+    raise WeightsError(f"{workdir}: exists and is not empty; import writes a new workdir "
+                       "(choose another --workdir; existing outputs are never overwritten)")
+  weights = read_mapper(mapper_path)
+  tok = tokenizer if tokenizer is not None else tokenizers.from_config(config)
+  weights.check_channels(tok.latent_channels, f"{config.tokenizer.name!s} ({config.tokenizer.path or 'packaged'})")
+  with config.unlocked():
+    config.mapper.ch = weights.cfg.ch
+    config.mapper.ch_mult = tuple(weights.cfg.ch_mult)
+  run_cfg = MapperConfig(in_channels=tok.latent_channels, out_channels=tok.latent_channels,
+                         ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
+  weights.check_config(run_cfg)
+
+  # The state train.py's init builds, with these params (fresh AdamW state, the run's noise key).
+  params = jax.tree.map(jnp.asarray, nested_params(weights))
+  tx = train.make_optimizer(config, train.make_schedule(config, 1))
+  root_key = jax.random.PRNGKey(int(config.seed))
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+           "rng": jax.random.fold_in(root_key, 1)}
+  meta = run_metadata.RunMetadata.for_run(config, run_cfg, tok, init=weights.provenance("import"))
+
+  created = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    with open(os.path.join(workdir, ckpt_lib.CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints), metadata=meta.to_dict(),
+                                 async_save=False)
+    ckpt.save(0, state)
+    ckpt.wait()
+    ckpt.close()
+  except BaseException:
+    if created:  # only what this call made
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+  return {"workdir": workdir, "source": weights.source, "sha256": weights.sha256,
+          "format": weights.format, "mapper": run_cfg.to_dict(), "tokenizer": meta.tokenizer}
+
+
+def _parse_import(argv: list[str]):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  prog = "gms-jax import"
+  fv = flags.FlagValues()
+  full = [prog] + list(argv)
+  cfg_flag = config_flags.DEFINE_config_file("config", None, "training config, configs/gms.py:NAME",
+                                             flag_values=fv, lock_config=True, sys_argv=full)
+  mapper = flags.DEFINE_string("mapper", None, "mapper checkpoint: best_model.pth, a gms-jax "
+                               "convert output, or a workdir", flag_values=fv)
+  workdir = flags.DEFINE_string("workdir", None, "new workdir to create", flag_values=fv)
+  extra = fv(full)
+  return cfg_flag, mapper, workdir, extra
+
+
+IMPORT_USAGE = ("usage: gms-jax import --config configs/gms.py:NAME[,modifiers] [--config.key=value ...] "
+                "--mapper PATH --workdir DIR")
+
+
+def import_main(argv: list[str] | None = None) -> int:
+  """``gms-jax import``: mapper checkpoint + the config's tokenizer -> a ready workdir."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if any(a in ("-h", "--help", "-help") for a in argv):
+    print(IMPORT_USAGE + "\n\n" + __doc__.split("\n\n")[1])
+    return 0
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    cfg_flag, mapper, workdir, extra = _parse_import(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    print(f"gms-jax import: error: {e}\n{IMPORT_USAGE}", file=sys.stderr)
+    return 2
+  if len(extra) > 1 or cfg_flag.value is None or not mapper.value or not workdir.value:
+    print(f"gms-jax import: error: {'unexpected arguments ' + str(extra[1:]) if len(extra) > 1 else ''}"
+          f"\n{IMPORT_USAGE}", file=sys.stderr)
+    return 2
+  try:
+    info = import_workdir(cfg_flag.value, mapper.value, workdir.value)
+  except (WeightsError, core.ConversionError, FileNotFoundError, ImportError) as e:
+    print(f"gms-jax import: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {info['workdir']}: step 0 from {info['source']} ({info['format']}, sha256 "
+        f"{info['sha256']}); mapper {info['mapper']['in_channels']}ch ch={info['mapper']['ch']}; "
+        f"tokenizer {info['tokenizer']['name']} {info['tokenizer']['path'] or '(packaged)'}")
+  return 0
+
+
+# ----------------------------------------------------------------------------- export
+
+EXPORT_FORMATS = ("pth", "safetensors")
+
+
+def _write_atomic(path: str, write) -> None:
+  """``write(tmp_path)`` then rename onto ``path``; the file gets the user's umask permissions."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def official_state_dict(weights: MapperWeights) -> dict[str, np.ndarray]:
+  """The official ``ResAttnUNet_DS`` state dict (numpy), PReLU slopes under both names."""
+  from gms_jax.convert import mapper as conv  # pylint: disable=import-outside-toplevel
+  return conv.to_state_dict(weights.flat)
+
+
+def save_official(state_dict: Mapping[str, np.ndarray], out: str, fmt: str = "pth") -> None:
+  """``pth``: ``torch.save({"model": state_dict})`` (aliases share one tensor, as in the original);
+  ``safetensors``: the same keys and tensors, readable without torch."""
+  if fmt == "pth":
+    torch = core.torch_module()
+    tensors, sd = {}, {}
+    for k, v in state_dict.items():  # one tensor per array: the PReLU alias stays shared
+      sd[k] = tensors.setdefault(id(v), torch.from_numpy(np.array(v, np.float32)))
+    _write_atomic(out, lambda tmp: torch.save({"model": sd}, tmp))
+  elif fmt == "safetensors":
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}
+    _write_atomic(out, lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}))
+  else:
+    raise ValueError(f"unknown export format {fmt!r}; one of {EXPORT_FORMATS}")
+
+
+def export_mapper(workdir: str, out: str, *, which: str | int = "best", fmt: str = "pth") -> dict:
+  """Writes the mapper of ``workdir`` (checkpoint ``which``) to ``out`` in the official format."""
+  if os.path.exists(out):
+    raise WeightsError(f"{out}: exists; export never overwrites a file (choose another name)")
+  if not _is_workdir(workdir):
+    raise FileNotFoundError(f"{workdir}: not a gms-jax workdir (no checkpoints/)")
+  weights = read_mapper(workdir, which=which)
+  sd = official_state_dict(weights)
+  save_official(sd, out, fmt)
+  return {"out": os.path.abspath(out), "step": weights.step, "keys": len(sd),
+          "params": sum(int(v.size) for v in weights.flat.values())}
+
+
+def export_main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="gms-jax export",
+      description="Write a workdir's latent mapper as an official GMS checkpoint ({'model': state_dict}, "
+                  "loadable by the original ResAttnUNet_DS with strict=True).")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--checkpoint", default="best", help="'best' (validation Dice), 'latest' or a step")
+  parser.add_argument("--format", default="pth", choices=EXPORT_FORMATS,
+                      help="pth: torch pickle (needs torch); safetensors: same state dict, torch-free")
+  parser.add_argument("out", help="output file (never overwritten)")
+  args = parser.parse_args(argv)
+  which = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
+  try:
+    info = export_mapper(args.workdir, args.out, which=which, fmt=args.format)
+  except (WeightsError, FileNotFoundError, ImportError, core.ConversionError) as e:
+    print(f"gms-jax export: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {info['out']}: step {info['step']}, {info['keys']} keys, {info['params']:,} parameters "
+        f"({args.format})")
+  return 0
