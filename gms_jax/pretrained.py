@@ -271,7 +271,12 @@ def save_official(state_dict: Mapping[str, np.ndarray], out: str, fmt: str = "pt
     tensors, sd = {}, {}
     for k, v in state_dict.items():  # one tensor per array: the PReLU alias stays shared
       sd[k] = tensors.setdefault(id(v), torch.from_numpy(np.array(v, np.float32)))
-    _write_atomic(out, lambda tmp: torch.save({"model": sd}, tmp))
+
+    def write(tmp):
+      with open(tmp, "wb") as f:
+        torch.save({"model": sd}, f)
+
+    _write_atomic(out, write)
   elif fmt == "safetensors":
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}
