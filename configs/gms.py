@@ -59,7 +59,9 @@ def get_config(arg="sample"):
   c.tokenizer.name = "sd-vae"  # "sd-vae" (GMS) or "taef2"
   # sd-vae: your checkpoint (diffusers folder/.safetensors, LDM .ckpt, or `gms-jax convert` output).
   # taef2: "" = the packaged weights, or a folder with taef2_{encoder,decoder}.pth.
+  # Or a Hugging Face id: hf:stabilityai/sd-vae-ft-mse, hf:REPO@REVISION/SUBFOLDER, hf:madebyollin/taesd.
   c.tokenizer.path = ""
+  c.tokenizer.scaling_factor = 0.0  # sd-vae latent scale; 0 = the VAE's config.json, else 0.18215
   c.tokenizer.remat_decoder = False  # recompute decoder activations in the backward pass, per block
 
   # ---------------------------------------------------------------- latent mapper (SPEC §2)

@@ -41,7 +41,8 @@ from gms_jax.convert import core
 SD_SCALE = 0.18215
 FAMILIES = ("sd-vae", "tae")
 _ALIASES = {"sd-vae": "sd-vae", "sd_vae": "sd-vae", "sd": "sd-vae",
-            "tae": "tae", "taef2": "tae", "taesd": "tae"}
+            "tae": "tae", "taef2": "tae", "taesd": "tae", "taesdxl": "tae", "taef1": "tae",
+            "taesd3": "tae"}
 
 
 class Latents(NamedTuple):
@@ -191,7 +192,8 @@ def _load_flax_file(family: str, path: str):
   return flat, _config_class(family).from_dict(config)
 
 
-def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg=None) -> Tokenizer:
+def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg=None,
+         scaling_factor: float | None = None) -> Tokenizer:
   """Loads a frozen tokenizer.
 
   Args:
@@ -202,17 +204,24 @@ def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg
       ``*encoder`` / ``*decoder`` pair), or a converted Flax ``.safetensors``.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); params stay float32.
     remat_decoder: rematerialise the decoder block by block in the backward pass.
-    cfg: SD only: the architecture of a bare weights file (default: SPEC §1).
+      Either family: ``hf:OWNER/REPO[@REV][/SUBFOLDER]`` (:mod:`gms_jax.convert.hub`; converted on
+      first use and cached next to the download).
+    cfg: SD only: the expected architecture; it is read from the weights, and a ``cfg`` that
+      contradicts them is an error naming the fields.
+    scaling_factor: SD only: the latent scale (default: the VAE's ``config.json``, else 0.18215).
   """
   family = canonical_family(family)
+  if str(path).startswith("hf:"):
+    from gms_jax.convert import hub  # pylint: disable=import-outside-toplevel
+    path = hub.resolve(str(path), family)
   if core.is_flax_params_file(path):
     flat, cfg = _load_flax_file(family, path)
   elif family == "sd-vae":
     from gms_jax.convert import sd_vae  # pylint: disable=import-outside-toplevel
     if os.path.isdir(path) or path.endswith((".safetensors", ".bin")):
-      flat, cfg = sd_vae.load_diffusers(path, cfg=cfg)
+      flat, cfg = sd_vae.load_diffusers(path, cfg=cfg, scaling_factor=scaling_factor)
     else:
-      flat, cfg = sd_vae.load_ldm(path, cfg=cfg)
+      flat, cfg = sd_vae.load_ldm(path, cfg=cfg, scaling_factor=scaling_factor)
   else:
     from gms_jax.convert import tae  # pylint: disable=import-outside-toplevel
     if not os.path.isdir(path):
@@ -220,6 +229,8 @@ def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg
           f"{path}: expected a folder with taef2_encoder.pth/taef2_decoder.pth or a converted "
           "gms_jax .safetensors")
     flat, cfg = tae.load_tae(*tae.find_pair(path))
+  if scaling_factor and family == "sd-vae":
+    cfg = dataclasses.replace(cfg, scaling_factor=float(scaling_factor))
   return from_flat(family, flat, cfg, dtype=dtype, remat_decoder=remat_decoder, source=path)
 
 
@@ -249,7 +260,8 @@ def from_config(config) -> Tokenizer:
     raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
   path = str(t.path) or packaged_path(str(t.name))
   return load(str(t.name), path, dtype=PRECISIONS[precision],
-              remat_decoder=bool(t.get("remat_decoder", False)))
+              remat_decoder=bool(t.get("remat_decoder", False)),
+              scaling_factor=float(t.get("scaling_factor", 0.0) or 0.0) or None)
 
 
 def save(tok: Tokenizer, path: str) -> None:

@@ -196,7 +196,12 @@ def test_import_missing_mapper_file(root, tok_file, capsys):
 
 @pytest.fixture(scope="module")
 def small_official(root):
-  return _official(root, "small_best_model.pth", 16, 2)  # the training tests' ch=16 mapper
+  """The training tests' ch=16 mapper as the official state dict in safetensors (the training
+  subprocess runs without torch)."""
+  model, _ = _official(root, "small_best_model.pth", 16, 2)
+  path = str(root / "small_best_model.safetensors")
+  pretrained.save_official({k: v.numpy() for k, v in model.state_dict().items()}, path, "safetensors")
+  return model, path
 
 
 def _train(root, name, workdir, **overrides):

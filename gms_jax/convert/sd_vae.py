@@ -18,6 +18,7 @@ unexpected and mis-shaped key.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -185,8 +186,7 @@ def config_from_diffusers_json(d: Mapping[str, Any]) -> AutoencoderKLConfig:
   problems = []
   if cls != "AutoencoderKL":
     problems.append(f"_class_name={cls!r} (expected 'AutoencoderKL')")
-  for key, want in (("act_fn", "silu"), ("use_quant_conv", True), ("use_post_quant_conv", True),
-                    ("mid_block_add_attention", True)):
+  for key, want in (("act_fn", "silu"), ("use_quant_conv", True), ("use_post_quant_conv", True)):
     if key in d and d[key] != want:
       problems.append(f"{key}={d[key]!r} (only {want!r} is supported)")
   if d.get("shift_factor") not in (None, 0, 0.0):
@@ -205,20 +205,124 @@ def config_from_diffusers_json(d: Mapping[str, Any]) -> AutoencoderKLConfig:
       latent_channels=int(d.get("latent_channels", default.latent_channels)),
       norm_num_groups=int(d.get("norm_num_groups", default.norm_num_groups)),
       scaling_factor=float(d.get("scaling_factor") or default.scaling_factor),
+      mid_attention=bool(d.get("mid_block_add_attention", True)),
   )
+
+
+# ----------------------------------------------------------------------------- architecture inference
+
+# The fields the weights determine; the rest (GroupNorm groups and eps, the latent scale) cannot be
+# read from tensor shapes and come from a diffusers config.json, an explicit config or the SD defaults.
+INFERRED_FIELDS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                   "latent_channels", "mid_attention")
+_PATTERNS = {  # naming -> (encoder resnet conv1 (level, block), decoder resnet (level, block), mid attention)
+    "ldm": (r"encoder\.down\.(\d+)\.block\.(\d+)\.conv1\.weight", r"decoder\.up\.(\d+)\.block\.(\d+)\.conv1\.weight",
+            "encoder.mid.attn_1.", r"(encoder\.down|decoder\.up)\.\d+\.attn\."),
+    "diffusers": (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight",
+                  r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight",
+                  "encoder.mid_block.attentions.0.", r"(encoder\.down|decoder\.up)_blocks\.\d+\.attentions\."),
+}
+
+
+def _strip(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+  prefix = next((p for p in _LDM_PREFIXES if any(k.startswith(p) for k in state_dict)), "")
+  return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
+
+
+def infer_config(state_dict: Mapping[str, Any], *, source: str = "checkpoint",
+                 base: AutoencoderKLConfig | None = None) -> AutoencoderKLConfig:
+  """The architecture an SD-VAE state dict (either naming) holds, from tensor shapes and key counts.
+
+  Fields outside :data:`INFERRED_FIELDS` come from ``base`` (default: the SD config, SPEC §1).
+  Raises ConversionError for what this model does not implement (attention inside the levels,
+  a decoder whose block count is not ``layers_per_block + 1``) or cannot find.
+  """
+  sd, _ = _strip(state_dict)
+  naming = detect_naming(sd)
+  enc_pat, dec_pat, mid_attn, level_attn = _PATTERNS[naming]
+  enc, dec = {}, {}
+  for k, v in sd.items():
+    m = re.fullmatch(enc_pat, k)
+    if m:
+      enc.setdefault(int(m[1]), {})[int(m[2])] = np.shape(v)
+    m = re.fullmatch(dec_pat, k)
+    if m:
+      dec.setdefault(int(m[1]), set()).add(int(m[2]))
+  problems = []
+  if not enc or sorted(enc) != list(range(len(enc))):
+    raise ConversionError(f"{source} ({naming} naming): cannot read the encoder levels (found {sorted(enc)})")
+  blocks = {i: len(b) for i, b in enc.items()}
+  if len(set(blocks.values())) != 1:
+    problems.append(f"encoder levels have different block counts {blocks}")
+  layers = blocks[0]
+  dec_blocks = sorted({len(b) for b in dec.values()})
+  if len(dec) != len(enc) or dec_blocks != [layers + 1]:
+    problems.append(f"decoder has {len(dec)} levels of {dec_blocks} blocks; expected {len(enc)} "
+                    f"levels of {layers + 1}")
+  if any(re.match(level_attn, k) for k in sd):
+    problems.append("attention blocks inside the resolution levels (attn_resolutions) are not supported")
+  try:
+    conv_in = np.shape(sd["encoder.conv_in.weight"])
+    conv_out = np.shape(sd["decoder.conv_out.weight"])
+    post_quant = np.shape(sd["post_quant_conv.weight"])
+  except KeyError as e:
+    raise ConversionError(f"{source} ({naming} naming): no {e.args[0]!r}; not an AutoencoderKL") from e
+  if problems:
+    raise ConversionError(f"{source} ({naming} naming): unsupported VAE architecture: " + "; ".join(problems))
+  base = base or AutoencoderKLConfig.sd()
+  fields = dict(in_channels=int(conv_in[1]), out_channels=int(conv_out[0]),
+                block_out_channels=tuple(int(enc[i][0][0]) for i in range(len(enc))),
+                layers_per_block=int(layers), latent_channels=int(post_quant[0]),
+                mid_attention=any(k.startswith(mid_attn) for k in sd))
+  try:
+    return dataclasses.replace(base, **fields)
+  except ValueError as e:  # e.g. widths not divisible by the (assumed) GroupNorm group count
+    raise ConversionError(f"{source}: inferred {fields} does not fit: {e}; GroupNorm groups cannot be "
+                          "read from the weights: give the VAE's config.json") from e
+
+
+def check_against(cfg: AutoencoderKLConfig, inferred: AutoencoderKLConfig, *, source: str,
+                  given: str = "the given config") -> None:
+  """One ConversionError naming every inferred field where ``cfg`` contradicts the weights."""
+  bad = [f"{f}={getattr(cfg, f)!r} (weights: {getattr(inferred, f)!r})" for f in INFERRED_FIELDS
+         if getattr(cfg, f) != getattr(inferred, f)]
+  if bad:
+    raise ConversionError(f"{source}: {given} contradicts the weights: " + ", ".join(bad))
+
+
+def resolve_config(state_dict: Mapping[str, Any], *, source: str,
+                   cfg: AutoencoderKLConfig | None = None, file_cfg: AutoencoderKLConfig | None = None,
+                   file_name: str = "config.json", scaling_factor: float | None = None
+                   ) -> AutoencoderKLConfig:
+  """The weights' architecture, checked against a diffusers ``config.json`` (``file_cfg``) and an
+  explicit ``cfg``; groups/eps/scale from ``cfg``, else ``file_cfg``, else SD; ``scaling_factor``
+  overrides the scale."""
+  base = cfg or file_cfg or AutoencoderKLConfig.sd()
+  inferred = infer_config(state_dict, source=source, base=base)
+  if file_cfg is not None:
+    check_against(file_cfg, inferred, source=source, given=file_name)
+  if cfg is not None:
+    check_against(cfg, inferred, source=source)
+  if scaling_factor:
+    inferred = dataclasses.replace(inferred, scaling_factor=float(scaling_factor))
+  return inferred
 
 
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-def load_diffusers(path: str, *, cfg: AutoencoderKLConfig | None = None
+def load_diffusers(path: str, *, cfg: AutoencoderKLConfig | None = None,
+                   scaling_factor: float | None = None
                    ) -> tuple[dict[str, np.ndarray], AutoencoderKLConfig]:
   """A diffusers VAE folder (``config.json`` + weights; a pipeline folder with ``vae/`` works too)
   or a bare weights file → ``(flat params, config)``.
 
-  A bare file gets ``cfg`` or, by default, the SD config (SPEC §1).  Either naming is accepted in
-  the weights (many bare ``.safetensors`` VAEs use LDM names).
+  The architecture is read from the weights (:func:`infer_config`) and checked against the folder's
+  ``config.json`` and ``cfg`` when given; the latent scale comes from ``scaling_factor``, else
+  ``config.json`` (SD-XL: 0.13025), else SD's 0.18215.  Either naming is accepted in the weights
+  (many bare ``.safetensors`` VAEs use LDM names).
   """
+  file_cfg, cfg_path = None, None
   if os.path.isdir(path):
     folder = path
     if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
@@ -228,25 +332,28 @@ def load_diffusers(path: str, *, cfg: AutoencoderKLConfig | None = None
     if not os.path.isfile(cfg_path):
       raise FileNotFoundError(f"{path}: no config.json (expected a diffusers AutoencoderKL folder)")
     with open(cfg_path, encoding="utf-8") as f:
-      file_cfg = config_from_diffusers_json(json.load(f))
-    if cfg is not None and cfg != file_cfg:
-      raise ConversionError(f"{cfg_path}: config {file_cfg} differs from the requested {cfg}")
-    cfg = file_cfg
+      try:
+        file_cfg = config_from_diffusers_json(json.load(f))
+      except ConversionError as e:
+        raise ConversionError(f"{cfg_path}: {e}") from None
     weights = next((os.path.join(folder, w) for w in _DIFFUSERS_WEIGHTS
                     if os.path.isfile(os.path.join(folder, w))), None)
     if weights is None:
       raise FileNotFoundError(f"{folder}: none of {list(_DIFFUSERS_WEIGHTS)} found")
   else:
     weights = path
-    cfg = cfg or AutoencoderKLConfig.sd()
   sd = core.load_torch_file(weights)
+  cfg = resolve_config(sd, source=weights, cfg=cfg, file_cfg=file_cfg, file_name=cfg_path or "",
+                       scaling_factor=scaling_factor)
   return convert_state_dict(sd, cfg, source=weights), cfg
 
 
-def load_ldm(path: str, *, cfg: AutoencoderKLConfig | None = None
+def load_ldm(path: str, *, cfg: AutoencoderKLConfig | None = None,
+             scaling_factor: float | None = None
              ) -> tuple[dict[str, np.ndarray], AutoencoderKLConfig]:
   """An LDM/CompVis checkpoint (``.ckpt`` pickle ``{"state_dict": ...}`` or ``.safetensors``) →
-  ``(flat params, config)``; ``cfg`` defaults to the SD config (SPEC §1)."""
-  cfg = cfg or AutoencoderKLConfig.sd()
+  ``(flat params, config)``.  The architecture is read from the weights and checked against
+  ``cfg`` when given; the scale is ``scaling_factor``, else ``cfg``'s, else SD's 0.18215."""
   sd = core.load_torch_file(path)
+  cfg = resolve_config(sd, source=path, cfg=cfg, scaling_factor=scaling_factor)
   return convert_state_dict(sd, cfg, source=path), cfg

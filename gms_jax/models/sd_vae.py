@@ -34,6 +34,7 @@ class AutoencoderKLConfig:
   norm_num_groups: int = 32
   norm_eps: float = 1e-6
   scaling_factor: float = 0.18215
+  mid_attention: bool = True  # diffusers `mid_block_add_attention`; every SD / SD-XL VAE has it
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
@@ -167,15 +168,18 @@ class Level(nnx.Module):
 
 
 class Mid(nnx.Module):
-  """block_1 → attn_1 → block_2 at the deepest width."""
+  """block_1 → attn_1 → block_2 at the deepest width (no attn_1 when ``cfg.mid_attention`` is off)."""
 
   def __init__(self, c: int, cfg: AutoencoderKLConfig, *, dtype, rngs: nnx.Rngs):
     self.block_1 = ResnetBlock(c, c, cfg, dtype=dtype, rngs=rngs)
-    self.attn_1 = AttnBlock(c, cfg, dtype=dtype, rngs=rngs)
+    self.attn_1 = AttnBlock(c, cfg, dtype=dtype, rngs=rngs) if cfg.mid_attention else None
     self.block_2 = ResnetBlock(c, c, cfg, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    return self.block_2(self.attn_1(self.block_1(x)))
+    x = self.block_1(x)
+    if self.attn_1 is not None:
+      x = self.attn_1(x)
+    return self.block_2(x)
 
 
 class Encoder(nnx.Module):
