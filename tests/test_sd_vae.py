@@ -1,5 +1,6 @@
 """SD VAE (kl-f8): Flax model vs diffusers' torch AutoencoderKL, converters, strictness."""
 
+import dataclasses
 import json
 import re
 
@@ -33,7 +34,7 @@ def _torch_vae(cfg: AutoencoderKLConfig, seed: int):
       down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
       block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
       latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-      scaling_factor=cfg.scaling_factor)
+      scaling_factor=cfg.scaling_factor, mid_block_add_attention=cfg.mid_attention)
   with torch.no_grad():
     for name, p in vae.named_parameters():
       if name.endswith("bias"):
@@ -205,8 +206,9 @@ def test_load_diffusers_folder_and_bare_file(tmp_path):
     assert all(np.array_equal(flat[k], want[k]) for k in want)
   flat, cfg = conv.load_diffusers(str(tmp_path / "st" / "diffusion_pytorch_model.safetensors"), cfg=TINY)
   assert cfg == TINY and all(np.array_equal(flat[k], want[k]) for k in want)
-  with pytest.raises(core.ConversionError):  # a bare file defaults to the SD config
-    conv.load_diffusers(str(tmp_path / "st" / "diffusion_pytorch_model.safetensors"))
+  # A bare file: the architecture comes from the weights; GroupNorm groups cannot, SD's 32 is assumed.
+  flat, cfg = conv.load_diffusers(str(tmp_path / "st" / "diffusion_pytorch_model.safetensors"))
+  assert cfg == dataclasses.replace(TINY, norm_num_groups=32)
 
 
 def test_load_ldm_ckpt(tmp_path):
@@ -300,3 +302,65 @@ def test_bfloat16_compute_close_to_float32(tiny_case):
   rel = [e / float(np.abs(r).max()) for e, r in zip(_errors(got, ref), ref)]
   print(f"\n[sd_vae tiny bfloat16] relative max err {rel[0]:.1e}/{rel[1]:.1e}/{rel[2]:.1e}")
   assert max(rel) < 0.1, rel
+
+
+# ----------------------------------------------------------------------------- architecture inference
+# Random diffusers AutoencoderKLs of different shapes convert with NO config given (diffusers
+# folder, bare safetensors, LDM-renamed .ckpt) and compute what torch computes.
+
+ARCHS = {
+    "2lvl-lpb1-z4": AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4),
+    "3lvl-lpb2-z8-sdxl-scale": AutoencoderKLConfig(block_out_channels=(32, 32, 64), layers_per_block=2,
+                                                   latent_channels=8, scaling_factor=0.13025),
+    "2lvl-z16-no-mid-attn": AutoencoderKLConfig(block_out_channels=(64, 32), layers_per_block=1,
+                                                latent_channels=16, mid_attention=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_architecture_inferred_from_weights(name, tmp_path):
+  cfg = ARCHS[name]
+  vae = _torch_vae(cfg, seed=11)
+  vae.save_pretrained(tmp_path / "diffusers")
+  flat, got = conv.load_diffusers(str(tmp_path / "diffusers"))  # config.json: scale from it
+  assert got == cfg
+  bare = str(tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors")
+  flat_bare, got_bare = conv.load_diffusers(bare)  # no config at all: SD scale
+  assert got_bare == dataclasses.replace(cfg, scaling_factor=0.18215)
+  assert conv.load_diffusers(bare, scaling_factor=0.5)[1].scaling_factor == 0.5
+  ldm = _to_ldm(_numpy_sd(vae), len(cfg.block_out_channels))
+  if cfg.mid_attention:
+    _check_ldm_renaming(vae, ldm)  # the test's renaming agrees with diffusers' own converter
+  torch.save({"state_dict": {"first_stage_model." + k: torch.from_numpy(np.asarray(v))
+                             for k, v in ldm.items()}}, tmp_path / "vae.ckpt")
+  flat_ldm, got_ldm = conv.load_ldm(str(tmp_path / "vae.ckpt"))
+  assert got_ldm == got_bare
+  for other in (flat_bare, flat_ldm):
+    assert sorted(other) == sorted(flat) and all(np.array_equal(other[k], flat[k]) for k in flat)
+  x, z = _inputs(cfg, (1, 16, 16), seed=3)
+  ref = _torch_reference(vae, x, z)
+  got = _flax_run(_flax_model(cfg, flat), x.transpose(0, 2, 3, 1), z.transpose(0, 2, 3, 1))
+  rel = [e / float(np.abs(r).max()) for e, r in zip(_errors(got, ref), ref)]
+  assert max(rel) <= 1e-5, rel
+
+
+def test_contradicting_config_names_the_fields(tmp_path):
+  cfg = ARCHS["2lvl-lpb1-z4"]
+  vae = _torch_vae(cfg, seed=12)
+  ldm = _to_ldm(_numpy_sd(vae), 2)
+  torch.save({"state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in ldm.items()}},
+             tmp_path / "vae.ckpt")
+  with pytest.raises(core.ConversionError) as e:
+    conv.load_ldm(str(tmp_path / "vae.ckpt"), cfg=AutoencoderKLConfig.sd())  # kl-f8 assumed
+  msg = str(e.value)
+  assert "\n" not in msg and "vae.ckpt" in msg
+  assert "block_out_channels=(128, 256, 512, 512) (weights: (32, 64))" in msg
+  assert "layers_per_block=2 (weights: 1)" in msg and "latent_channels" not in msg
+  vae.save_pretrained(tmp_path / "d")
+  with open(tmp_path / "d" / "config.json") as f:
+    d = json.load(f)
+  d["latent_channels"] = 8
+  with open(tmp_path / "d" / "config.json", "w") as f:
+    json.dump(d, f)
+  with pytest.raises(core.ConversionError, match=r"config.json contradicts the weights: latent_channels=8 \(weights: 4\)"):
+    conv.load_diffusers(str(tmp_path / "d"))
