@@ -27,9 +27,10 @@ are float32).  I/O lives here and in :mod:`gms_jax.convert`; models do none.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,41 @@ from flax import nnx
 from gms_jax.convert import core
 
 SD_SCALE = 0.18215
-FAMILIES = ("sd-vae", "tae")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A tokenizer family: where its model and converter live and its conventions.
+
+  ``models.<module>`` holds the config dataclass and the NNX model (no I/O);
+  ``convert.<module>.load(path, **kw) -> (flat params, config)`` reads its checkpoints."""
+  name: str
+  module: str
+  config_class: str
+  model_class: str
+  signed: bool  # the model's images are in [-1, 1] (else [0, 1])
+  posterior: bool  # encode returns (mean, logvar) (else the latent itself)
+  scale: Callable[[Any], float]  # config -> latent scale
+  downsample: Callable[[Any], int]  # config -> image/latent size ratio
+
+  def config_cls(self):
+    return getattr(importlib.import_module(f"gms_jax.models.{self.module}"), self.config_class)
+
+  def model_cls(self):
+    return getattr(importlib.import_module(f"gms_jax.models.{self.module}"), self.model_class)
+
+  def converter(self):
+    return importlib.import_module(f"gms_jax.convert.{self.module}")
+
+
+REGISTRY = {
+    "sd-vae": Family("sd-vae", "sd_vae", "AutoencoderKLConfig", "AutoencoderKL", signed=True,
+                     posterior=True, scale=lambda c: float(c.scaling_factor),
+                     downsample=lambda c: int(c.downsample_factor)),
+    "tae": Family("tae", "tae", "TAEConfig", "TAE", signed=False, posterior=False,
+                  scale=lambda c: 1.0, downsample=lambda c: 8),
+}
+FAMILIES = tuple(REGISTRY)
 _ALIASES = {"sd-vae": "sd-vae", "sd_vae": "sd-vae", "sd": "sd-vae",
             "tae": "tae", "taef2": "tae", "taesd": "tae", "taesdxl": "tae", "taef1": "tae",
             "taesd3": "tae"}
@@ -70,11 +105,13 @@ class Tokenizer:
   remat_decoder: bool = False
   dtype: Any = None
   config: Any = None  # the model's config dataclass (for saving / display)
+  signed: bool = False  # the model's images are in [-1, 1] (SD) rather than [0, 1] (TAE)
+  posterior: bool = False  # the model's encode returns (mean, logvar)
 
   @property
   def has_posterior(self) -> bool:
     """Whether ``encode`` returns a meaningful ``std`` (SD VAE) or zeros (TAE)."""
-    return self.family == "sd-vae"
+    return self.posterior
 
   # --------------------------------------------------------------------------- pure functions
 
@@ -92,8 +129,10 @@ class Tokenizer:
     self._check_images(images01)
     x = jnp.asarray(images01, jnp.float32)
     model = self._model(params)
-    if self.family == "sd-vae":
-      mean, logvar = model.encode(2.0 * x - 1.0)
+    if self.signed:
+      x = 2.0 * x - 1.0
+    if self.posterior:
+      mean, logvar = model.encode(x)
       mean = mean.astype(jnp.float32)
       std = jnp.exp(logvar.astype(jnp.float32) / 2.0)
       return Latents(z=self.scale * mean, std=std)
@@ -110,14 +149,14 @@ class Tokenizer:
   def decode(self, params, z) -> jax.Array:
     """Scaled latents -> NHWC images in [0,1] (clipped)."""
     x = self._decode_raw(params, z)
-    if self.family == "sd-vae":
+    if self.signed:
       x = (x + 1.0) / 2.0
     return jnp.clip(x, 0.0, 1.0)
 
   def decode_mask(self, params, z) -> jax.Array:
     """Scaled latents -> NHW grey masks in [0,1]: mean over the RGB channels, clipped (SPEC §3)."""
     g = jnp.mean(self._decode_raw(params, z), axis=-1)
-    if self.family == "sd-vae":
+    if self.signed:
       g = (g + 1.0) / 2.0
     return jnp.clip(g, 0.0, 1.0)
 
@@ -125,37 +164,17 @@ class Tokenizer:
 # ----------------------------------------------------------------------------- construction
 
 
-def _model_class(family: str):
-  if family == "sd-vae":
-    from gms_jax.models.sd_vae import AutoencoderKL  # pylint: disable=import-outside-toplevel
-    return AutoencoderKL
-  from gms_jax.models.tae import TAE  # pylint: disable=import-outside-toplevel
-  return TAE
-
-
-def _config_class(family: str):
-  if family == "sd-vae":
-    from gms_jax.models.sd_vae import AutoencoderKLConfig  # pylint: disable=import-outside-toplevel
-    return AutoencoderKLConfig
-  from gms_jax.models.tae import TAEConfig  # pylint: disable=import-outside-toplevel
-  return TAEConfig
-
-
 def _abstract(family: str, cfg, dtype):
-  cls = _model_class(family)
+  cls = REGISTRY[family].model_cls()
   return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype))
 
 
 def _make(family: str, graphdef, params, cfg, *, dtype, remat_decoder: bool) -> Tokenizer:
-  if family == "sd-vae":
-    scale = float(getattr(cfg, "scaling_factor", SD_SCALE))
-    latent_channels = int(cfg.latent_channels)
-    downsample = int(cfg.downsample_factor)
-  else:
-    scale, latent_channels, downsample = 1.0, int(cfg.latent_channels), 8
-  return Tokenizer(family=family, graphdef=graphdef, params=params, scale=scale,
-                   latent_channels=latent_channels, downsample=downsample,
-                   remat_decoder=remat_decoder, dtype=dtype, config=cfg)
+  fam = REGISTRY[family]
+  return Tokenizer(family=family, graphdef=graphdef, params=params, scale=fam.scale(cfg),
+                   latent_channels=int(cfg.latent_channels), downsample=fam.downsample(cfg),
+                   remat_decoder=remat_decoder, dtype=dtype, config=cfg, signed=fam.signed,
+                   posterior=fam.posterior)
 
 
 def from_flat(family: str, flat, cfg, *, dtype=None, remat_decoder: bool = False,
@@ -189,7 +208,7 @@ def _load_flax_file(family: str, path: str):
   flat, file_family, config = core.load_params(path)
   if canonical_family(file_family) != family:
     raise core.ConversionError(f"{path}: holds {file_family!r} parameters, not {family!r}")
-  return flat, _config_class(family).from_dict(config)
+  return flat, REGISTRY[family].config_cls().from_dict(config)
 
 
 def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg=None,
@@ -215,21 +234,14 @@ def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg
     from gms_jax.convert import hub  # pylint: disable=import-outside-toplevel
     path = hub.resolve(str(path), family)
   if core.is_flax_params_file(path):
-    flat, cfg = _load_flax_file(family, path)
-  elif family == "sd-vae":
-    from gms_jax.convert import sd_vae  # pylint: disable=import-outside-toplevel
-    if os.path.isdir(path) or path.endswith((".safetensors", ".bin")):
-      flat, cfg = sd_vae.load_diffusers(path, cfg=cfg, scaling_factor=scaling_factor)
-    else:
-      flat, cfg = sd_vae.load_ldm(path, cfg=cfg, scaling_factor=scaling_factor)
+    flat, file_cfg = _load_flax_file(family, path)
+    if cfg is not None and family == "sd-vae":
+      from gms_jax.convert import sd_vae  # pylint: disable=import-outside-toplevel
+      sd_vae.check_against(cfg, file_cfg, source=path)
+    cfg = file_cfg
   else:
-    from gms_jax.convert import tae  # pylint: disable=import-outside-toplevel
-    if not os.path.isdir(path):
-      raise FileNotFoundError(
-          f"{path}: expected a folder with taef2_encoder.pth/taef2_decoder.pth or a converted "
-          "gms_jax .safetensors")
-    flat, cfg = tae.load_tae(*tae.find_pair(path))
-  if scaling_factor and family == "sd-vae":
+    flat, cfg = REGISTRY[family].converter().load(path, cfg=cfg, scaling_factor=scaling_factor)
+  if scaling_factor and hasattr(cfg, "scaling_factor"):
     cfg = dataclasses.replace(cfg, scaling_factor=float(scaling_factor))
   return from_flat(family, flat, cfg, dtype=dtype, remat_decoder=remat_decoder, source=path)
 

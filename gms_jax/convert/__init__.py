@@ -8,8 +8,7 @@ that :func:`gms_jax.tokenizers.load` / :func:`gms_jax.convert.core.load_params` 
 from __future__ import annotations
 
 import argparse
-import glob
-import os
+import sys
 import time
 
 import numpy as np
@@ -18,30 +17,25 @@ from gms_jax.convert.core import ConversionError, load_params, save_params  # no
 
 FORMATS = {
     "diffusers": "diffusers AutoencoderKL: a directory with config.json + diffusion_pytorch_model."
-                 "{safetensors,bin}, or a bare .safetensors (SD kl-f8 config assumed)",
-    "ldm": "LDM/CompVis first-stage .ckpt ({'state_dict': ...}, optional first_stage_model. prefix)",
+                 "{safetensors,bin}, or a bare .safetensors (architecture read from the weights)",
+    "ldm": "LDM/CompVis first-stage .ckpt ({'state_dict': ...}, optional first_stage_model. prefix; "
+           "any kl-f4/kl-f8/SD/SD-XL architecture, read from the weights)",
     "gms-mapper": "official GMS latent mapper best_model.pth ({'model': state_dict})",
     "tae": "TAESD-family tokenizer: a directory holding *_encoder.pth and *_decoder.pth "
            "(e.g. taef2_encoder.pth, taef2_decoder.pth)",
 }
 
 
-def _tae_files(src: str) -> tuple[str, str]:
-  if not os.path.isdir(src):
-    raise FileNotFoundError(f"{src}: --format tae expects a directory with *_encoder.pth and *_decoder.pth")
-  enc = sorted(glob.glob(os.path.join(src, "*encoder.pth")) + glob.glob(os.path.join(src, "*encoder.safetensors")))
-  dec = sorted(glob.glob(os.path.join(src, "*decoder.pth")) + glob.glob(os.path.join(src, "*decoder.safetensors")))
-  if len(enc) != 1 or len(dec) != 1:
-    raise FileNotFoundError(
-        f"{src}: expected exactly one *_encoder and one *_decoder weight file, found {enc + dec or 'none'}")
-  return enc[0], dec[0]
+def convert(fmt: str, src: str, *, scaling_factor: float | None = None
+            ) -> tuple[dict[str, np.ndarray], str, dict]:
+  """Converts the checkpoint at ``src`` of format ``fmt`` (a key of ``FORMATS``).
 
-
-def convert(fmt: str, src: str) -> tuple[dict[str, np.ndarray], str, dict]:
-  """Converts the checkpoint at ``src`` of format ``fmt`` (a key of ``FORMATS``)."""
+  SD VAEs: the architecture is read from the weights; ``scaling_factor`` overrides the latent
+  scale (default: the folder's ``config.json``, else 0.18215)."""
   if fmt in ("diffusers", "ldm"):
     from gms_jax.convert import sd_vae  # pylint: disable=import-outside-toplevel
-    flat, cfg = sd_vae.load_diffusers(src) if fmt == "diffusers" else sd_vae.load_ldm(src)
+    load = sd_vae.load_diffusers if fmt == "diffusers" else sd_vae.load_ldm
+    flat, cfg = load(src, scaling_factor=scaling_factor)
     return flat, "sd-vae", cfg.to_dict()
   if fmt == "gms-mapper":
     from gms_jax.convert import mapper  # pylint: disable=import-outside-toplevel
@@ -49,7 +43,7 @@ def convert(fmt: str, src: str) -> tuple[dict[str, np.ndarray], str, dict]:
     return flat, "mapper", cfg.to_dict()
   if fmt == "tae":
     from gms_jax.convert import tae  # pylint: disable=import-outside-toplevel
-    flat, cfg = tae.load_tae(*_tae_files(src))
+    flat, cfg = tae.load_tae(*tae.find_pair(src))
     return flat, "tae", cfg.to_dict()
   raise ValueError(f"unknown format {fmt!r}; one of {sorted(FORMATS)}")
 
@@ -66,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("out", help="output .safetensors file (written atomically)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing OUT (by default an existing file is never replaced)")
+  parser.add_argument("--scaling-factor", type=float, default=None,
+                      help="SD VAE latent scale (default: config.json's, else 0.18215; SD-XL: 0.13025)")
   args = parser.parse_args(argv)
   if os.path.exists(args.out) and (not args.overwrite or os.path.isdir(args.out)
                                    or os.path.realpath(args.out) == os.path.realpath(args.src)):
@@ -73,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     raise OutputError(f"{args.out}: exists; refusing to replace it (choose another OUT, or "
                       "--overwrite for a file that is not the source)")
   t0 = time.perf_counter()
-  flat, family, config = convert(args.format, args.src)  # errors: one line via gms_jax.cli
+  flat, family, config = convert(args.format, args.src,  # errors: one line via gms_jax.cli
+                                 scaling_factor=args.scaling_factor)
   save_params(args.out, flat, family=family, config=config)
   n = sum(int(v.size) for v in flat.values())
   print(f"wrote {args.out}: family={family}, {len(flat)} tensors, {n:,} parameters, "

@@ -357,3 +357,12 @@ def load_ldm(path: str, *, cfg: AutoencoderKLConfig | None = None,
   sd = core.load_torch_file(path)
   cfg = resolve_config(sd, source=path, cfg=cfg, scaling_factor=scaling_factor)
   return convert_state_dict(sd, cfg, source=path), cfg
+
+
+def load(path: str, *, cfg: AutoencoderKLConfig | None = None, scaling_factor: float | None = None
+         ) -> tuple[dict[str, np.ndarray], AutoencoderKLConfig]:
+  """The family loader (:data:`gms_jax.tokenizers.REGISTRY`): a diffusers folder or bare
+  ``.safetensors`` / ``.bin`` (:func:`load_diffusers`), else an LDM checkpoint (:func:`load_ldm`)."""
+  if os.path.isdir(path) or path.endswith((".safetensors", ".bin")):
+    return load_diffusers(path, cfg=cfg, scaling_factor=scaling_factor)
+  return load_ldm(path, cfg=cfg, scaling_factor=scaling_factor)

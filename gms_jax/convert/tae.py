@@ -115,3 +115,19 @@ def load_tae(encoder_path: str, decoder_path: str) -> tuple[dict[str, np.ndarray
   source = f"{os.path.basename(encoder_path)}+{os.path.basename(decoder_path)}"
   cfg = infer_config(sd, source=source)
   return convert_state_dict(sd, cfg, source=source), cfg
+
+
+def load(path: str, *, cfg: TAEConfig | None = None, scaling_factor: float | None = None
+         ) -> tuple[dict[str, np.ndarray], TAEConfig]:
+  """The family loader (:data:`gms_jax.tokenizers.REGISTRY`): a folder with an encoder/decoder
+  pair (:func:`find_pair`).  TAE latents are unscaled, so ``scaling_factor`` must be unset."""
+  if scaling_factor:
+    raise core.ConversionError(f"{path}: TAE tokenizers have no latent scale (got {scaling_factor})")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"{path}: expected a folder with taef2_encoder.pth/taef2_decoder.pth (or one *encoder / "
+        "*decoder pair) or a converted gms_jax .safetensors")
+  flat, got = load_tae(*find_pair(path))
+  if cfg is not None and cfg != got:
+    raise core.ConversionError(f"{path}: the given config {cfg} contradicts the weights ({got})")
+  return flat, got
