@@ -84,14 +84,20 @@ class Segmenter:
     return cls(mapper, tok, image_size=config.data.image_size, batch_size=batch_size, step=step, config=config)
 
   @classmethod
-  def from_pretrained(cls, mapper: str, tokenizer, *, image_size: int = 224, family: str = "sd-vae",
-                      batch_size: int = 8) -> "Segmenter":
+  def from_pretrained(cls, mapper: str, tokenizer, *, image_size: int = 224,
+                      family: str | None = None, batch_size: int = 8) -> "Segmenter":
     """Without a workdir: ``mapper`` = official ``best_model.pth``, a ``gms-jax convert`` output or
     a workdir; ``tokenizer`` = a loaded :class:`gms_jax.tokenizers.Tokenizer`, or its weights (a
-    path or ``hf:`` id, ``""`` = packaged TAEF2) of tokenizer ``family``."""
+    path or ``hf:`` id; ``""`` = the packaged TAEF2) of tokenizer ``family`` (default: ``"tae"``
+    for ``""`` and the TAESD ``hf:`` ids, else ``"sd-vae"``)."""
     from gms_jax import pretrained, tokenizers  # pylint: disable=import-outside-toplevel
     if not isinstance(tokenizer, tokenizers.Tokenizer):
-      tokenizer = tokenizers.load(family, str(tokenizer) or tokenizers.packaged_path(family))
+      tokenizer = str(tokenizer)
+      if family is None:
+        from gms_jax.convert import hub  # pylint: disable=import-outside-toplevel
+        family = ("tae" if not tokenizer else hub.family_of(tokenizer) if hub.is_hf_id(tokenizer)
+                  else "sd-vae")
+      tokenizer = tokenizers.load(family, tokenizer or tokenizers.packaged_path(family))
     weights = pretrained.read_mapper(mapper)
     weights.check_channels(tokenizer.latent_channels, tokenizer.family)
     return cls(pretrained.to_mapper(weights), tokenizer, image_size=image_size, batch_size=batch_size,

@@ -9,13 +9,13 @@ family's conventions.  Its methods are pure functions of ``(params, array)`` and
     x01 = tok.decode(tok.params, lat.z)               # -> NHWC [0,1]
     m01 = tok.decode_mask(tok.params, lat.z)          # -> NHW grey mask in [0,1]
 
-Families:
+Families (:data:`REGISTRY`; weights from a path or an ``hf:OWNER/REPO[@REV][/SUB]`` id):
 
-* ``"sd-vae"`` (SD kl-f8, GMS): ``encode``: ``x = 2*img - 1`` -> ``(mean, logvar)``;
-  ``z = scale * mean`` (scale 0.18215) and ``std = exp(logvar / 2)`` *unscaled*, exactly as the
+* ``"sd-vae"`` (any LDM/diffusers KL autoencoder; SD kl-f8 for GMS): ``encode``: ``x = 2*img - 1``
+  -> ``(mean, logvar)``; ``z = scale * mean`` (0.18215, or the VAE's ``config.json``) and ``std = exp(logvar / 2)`` *unscaled*, exactly as the
   original adds it to the scaled mean.  ``decode``: ``vae.decode(z / scale)`` -> ``(x+1)/2`` -> clip.
   ``decode_mask``: ``vae.decode(z / scale)`` -> mean over RGB -> ``(x+1)/2`` -> clip [0,1].
-* ``"tae"`` (TAESD family, e.g. TAEF2): ``z = encoder(img)`` (scale 1, no posterior: ``std`` is 0);
+* ``"tae"`` (TAESD family: TAEF2, TAESD, TAESDXL, TAEF1): ``z = encoder(img)`` (scale 1, no posterior: ``std`` is 0);
   ``decode``: decoder output (already about [0,1]) clipped; ``decode_mask``: its RGB mean, clipped.
 
 ``remat_decoder=True`` rematerialises the decoder block by block (``jax.checkpoint`` per block:
