@@ -28,7 +28,7 @@ HARMLESS_KEYS = (
 )
 
 PRECISIONS = ("float32", "bfloat16")
-TOKENIZER_NAMES = ("sd-vae", "sd_vae", "sd", "taef2", "tae", "taesd")
+TOKENIZER_NAMES = ("sd-vae", "sd_vae", "sd", "taef2", "tae", "taesd", "taesdxl", "taef1", "taesd3")
 HEADS = ("level3", "level2", "level1", "out")
 
 
@@ -170,6 +170,11 @@ def validate(config: Any, *, n_devices: int | None = None, n_processes: int = 1,
       isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ch_mult):
     raise ConfigError(f"config.mapper.ch_mult must be a non-empty list of positive integers, "
                       f"got {ch_mult!r}")
+  init = str(flat.get("mapper.init", "") or "")
+  if init and not os.path.exists(init):
+    raise ConfigError(f"config.mapper.init={init}: no such file or folder")
+  if "tokenizer.scaling_factor" in flat:
+    _float(flat, "tokenizer.scaling_factor", 0.0)
 
   for key in ("loss.rec_weight", "loss.dice_weight"):
     _float(flat, key, 0.0)

@@ -17,7 +17,6 @@ no data iterator: a resumed run starts its data order from the beginning), so ``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import os
@@ -28,12 +27,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from gms_jax import errors
 from gms_jax.convert import core
 from gms_jax.models.latent_mapper import MapperConfig
 
 
-class WeightsError(ValueError):
-  """Mapper weights do not fit the run (e.g. channel count vs the tokenizer); one-line message."""
+class WeightsError(errors.ConfigError):
+  """Mapper weights do not fit the run (e.g. channel count vs the tokenizer); one line, exit 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +88,13 @@ def read_mapper(path: str, *, which: str | int = "best") -> MapperWeights:
   path = os.path.abspath(os.path.expanduser(str(path)))
   if os.path.isdir(path):
     if not _is_workdir(path):
-      raise FileNotFoundError(f"{path}: a folder, but not a gms-jax workdir (no checkpoints/)")
+      raise errors.MissingPathError(f"{path}: a folder, but not a gms-jax workdir (no checkpoints/)")
     from gms_jax import run_metadata  # pylint: disable=import-outside-toplevel
     model, _, step = run_metadata.restore_mapper(path, which)
     return MapperWeights(flat=core.model_to_flat(model), cfg=model.cfg, source=path,
                          format="gms-jax-workdir", step=step)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such mapper checkpoint")
+    raise errors.MissingPathError(f"{path}: no such mapper checkpoint")
   from gms_jax.convert import mapper as conv  # pylint: disable=import-outside-toplevel
   if core.is_flax_params_file(path):
     flat, family, cfg_dict = core.load_params(path)
@@ -152,8 +152,8 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
   from gms_jax import train  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
-    raise WeightsError(f"{workdir}: exists and is not empty; import writes a new workdir "
-                       "(choose another --workdir; existing outputs are never overwritten)")
+    raise errors.OutputError(f"{workdir}: exists and is not empty; import writes a new workdir "
+                             "(choose another --workdir; existing outputs are never overwritten)")
   weights = read_mapper(mapper_path)
   tok = tokenizer if tokenizer is not None else tokenizers.from_config(config)
   weights.check_channels(tok.latent_channels, f"{config.tokenizer.name!s} ({config.tokenizer.path or 'packaged'})")
@@ -190,46 +190,38 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
           "format": weights.format, "mapper": run_cfg.to_dict(), "tokenizer": meta.tokenizer}
 
 
-def _parse_import(argv: list[str]):
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  prog = "gms-jax import"
-  fv = flags.FlagValues()
-  full = [prog] + list(argv)
-  cfg_flag = config_flags.DEFINE_config_file("config", None, "training config, configs/gms.py:NAME",
-                                             flag_values=fv, lock_config=True, sys_argv=full)
-  mapper = flags.DEFINE_string("mapper", None, "mapper checkpoint: best_model.pth, a gms-jax "
-                               "convert output, or a workdir", flag_values=fv)
-  workdir = flags.DEFINE_string("workdir", None, "new workdir to create", flag_values=fv)
-  extra = fv(full)
-  return cfg_flag, mapper, workdir, extra
-
-
 IMPORT_USAGE = ("usage: gms-jax import --config configs/gms.py:NAME[,modifiers] [--config.key=value ...] "
                 "--mapper PATH --workdir DIR")
 
 
 def import_main(argv: list[str] | None = None) -> int:
-  """``gms-jax import``: mapper checkpoint + the config's tokenizer -> a ready workdir."""
+  """``gms-jax import``: mapper checkpoint + the config's tokenizer -> a ready workdir.
+
+  Errors are raised (:mod:`gms_jax.errors`); :func:`gms_jax.cli.main` prints them as one line."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if any(a in ("-h", "--help", "-help") for a in argv):
     print(IMPORT_USAGE + "\n\n" + __doc__.split("\n\n")[1])
     return 0
   from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  from gms_jax import configuration  # pylint: disable=import-outside-toplevel
+  full = ["gms-jax import"] + argv
+  fv = flags.FlagValues()
+  cfg_flag = config_flags.DEFINE_config_file("config", None, "training config, configs/gms.py:NAME",
+                                             flag_values=fv, lock_config=True, sys_argv=full)
+  mapper = flags.DEFINE_string("mapper", None, "mapper checkpoint: best_model.pth, a gms-jax "
+                               "convert output, or a workdir", flag_values=fv)
+  workdir = flags.DEFINE_string("workdir", None, "new workdir to create", flag_values=fv)
   try:
-    cfg_flag, mapper, workdir, extra = _parse_import(argv)
+    extra = fv(full)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    print(f"gms-jax import: error: {e}\n{IMPORT_USAGE}", file=sys.stderr)
-    return 2
-  if len(extra) > 1 or cfg_flag.value is None or not mapper.value or not workdir.value:
-    print(f"gms-jax import: error: {'unexpected arguments ' + str(extra[1:]) if len(extra) > 1 else ''}"
-          f"\n{IMPORT_USAGE}", file=sys.stderr)
-    return 2
-  try:
-    info = import_workdir(cfg_flag.value, mapper.value, workdir.value)
-  except (WeightsError, core.ConversionError, FileNotFoundError, ImportError) as e:
-    print(f"gms-jax import: error: {e}", file=sys.stderr)
-    return 2
+    raise errors.ConfigError(f"bad flag: {errors.one_line(e)}; {IMPORT_USAGE}") from None
+  if len(extra) > 1:
+    raise errors.UsageError(f"unexpected arguments {extra[1:]}; {IMPORT_USAGE}")
+  if cfg_flag.value is None or not mapper.value or not workdir.value:
+    raise errors.UsageError(f"--config, --mapper and --workdir are required; {IMPORT_USAGE}")
+  configuration.validate(cfg_flag.value)
+  info = import_workdir(cfg_flag.value, mapper.value, workdir.value)
   print(f"wrote {info['workdir']}: step 0 from {info['source']} ({info['format']}, sha256 "
         f"{info['sha256']}); mapper {info['mapper']['in_channels']}ch ch={info['mapper']['ch']}; "
         f"tokenizer {info['tokenizer']['name']} {info['tokenizer']['path'] or '(packaged)'}")
@@ -288,9 +280,9 @@ def save_official(state_dict: Mapping[str, np.ndarray], out: str, fmt: str = "pt
 def export_mapper(workdir: str, out: str, *, which: str | int = "best", fmt: str = "pth") -> dict:
   """Writes the mapper of ``workdir`` (checkpoint ``which``) to ``out`` in the official format."""
   if os.path.exists(out):
-    raise WeightsError(f"{out}: exists; export never overwrites a file (choose another name)")
+    raise errors.OutputError(f"{out}: exists; export never replaces a file (choose another OUT)")
   if not _is_workdir(workdir):
-    raise FileNotFoundError(f"{workdir}: not a gms-jax workdir (no checkpoints/)")
+    raise errors.UsageError(f"--workdir {workdir}: not a gms-jax workdir (no checkpoints/)")
   weights = read_mapper(workdir, which=which)
   sd = official_state_dict(weights)
   save_official(sd, out, fmt)
@@ -299,7 +291,7 @@ def export_mapper(workdir: str, out: str, *, which: str | int = "best", fmt: str
 
 
 def export_main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = errors.ArgumentParser(
       prog="gms-jax export",
       description="Write a workdir's latent mapper as an official GMS checkpoint ({'model': state_dict}, "
                   "loadable by the original ResAttnUNet_DS with strict=True).")
@@ -310,11 +302,9 @@ def export_main(argv: list[str] | None = None) -> int:
   parser.add_argument("out", help="output file (never overwritten)")
   args = parser.parse_args(argv)
   which = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
-  try:
-    info = export_mapper(args.workdir, args.out, which=which, fmt=args.format)
-  except (WeightsError, FileNotFoundError, ImportError, core.ConversionError) as e:
-    print(f"gms-jax export: error: {e}", file=sys.stderr)
-    return 2
+  if which not in ("best", "latest") and not isinstance(which, int):
+    raise errors.UsageError(f"--checkpoint must be 'best', 'latest' or a step number, got {which!r}")
+  info = export_mapper(args.workdir, args.out, which=which, fmt=args.format)
   print(f"wrote {info['out']}: step {info['step']}, {info['keys']} keys, {info['params']:,} parameters "
         f"({args.format})")
   return 0

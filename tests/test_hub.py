@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 import pytest
 
-from gms_jax import pretrained, tokenizers
+from gms_jax import cli, pretrained, tokenizers
 from gms_jax.convert import core, hub
 from gms_jax.convert import sd_vae as conv_sd
 from gms_jax.convert import tae as conv_tae
@@ -129,7 +129,7 @@ def test_offline_error_through_import_cli(cache, tmp_path, capsys):
   pretrained.save_official({k: v.detach().numpy() for k, v in model.state_dict().items()}, mapper,
                            "safetensors")
   config = os.path.join(os.path.dirname(__file__), "..", "configs", "gms.py")
-  rc = pretrained.import_main([
+  rc = cli.main(["import",
       "--config", f"{config}:sample", "--config.tokenizer.path=hf:stabilityai/sd-vae-ft-mse@main/vae",
       "--mapper", mapper, "--workdir", str(tmp_path / "wd")])
   err = capsys.readouterr().err.strip()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import _train_helpers as H
-from gms_jax import checkpoint, evaluate, pretrained, run_metadata, tokenizers
+from gms_jax import checkpoint, cli, evaluate, pretrained, run_metadata, tokenizers
 from gms_jax.predict import Segmenter
 
 torch = pytest.importorskip("torch")
@@ -155,7 +155,7 @@ def _umask():
 def test_export_never_overwrites(imported, root, capsys):
   out = root / "taken.pth"
   out.write_bytes(b"keep me")
-  assert pretrained.export_main(["--workdir", imported, str(out)]) == 2
+  assert cli.main(["export", "--workdir", imported, str(out)]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and str(out) in err
   assert out.read_bytes() == b"keep me"
@@ -165,7 +165,7 @@ def test_import_refuses_non_empty_workdir(root, tok_file, official, capsys):
   wd = root / "busy"
   wd.mkdir()
   (wd / "notes.txt").write_text("mine")
-  assert pretrained.import_main(_import_args(root, tok_file, official[1], str(wd))) == 2
+  assert cli.main(["import", *_import_args(root, tok_file, official[1], str(wd))]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and str(wd) in err and "not empty" in err
   assert os.listdir(wd) == ["notes.txt"]
@@ -174,7 +174,7 @@ def test_import_refuses_non_empty_workdir(root, tok_file, official, capsys):
 def test_import_channel_mismatch_is_one_line(root, official, capsys):
   wd = root / "taef2_mismatch"
   args = ["--config", f"{CONFIG}:sample,taef2", "--mapper", official[1], "--workdir", str(wd)]
-  assert pretrained.import_main(args) == 2  # TAEF2 latents have 32 channels, the mapper 4
+  assert cli.main(["import", *args]) == 2  # TAEF2 latents have 32 channels, the mapper 4
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1, err
   assert "4 -> 4 latent channels" in err and "has 32" in err and official[1] in err
@@ -183,14 +183,16 @@ def test_import_channel_mismatch_is_one_line(root, official, capsys):
 
 def test_import_missing_mapper_file(root, tok_file, capsys):
   missing = str(root / "nope.pth")
-  assert pretrained.import_main(_import_args(root, tok_file, missing, str(root / "x"))) == 2
+  assert cli.main(["import", *_import_args(root, tok_file, missing, str(root / "x"))]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and missing in err
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-# Training at learning rate 0 leaves the parameters exactly where they started (AdamW's update is
-# -lr * (...)), so the checkpoint after 3 steps must equal the starting weights bit for bit.
+# Training at learning rate 1e-30 leaves the parameters exactly where they started: AdamW's update
+# is lr * (m/(sqrt(v)+eps) + wd*p), at most ~1e-30 per step, far below half an ulp of any float32
+# parameter here (|p| >> 1e-20), so the checkpoint after 3 steps must equal the starting weights
+# bit for bit. (The config refuses a learning rate of exactly 0.)
 # Both runs compile the same program (subprocess + shared persistent cache, as tests/test_train.py).
 
 
@@ -206,7 +208,7 @@ def small_official(root):
 
 def _train(root, name, workdir, **overrides):
   spec = {"workdir": workdir, "tfds_dir": str(root / "tfds"),
-          "overrides": {"optimizer.learning_rate": 0.0, **overrides}}
+          "overrides": {"optimizer.learning_rate": 1e-30, **overrides}}
   rc, out = H.run(spec, root / f"{name}.json", timeout=600,
                   env=H.subprocess_env(str(root / "jax_cache")))
   assert rc == 0, out[-6000:]
@@ -231,8 +233,8 @@ def test_mapper_init_starts_from_the_file(root, small_official):
 
 def test_fine_tune_resumes_an_imported_workdir(root, tok, small_official):
   wd = str(root / "imported_small")
-  config = H.tiny_config(str(root / "tfds"))
-  pretrained.import_workdir(config, small_official[1], wd, tokenizer=tok)
+  config = H.tiny_config(str(root / "tfds"), **{"optimizer.learning_rate": 1e-30})
+  pretrained.import_workdir(config, small_official[1], wd, tokenizer=tok)  # the run's own config
   _train(root, "fine_tune", wd)
   trained, step = H.params_at(wd, "latest")
   start = _flat_of(small_official[1])
@@ -246,3 +248,4 @@ def test_mapper_init_config_mismatch_names_the_key(root, tok, small_official):
   config = H.tiny_config(str(root / "tfds"), **{"mapper.ch": 32, "mapper.init": small_official[1]})
   with pytest.raises(pretrained.WeightsError, match=r"ch=32 \(weights: 16\)"):
     train.train_and_evaluate(config, str(root / "mismatch"), tokenizer=tok)
+  assert not (root / "mismatch").exists()  # failed before its first step: no workdir left behind

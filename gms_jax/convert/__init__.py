@@ -8,7 +8,7 @@ that :func:`gms_jax.tokenizers.load` / :func:`gms_jax.convert.core.load_params` 
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 import time
 
 import numpy as np

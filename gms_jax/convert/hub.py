@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 
+from gms_jax import errors
 from gms_jax.convert import core
 
 PREFIX = "hf:"
@@ -62,19 +63,20 @@ def _download(spec: str, filename: str) -> str:
     import huggingface_hub  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(f"{spec}: hf: ids need huggingface_hub (pip install huggingface_hub)") from e
-  from huggingface_hub import errors  # pylint: disable=import-outside-toplevel
+  from huggingface_hub import errors as hf_errors  # pylint: disable=import-outside-toplevel
   repo, revision, sub = parse(spec)
   try:
     return huggingface_hub.hf_hub_download(repo, filename, subfolder=sub or None, revision=revision,
                                            local_files_only=_offline())
-  except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:
+  except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
     from huggingface_hub import constants  # pylint: disable=import-outside-toplevel
     why = "HF_HUB_OFFLINE=1" if _offline() else "the Hub cannot be reached"
-    raise FileNotFoundError(
+    raise errors.MissingPathError(
         f"{spec}: {os.path.join(sub, filename)} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
         f"and {why}; fetch it once with {_fetch_hint(repo, revision, sub)}") from e
-  except (errors.EntryNotFoundError, errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as e:
-    raise FileNotFoundError(f"{spec}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+  except (hf_errors.EntryNotFoundError, hf_errors.RepositoryNotFoundError,
+          hf_errors.RevisionNotFoundError) as e:
+    raise errors.MissingPathError(f"{spec}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def resolve(spec: str, family: str) -> str:
