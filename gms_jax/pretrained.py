@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from gms_jax import errors
+from gms_jax import outputs
 from gms_jax.convert import core
 from gms_jax.models.latent_mapper import MapperConfig
 
@@ -133,12 +134,6 @@ def to_mapper(weights: MapperWeights, dtype=None):
 # ----------------------------------------------------------------------------- import
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
 def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) -> dict[str, Any]:
   """Writes ``mapper_path`` + the config's tokenizer as step 0 of the new workdir ``workdir``.
 
@@ -241,7 +236,7 @@ def _write_atomic(path: str, write) -> None:
   os.close(fd)
   try:
     write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
+    outputs.apply_umask(tmp)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

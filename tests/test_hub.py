@@ -13,8 +13,8 @@ import numpy as np
 from flax import nnx
 import pytest
 
-from gms_jax import cli, pretrained, tokenizers
-from gms_jax.convert import core, hub
+from gms_jax import cli, errors, pretrained, tokenizers
+from gms_jax.convert import hub
 from gms_jax.convert import sd_vae as conv_sd
 from gms_jax.convert import tae as conv_tae
 from gms_jax.models.sd_vae import AutoencoderKLConfig
@@ -59,7 +59,7 @@ def test_parse():
       "stabilityai/stable-diffusion-2", "v1.0", "vae")
   assert hub.parse("hf:org/repo/sub/dir") == ("org/repo", None, "sub/dir")
   assert hub.family_of("hf:madebyollin/taesdxl") == "tae"
-  with pytest.raises(core.ConversionError, match="hf:OWNER/REPO"):
+  with pytest.raises(errors.ConfigError, match="hf:OWNER/REPO"):
     hub.parse("hf:just-a-name")
 
 
@@ -110,7 +110,7 @@ def test_taesd_id_converts_once_then_needs_no_torch(cache, monkeypatch):
 
 def test_family_mismatch_is_named(cache):
   _taesd_snapshot(cache)
-  with pytest.raises(core.ConversionError, match="tokenizer.name=taesd"):
+  with pytest.raises(errors.ConfigError, match="tokenizer.name=taesd"):
     tokenizers.load("sd-vae", "hf:madebyollin/taesd")
 
 

@@ -197,12 +197,6 @@ def save_params(path: str, flat: Mapping[str, np.ndarray], *, family: str, confi
     raise
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
 def is_flax_params_file(path: str) -> bool:
   """Whether ``path`` is a safetensors file written by :func:`save_params`."""
   if not (os.path.isfile(path) and path.endswith(".safetensors")):

@@ -36,7 +36,7 @@ def parse(spec: str) -> tuple[str, str | None, str]:
   """``hf:owner/repo@rev/sub/folder`` -> ``("owner/repo", "rev" or None, "sub/folder" or "")``."""
   m = re.fullmatch(r"hf:([\w.-]+/[\w.-]+?)(?:@([\w.-]+))?(?:/([\w./-]+?))?/?", str(spec))
   if not m:
-    raise core.ConversionError(
+    raise errors.ConfigError(
         f"{spec}: not a Hugging Face id; expected hf:OWNER/REPO[@REVISION][/SUBFOLDER]")
   return m[1], m[2], m[3] or ""
 
@@ -79,11 +79,19 @@ def _download(spec: str, filename: str) -> str:
     raise errors.MissingPathError(f"{spec}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
+def _fallback(converted: str) -> str:
+  """Where the converted file goes when the Hugging Face cache is not writable."""
+  from huggingface_hub import constants  # pylint: disable=import-outside-toplevel
+  rel = os.path.relpath(converted, constants.HF_HUB_CACHE)
+  return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                      "gms_jax", "hf", rel)
+
+
 def resolve(spec: str, family: str) -> str:
   """A converted gms_jax parameter file for the id (downloading/converting on first use)."""
   want = family_of(spec)
   if family != want:
-    raise core.ConversionError(
+    raise errors.ConfigError(
         f"{spec}: holds a {want!r} tokenizer but the config names {family!r} "
         f"(set --config.tokenizer.name={'taesd' if want == 'tae' else 'sd-vae'})")
   repo, _, _ = parse(spec)
@@ -93,8 +101,9 @@ def resolve(spec: str, family: str) -> str:
   else:
     files = [_download(spec, "config.json")]
   converted = os.path.join(os.path.dirname(files[0]), f"gms_jax-{want}.safetensors")
-  if os.path.isfile(converted):
-    return converted
+  for candidate in (converted, _fallback(converted)):
+    if os.path.isfile(candidate):
+      return candidate
   if want == "tae":
     from gms_jax.convert import tae  # pylint: disable=import-outside-toplevel
     flat, cfg = tae.load_tae(*files)
@@ -110,5 +119,9 @@ def resolve(spec: str, family: str) -> str:
     if weights is None:
       raise err
     flat, cfg = sd_vae.load_diffusers(os.path.dirname(files[0]))
-  core.save_params(converted, flat, family=want, config=cfg.to_dict())
+  try:
+    core.save_params(converted, flat, family=want, config=cfg.to_dict())
+  except OSError:  # a read-only (shared) cache: keep the converted file in our own cache instead
+    converted = _fallback(converted)
+    core.save_params(converted, flat, family=want, config=cfg.to_dict())
   return converted
