@@ -11,7 +11,8 @@ from flax import nnx
 
 from gms_jax.convert import core
 from gms_jax.convert import mapper as conv
-from gms_jax.models.latent_mapper import (Head, MapperConfig, ResAttnUNet_DS, ResBlock,
+from gms_jax.models import latent_mapper
+from gms_jax.models.latent_mapper import (Head, MapperConfig, ResBlock,
                                          SpatialSelfAttention, num_params)
 
 torch = pytest.importorskip("torch")
@@ -22,7 +23,7 @@ HEADS = ("level3", "level2", "level1", "out")
 
 
 def _build(flat, cfg=CFG, dtype=None):
-  model = nnx.eval_shape(lambda: ResAttnUNet_DS(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+  model = latent_mapper.abstract(cfg, dtype)
   core.apply_flat(model, flat)
   return model
 
@@ -51,7 +52,7 @@ def test_config_roundtrip():
 
 
 def test_param_counts(torch_mapper):
-  model = nnx.eval_shape(lambda: ResAttnUNet_DS(CFG, rngs=nnx.Rngs(0)))
+  model = latent_mapper.abstract(CFG)
   assert num_params(model) == 1_564_976
   assert num_params(model.convds3) == 4_864
   assert sum(p.numel() for p in torch_mapper.parameters()) == 1_564_976  # torch dedups the alias
@@ -162,3 +163,13 @@ def test_strict_errors_name_every_problem(torch_mapper):
   assert "conv3_0/attention/k/bias" in msg  # missing
   assert "conv3_0.attention.extra.weight" in msg  # unexpected
   assert "convds1.2.weight" in msg  # wrong shape
+
+
+def test_official_state_dict_inverse_is_exact(torch_mapper):
+  """Flax params -> official state dict gives back every torch key and tensor (PReLU twice)."""
+  sd = _numpy_sd(torch_mapper)
+  back = conv.to_state_dict(conv.convert_state_dict(sd, CFG))
+  assert set(back) == set(sd)
+  for k in sd:
+    assert back[k].dtype == sd[k].dtype and np.array_equal(back[k], sd[k]), k
+  assert back["conv1_0.resblock.act1.weight"] is back["conv1_0.resblock.conv1.1.weight"]

@@ -249,3 +249,30 @@ def test_mapper_init_config_mismatch_names_the_key(root, tok, small_official):
   with pytest.raises(pretrained.WeightsError, match=r"ch=32 \(weights: 16\)"):
     train.train_and_evaluate(config, str(root / "mismatch"), tokenizer=tok)
   assert not (root / "mismatch").exists()  # failed before its first step: no workdir left behind
+
+
+# ----------------------------------------------------------------------------- the CLI, as a user
+
+
+def _one_error_line(p, code: int) -> str:
+  assert p.returncode == code, (p.returncode, p.stderr[-3000:])
+  assert "Traceback" not in p.stderr, p.stderr[-3000:]
+  errs = [ln for ln in p.stderr.splitlines() if ": error: " in ln]
+  assert len(errs) == 1, p.stderr[-3000:]
+  return errs[0]
+
+
+def test_train_mapper_init_errors_are_one_line(root, official):
+  """`gms-jax train --config.mapper.init=...`: a missing file is refused before any work; a mapper
+  of 4 channels against TAEF2's 32 latent channels is one line, and no workdir is left behind."""
+  from conftest import REPO, run_cli  # pylint: disable=import-outside-toplevel
+  smoke = f"{REPO / 'configs' / 'gms.py'}:smoke"
+  wd = root / "cli_init"
+  p = run_cli("train", "--config", smoke, "--workdir", wd, "--config.mapper.init=/no/such/best_model.pth")
+  assert "config.mapper.init=/no/such/best_model.pth" in _one_error_line(p, 2)
+  assert not wd.exists()
+  p = run_cli("train", "--config", smoke, "--workdir", wd, f"--config.data.tfds_dir={root / 'tfds'}",
+              f"--config.mapper.init={official[1]}")
+  line = _one_error_line(p, 2)
+  assert official[1] in line and "4 -> 4 latent channels" in line and "has 32" in line, line
+  assert not wd.exists()
