@@ -82,7 +82,7 @@ def test_import_metadata(imported, official):
     assert json.load(f)["mapper"]["ch"] == 32
 
 
-def test_imported_predictions_match_torch(imported, official, tok):
+def test_imported_predictions_match_torch(imported, official, tok, tok_file):
   """Segmenter.from_workdir(imported) == tokenizer encode -> torch mapper -> tokenizer decode."""
   seg = Segmenter.from_workdir(imported)
   assert seg.step == 0 and seg.image_size == 16
@@ -95,6 +95,9 @@ def test_imported_predictions_match_torch(imported, official, tok):
   np.testing.assert_allclose(probs, ref, atol=2e-5, rtol=0)
   seg2 = Segmenter.from_pretrained(official[1], tok, image_size=16)  # the Python route, no workdir
   np.testing.assert_allclose(seg2.predict_probs(images), probs, atol=1e-6, rtol=0)
+  seg3 = Segmenter.from_pretrained(mapper=official[1], tokenizer=tok_file, image_size=16)  # by path
+  assert seg3.tokenizer.family == "sd-vae"
+  np.testing.assert_allclose(seg3.predict_probs(images), probs, atol=1e-6, rtol=0)
 
 
 def test_import_then_evaluate_on_sample(imported, capsys):

@@ -364,3 +364,17 @@ def test_contradicting_config_names_the_fields(tmp_path):
     json.dump(d, f)
   with pytest.raises(core.ConversionError, match=r"config.json contradicts the weights: latent_channels=8 \(weights: 4\)"):
     conv.load_diffusers(str(tmp_path / "d"))
+
+
+def test_convert_cli_scaling_factor(tmp_path):
+  """`gms-jax convert --format diffusers BARE.safetensors OUT --scaling-factor 0.13025`."""
+  from gms_jax import convert, tokenizers  # pylint: disable=import-outside-toplevel
+  vae = _torch_vae(ARCHS["2lvl-lpb1-z4"], seed=13)
+  vae.save_pretrained(tmp_path / "d")
+  bare = str(tmp_path / "d" / "diffusion_pytorch_model.safetensors")
+  out = str(tmp_path / "vae.safetensors")
+  assert convert.main(["--format", "diffusers", bare, out, "--scaling-factor", "0.13025"]) == 0
+  _, family, cfg = core.load_params(out)
+  assert family == "sd-vae" and cfg["scaling_factor"] == 0.13025
+  assert cfg["block_out_channels"] == [32, 64] and cfg["layers_per_block"] == 1
+  assert tokenizers.load("sd-vae", out).scale == 0.13025
