@@ -177,9 +177,13 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
     ckpt.save(0, state)
     ckpt.wait()
     ckpt.close()
-  except BaseException:
-    if created:  # only what this call made
+  except BaseException:  # remove only what this call made (the folder was missing or empty)
+    if created:
       shutil.rmtree(workdir, ignore_errors=True)
+    else:
+      for name in os.listdir(workdir):
+        p = os.path.join(workdir, name)
+        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
     raise
   return {"workdir": workdir, "source": weights.source, "sha256": weights.sha256,
           "format": weights.format, "mapper": run_cfg.to_dict(), "tokenizer": meta.tokenizer}
