@@ -182,8 +182,11 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
       shutil.rmtree(workdir, ignore_errors=True)
     else:
       for name in os.listdir(workdir):
-        p = os.path.join(workdir, name)
-        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+        entry = os.path.join(workdir, name)
+        if os.path.isdir(entry):
+          shutil.rmtree(entry, ignore_errors=True)
+        else:
+          os.remove(entry)
     raise
   return {"workdir": workdir, "source": weights.source, "sha256": weights.sha256,
           "format": weights.format, "mapper": run_cfg.to_dict(), "tokenizer": meta.tokenizer}
