@@ -240,8 +240,12 @@ def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg
       sd_vae.check_against(cfg, file_cfg, source=path)
     cfg = file_cfg
   else:
-    flat, cfg = REGISTRY[family].converter().load(path, cfg=cfg, scaling_factor=scaling_factor)
-  if scaling_factor and hasattr(cfg, "scaling_factor"):
+    flat, cfg = REGISTRY[family].converter().load(path, cfg=cfg)
+  if scaling_factor:
+    if not hasattr(cfg, "scaling_factor"):
+      from gms_jax import errors  # pylint: disable=import-outside-toplevel
+      raise errors.ConfigError(f"config.tokenizer.scaling_factor={scaling_factor}: {family!r} "
+                               "tokenizers have no latent scale (leave it 0)")
     cfg = dataclasses.replace(cfg, scaling_factor=float(scaling_factor))
   return from_flat(family, flat, cfg, dtype=dtype, remat_decoder=remat_decoder, source=path)
 

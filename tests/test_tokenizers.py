@@ -190,3 +190,9 @@ def test_unknown_family_and_missing_pair(tmp_path):
     tokenizers.load("vqgan", str(tmp_path))
   with pytest.raises(FileNotFoundError, match="encoder"):
     tokenizers.load("taef2", str(tmp_path))
+
+
+def test_scaling_factor_override_only_where_there_is_a_scale():
+  from gms_jax import errors  # pylint: disable=import-outside-toplevel
+  with pytest.raises(errors.ConfigError, match="tokenizer.scaling_factor=0.5"):
+    tokenizers.load("taef2", tokenizers.packaged_path("taef2"), scaling_factor=0.5)

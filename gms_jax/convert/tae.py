@@ -117,12 +117,9 @@ def load_tae(encoder_path: str, decoder_path: str) -> tuple[dict[str, np.ndarray
   return convert_state_dict(sd, cfg, source=source), cfg
 
 
-def load(path: str, *, cfg: TAEConfig | None = None, scaling_factor: float | None = None
-         ) -> tuple[dict[str, np.ndarray], TAEConfig]:
+def load(path: str, *, cfg: TAEConfig | None = None) -> tuple[dict[str, np.ndarray], TAEConfig]:
   """The family loader (:data:`gms_jax.tokenizers.REGISTRY`): a folder with an encoder/decoder
-  pair (:func:`find_pair`).  TAE latents are unscaled, so ``scaling_factor`` must be unset."""
-  if scaling_factor:
-    raise core.ConversionError(f"{path}: TAE tokenizers have no latent scale (got {scaling_factor})")
+  pair (:func:`find_pair`); ``cfg``, when given, must be what the weights hold."""
   if not os.path.isdir(path):
     raise FileNotFoundError(
         f"{path}: expected a folder with taef2_encoder.pth/taef2_decoder.pth (or one *encoder / "
