@@ -194,6 +194,48 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
 
 IMPORT_USAGE = ("usage: gms-jax import --config configs/gms.py:NAME[,modifiers] [--config.key=value ...] "
                 "--mapper PATH --workdir DIR")
+IMPORT_HELP = """
+Writes a new workdir (refused if --workdir exists and is not empty) holding the mapper weights as
+step 0, with the config's tokenizer, that `gms-jax evaluate`, `predict`, `export` and `train`
+(resume = fine-tune; pass the training options here) accept like a trained run.
+
+  --config    the training config (configs/gms.py:NAME), with any --config.key=value overrides;
+              config.mapper.ch / ch_mult are taken from the weights
+  --mapper    official GMS best_model.pth, the same state dict as .safetensors, a
+              `gms-jax convert --format gms-mapper` output, or a workdir (its best checkpoint)
+  --workdir   the new workdir
+"""
+
+
+def _config_spec(argv: list[str]) -> str:
+  """The value of ``--config`` in ``argv`` ("" if absent)."""
+  return next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+               if (a == "--config" and i + 1 < len(argv)) or a.startswith("--config=")), "")
+
+
+def _bad_flag(argv: list[str], exc: BaseException) -> errors.ConfigError:
+  """One line for a failed flag parse, naming an unknown --config.KEY with the closest keys."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from gms_jax import configuration  # pylint: disable=import-outside-toplevel
+  spec = _config_spec(argv)
+  path, _, arg = spec.partition(":")
+  if os.path.isfile(path):
+    try:
+      module_spec = importlib.util.spec_from_file_location("_gms_config", path)
+      module = importlib.util.module_from_spec(module_spec)
+      module_spec.loader.exec_module(module)
+      flat = configuration.flatten(configuration.to_plain(module.get_config(arg) if arg
+                                                          else module.get_config()))
+    except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
+      return errors.ConfigError(f"--config {spec}: {errors.describe(e)}")
+    sections = {k.rsplit(".", 1)[0] for k in flat if "." in k}
+    for a in argv:
+      key = a[len("--config."):].split("=", 1)[0] if a.startswith("--config.") else None
+      if key and key not in flat and key not in sections:
+        return errors.ConfigError(configuration.suggest_key(key, flat))
+  elif spec:
+    return errors.ConfigError(f"--config {spec}: no such config file {path}")
+  return errors.ConfigError(f"bad flag: {errors.one_line(exc)}; {IMPORT_USAGE}")
 
 
 def import_main(argv: list[str] | None = None) -> int:
@@ -202,11 +244,14 @@ def import_main(argv: list[str] | None = None) -> int:
   Errors are raised (:mod:`gms_jax.errors`); :func:`gms_jax.cli.main` prints them as one line."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if any(a in ("-h", "--help", "-help") for a in argv):
-    print(IMPORT_USAGE + "\n\n" + __doc__.split("\n\n")[1])
+    print(IMPORT_USAGE + "\n" + IMPORT_HELP)
     return 0
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   from gms_jax import configuration  # pylint: disable=import-outside-toplevel
+  spec = _config_spec(argv)
+  if spec and not os.path.isfile(spec.partition(":")[0]):
+    raise errors.ConfigError(f"--config {spec}: no such config file {spec.partition(':')[0]}")
   full = ["gms-jax import"] + argv
   fv = flags.FlagValues()
   cfg_flag = config_flags.DEFINE_config_file("config", None, "training config, configs/gms.py:NAME",
@@ -216,14 +261,15 @@ def import_main(argv: list[str] | None = None) -> int:
   workdir = flags.DEFINE_string("workdir", None, "new workdir to create", flag_values=fv)
   try:
     extra = fv(full)
+    config = cfg_flag.value
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    raise errors.ConfigError(f"bad flag: {errors.one_line(e)}; {IMPORT_USAGE}") from None
+    raise _bad_flag(argv, e) from None
   if len(extra) > 1:
     raise errors.UsageError(f"unexpected arguments {extra[1:]}; {IMPORT_USAGE}")
-  if cfg_flag.value is None or not mapper.value or not workdir.value:
+  if config is None or not mapper.value or not workdir.value:
     raise errors.UsageError(f"--config, --mapper and --workdir are required; {IMPORT_USAGE}")
-  configuration.validate(cfg_flag.value)
-  info = import_workdir(cfg_flag.value, mapper.value, workdir.value)
+  configuration.validate(config)
+  info = import_workdir(config, mapper.value, workdir.value)
   print(f"wrote {info['workdir']}: step 0 from {info['source']} ({info['format']}, sha256 "
         f"{info['sha256']}); mapper {info['mapper']['in_channels']}ch ch={info['mapper']['ch']}; "
         f"tokenizer {info['tokenizer']['name']} {info['tokenizer']['path'] or '(packaged)'}")

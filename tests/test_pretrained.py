@@ -279,3 +279,19 @@ def test_train_mapper_init_errors_are_one_line(root, official):
   line = _one_error_line(p, 2)
   assert official[1] in line and "4 -> 4 latent channels" in line and "has 32" in line, line
   assert not wd.exists()
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--config", f"{CONFIG}:sample", "--config.mapper.chh=3"], ["config.mapper.chh", "config.mapper.ch"]),
+    (["--config", "no/such/config.py:sample"], ["no/such/config.py"]),
+    (["--config", f"{CONFIG}:bogus"], ["bogus", "unknown dataset"]),
+    (["--config", f"{CONFIG}:sample"], ["config.tokenizer.path"]),  # sd-vae has no packaged weights
+    (["--config", f"{CONFIG}:sample,taef2", "--config.batch_size=0"], ["config.batch_size"]),
+])
+def test_import_config_errors_are_one_line(root, official, args, names, capsys):
+  wd = root / "never"
+  assert cli.main(["import", *args, "--mapper", official[1], "--workdir", str(wd)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+  assert all(n in err for n in names), err
+  assert not wd.exists()
