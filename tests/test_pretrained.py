@@ -295,3 +295,17 @@ def test_import_config_errors_are_one_line(root, official, args, names, capsys):
   assert len(err.splitlines()) == 1 and "Traceback" not in err, err
   assert all(n in err for n in names), err
   assert not wd.exists()
+
+
+def test_every_mapper_source_reads_the_same_weights(root, official, imported):
+  """best_model.pth, its `gms-jax convert` output and the imported workdir hold the same params."""
+  from gms_jax import convert  # pylint: disable=import-outside-toplevel
+  converted = str(root / "mapper_converted.safetensors")
+  assert convert.main(["--format", "gms-mapper", official[1], converted]) == 0
+  ref = pretrained.read_mapper(official[1])
+  for src, fmt in ((converted, "gms-jax-convert"), (imported, "gms-jax-workdir")):
+    got = pretrained.read_mapper(src)
+    assert got.format == fmt and got.cfg == ref.cfg
+    assert sorted(got.flat) == sorted(ref.flat)
+    assert all(np.array_equal(got.flat[k], ref.flat[k]) for k in ref.flat), src
+  assert ref.sha256 == hashlib.sha256(open(official[1], "rb").read()).hexdigest()
