@@ -73,7 +73,8 @@ def test_diffusers_vae_in_a_subfolder(cache):
   snap = _snapshot(cache, "someorg/tiny-sd")
   vae.save_pretrained(snap / "vae")
   want, _ = conv_sd.load_diffusers(str(snap / "vae"))
-  for spec in ("hf:someorg/tiny-sd/vae", f"hf:someorg/tiny-sd@{COMMIT}/vae"):
+  # with the subfolder, at a revision, and as a pipeline repository (the VAE found in vae/)
+  for spec in ("hf:someorg/tiny-sd/vae", f"hf:someorg/tiny-sd@{COMMIT}/vae", "hf:someorg/tiny-sd"):
     tok = tokenizers.load("sd-vae", spec)
     assert tok.family == "sd-vae" and tok.scale == pytest.approx(0.13025)  # from config.json
     assert tok.config == VAE_CFG

@@ -4,7 +4,8 @@ Syntax: ``hf:OWNER/REPO[@REVISION][/SUBFOLDER]``, e.g. ``hf:stabilityai/sd-vae-f
 ``hf:stabilityai/stable-diffusion-2@main/vae``, ``hf:madebyollin/taesd``.
 
 * SD-VAE family (diffusers ``AutoencoderKL``): ``config.json`` + ``diffusion_pytorch_model.safetensors``
-  (or ``.bin``) of the (sub)folder; the architecture and ``scaling_factor`` come from them.
+  (or ``.bin``) of the (sub)folder, or of ``vae/`` for a pipeline repository named without a
+  subfolder; the architecture and ``scaling_factor`` come from them.
 * TAESD family (:data:`TAE_REPOS`: ``madebyollin/taesd``, ``taesdxl``, ``taef1``, ``taesd3``):
   ``<name>_encoder.pth`` + ``<name>_decoder.pth``.
 
@@ -99,7 +100,15 @@ def resolve(spec: str, family: str) -> str:
     name = TAE_REPOS[repo]
     files = [_download(spec, f"{name}_encoder.pth"), _download(spec, f"{name}_decoder.pth")]
   else:
-    files = [_download(spec, "config.json")]
+    try:
+      files = [_download(spec, "config.json")]
+    except errors.MissingPathError as first:  # a pipeline repository keeps its VAE in vae/
+      if parse(spec)[2]:
+        raise
+      try:
+        return resolve(spec.rstrip("/") + "/vae", family)
+      except errors.MissingPathError:
+        raise first from None
   converted = os.path.join(os.path.dirname(files[0]), f"gms_jax-{want}.safetensors")
   for candidate in (converted, _fallback(converted)):
     if os.path.isfile(candidate):
