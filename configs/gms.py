@@ -10,15 +10,37 @@ are modifiers applied in order::
 
 Datasets: ``sample`` (shipped ``data/sample``), ``busi``, ``bus-bra``, ``ph2``, ``drive``,
 ``chase_db1``, ``folder`` (any GMS-layout folder; set ``data.root``).
-Modifiers: ``smoke``, ``taef2`` (alias ``tae``), ``sd-vae``, ``bf16``, ``stepwise`` (per-step LR).
+Modifiers: ``smoke``, ``taef2`` (alias ``tae``), ``sd-vae``, ``bf16``, ``stepwise`` (per-step LR),
+``fast`` (the latent-bank recipe below).
 
 Any key can be overridden on the command line: ``--config.batch_size=16``.
+
+The ``fast`` recipe (``configs/gms.py:busi,taef2,fast``; ``gms_jax/train_fast.py``)
+--------------------------------------------------------------------------------------
+The default (``recipe = "exact"``) is SPEC §3 and is not changed by anything below. ``fast``
+takes the frozen tokenizer out of the inner loop: ``bank.num_views`` (K) augmented views of every
+training pair are encoded once into a latent bank in the workdir (``gms_jax/bank.py``), and the
+mapper trains on the stored latents. Every deviation from SPEC §3:
+
+1. Augmentation: the SPEC §3 transform (same code, same probabilities), but a finite sample of K
+   views per training image drawn once (view k of image i from seed ``(bank.seed, i, k)``)
+   instead of a fresh draw every epoch; epoch e shows each image once, as one of its K views,
+   each view once per K epochs.
+2. Loss: phase 1 is the latent term only, ``sum_k MSE(out[k], z_mask)`` over the same heads
+   (the Dice term and the decoder are left out); the last ``fast.dice_steps`` steps (phase 2;
+   0 = none) use the full SPEC loss (latent MSE + Dice of the decoded heads against the view's
+   stored full-resolution mask). Latent noise is as SPEC: ``z + std * eps`` with probability
+   ``loss.noise_prob`` per batch, ``std`` the banked unscaled posterior std (0 for TAE models).
+3. Schedule: ``num_epochs``, ``schedule.warmup_epochs`` and a per-step LR (``stepwise``) are set
+   for a wall-clock budget, not the 1000 epochs of SPEC; AdamW and its hyper-parameters are SPEC's.
+4. Validation (model selection on the validation split, as in every recipe) runs every
+   ``fast.eval_every_epochs`` epochs; validation images are encoded once (same values).
 """
 
 import ml_collections
 
 DATASETS = ("sample", "busi", "bus-bra", "ph2", "drive", "chase_db1", "folder")
-MODIFIERS = ("smoke", "taef2", "tae", "sd-vae", "bf16", "stepwise")
+MODIFIERS = ("smoke", "taef2", "tae", "sd-vae", "bf16", "stepwise", "fast")
 
 
 def _parse(arg):
@@ -98,6 +120,20 @@ def get_config(arg="sample"):
   c.num_epochs = 1000
   c.num_train_steps = -1  # -1 = num_epochs * steps_per_epoch(train split)
   c.precision = "float32"  # compute dtype of mapper and tokenizer: "float32" or "bfloat16"
+  c.recipe = "exact"  # "exact" (SPEC §3) or "fast" (latent bank; see the module docstring)
+
+  # ---------------------------------------------------------------- latent bank (recipe "fast")
+  c.bank = ml_collections.ConfigDict()
+  c.bank.dir = ""  # "" = WORKDIR/bank; another folder shares one bank between runs
+  c.bank.num_views = 8  # K augmented views per training pair
+  c.bank.seed = 2333  # view k of record i is drawn from (seed, i, k)
+  c.bank.shard_size = 64  # records per shard (the unit of atomic writes and of resumption)
+  c.bank.encode_batch_size = 8  # images (and masks) per encoder call while building
+
+  # ---------------------------------------------------------------- fast recipe
+  c.fast = ml_collections.ConfigDict()
+  c.fast.dice_steps = 0  # phase 2: the last N steps add the decoder Dice term (SPEC loss)
+  c.fast.eval_every_epochs = 5  # validation when eval_every_steps <= 0
 
   # ---------------------------------------------------------------- logging / eval / checkpoints
   c.log_every_steps = 50
@@ -132,4 +168,11 @@ def get_config(arg="sample"):
       c.precision = "bfloat16"
     elif m == "stepwise":
       c.schedule.per_epoch = False
+    elif m == "fast":  # the latent-bank recipe (deviations: see the module docstring)
+      c.recipe = "fast"
+      c.schedule.per_epoch = False
+      if "smoke" not in mods:  # a plan for BUSI on a 2-core CPU, to be tuned by measurement
+        c.num_epochs = 300
+        c.schedule.warmup_epochs = 5
+        c.log_every_steps = 100
   return c

@@ -126,3 +126,60 @@ def train_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_par
                   apply_noise=apply, eps=eps, heads=heads, rec_weight=rec_weight,
                   dice_weight=dice_weight, batch_decode=batch_decode,
                   batch_encode=batch_encode)
+
+
+# ----------------------------------------------------------------------------- banked (fast recipe)
+
+
+def banked_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
+                batch: dict[str, jax.Array], *, apply_noise: jax.Array | bool,
+                eps: jax.Array | None, heads: Sequence[str] = HEADS, rec_weight: float = 1.0,
+                dice_weight: float = 0.0, batch_decode: bool = True
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """:func:`gms_loss` on latents read from a latent bank (:mod:`gms_jax.bank`) instead of images.
+
+  ``batch``: ``z_image``, ``z_mask`` (B,h,w,C) as ``tokenizer.encode`` returned them for the
+  augmented view, ``std_image`` (B,h,w,C; absent for tokenizers without a posterior, whose std is
+  0) and, when ``dice_weight > 0``, ``mask`` (B,S,S) in {0,1}. The same terms as :func:`gms_loss`
+  for the same view and noise; with ``dice_weight == 0`` (phase 1) the decoder is never called.
+  """
+  z_img = jnp.asarray(batch["z_image"], jnp.float32)
+  z_mask = jax.lax.stop_gradient(jnp.asarray(batch["z_mask"], jnp.float32))
+  std = batch.get("std_image")
+  noised = eps is not None and std is not None
+  if noised:
+    z_img = z_img + jnp.where(apply_noise, jnp.asarray(std, jnp.float32) * eps,
+                              jnp.zeros_like(z_img))
+  z_img = jax.lax.stop_gradient(z_img)
+  mapper = nnx.merge(mapper_graphdef, mapper_params)
+  out = mapper(z_img)
+  preds = [out[k].astype(jnp.float32) for k in heads]
+  rec = sum(mse(p, z_mask) for p in preds)
+  loss = rec_weight * rec
+  dice = jnp.zeros((), jnp.float32)
+  if dice_weight:
+    tok_params = jax.lax.stop_gradient(tok_params)
+    grey = jnp.asarray(batch["mask"], jnp.float32)
+    b = z_img.shape[0]
+    if batch_decode:
+      decoded = tokenizer.decode_mask(tok_params, jnp.concatenate(preds, axis=0))
+      decoded = [decoded[i * b:(i + 1) * b] for i in range(len(preds))]
+    else:
+      decoded = [tokenizer.decode_mask(tok_params, p) for p in preds]
+    dice = sum(dice_loss(d, grey) for d in decoded)
+    loss = loss + dice_weight * dice
+  terms = {"rec": rec, "dice": dice,  # "noise": whether the draw said so, as gms_loss reports it
+           "noise": jnp.asarray(apply_noise if eps is not None else False, jnp.float32)}
+  return loss.astype(jnp.float32), terms
+
+
+def banked_train_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
+                      batch: dict[str, jax.Array], rng: jax.Array, *, noise_prob: float = 0.5,
+                      heads: Sequence[str] = HEADS, rec_weight: float = 1.0,
+                      dice_weight: float = 0.0, batch_decode: bool = True
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """:func:`banked_loss` with the noise drawn from ``rng`` as :func:`train_loss` draws it."""
+  apply, eps = sample_latent_noise(rng, batch["z_image"].shape, noise_prob)
+  return banked_loss(mapper_graphdef, mapper_params, tokenizer, tok_params, batch,
+                     apply_noise=apply, eps=eps, heads=heads, rec_weight=rec_weight,
+                     dice_weight=dice_weight, batch_decode=batch_decode)

@@ -139,7 +139,10 @@ def _every(value: int, default: int) -> int:
 
 
 class _Writer:
-  """Process 0 writes metrics to TensorBoard event files and ``WORKDIR/metrics.jsonl``."""
+  """Process 0 writes metrics to TensorBoard event files and ``WORKDIR/metrics.jsonl``.
+
+  Every JSON line carries ``wall_time`` (seconds since the epoch) for wall-clock curves
+  (``gms-jax plot``)."""
 
   def __init__(self, workdir: str, enabled: bool):
     self._enabled = enabled
@@ -155,12 +158,13 @@ class _Writer:
       return
     for k, v in scalars.items():
       self._tb.add_scalar(f"{prefix}{k}", float(v), int(step))
-    self._jsonl.write(json.dumps({"step": int(step), **{f"{prefix}{k}": float(v)
-                                                       for k, v in scalars.items()}}) + "\n")
+    self._jsonl.write(json.dumps({"step": int(step), "wall_time": round(time.time(), 3),
+                                  **{f"{prefix}{k}": float(v) for k, v in scalars.items()}}) + "\n")
 
   def event(self, step: int, **fields) -> None:
     if self._enabled:
-      self._jsonl.write(json.dumps({"step": int(step), **fields}) + "\n")
+      self._jsonl.write(json.dumps({"step": int(step), "wall_time": round(time.time(), 3),
+                                    **fields}) + "\n")
 
   def flush(self) -> None:
     if self._enabled:
@@ -171,6 +175,9 @@ class _Writer:
     if self._enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+MetricsWriter = _Writer  # the public name (gms_jax.train_fast writes the same metrics.jsonl)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -205,7 +212,7 @@ def _check_finite(step: int, m: dict[str, np.ndarray], workdir: str,
         f"saved; {where}. Lower the learning rate or use --config.precision=float32.")
 
 
-def _load_tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
+def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
   """``tokenizers.from_config``, with an unreadable/wrong weights file as one ConfigError line."""
   try:
     return tokenizers.from_config(config)
@@ -243,9 +250,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          n_processes=jax.process_count(), check_tokenizer=tokenizer is None)
   fresh = claim_workdir(config, workdir, write=is_main)
   progress = {"started": False}
+  run = _train_and_evaluate
+  if str(config.get("recipe", "exact")) == "fast":  # the latent-bank recipe
+    from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
+    run = train_fast.run
   try:
-    return _train_and_evaluate(config, workdir, tokenizer=tokenizer, devices=devices,
-                               progress=progress)
+    return run(config, workdir, tokenizer=tokenizer, devices=devices, progress=progress)
   except BaseException:
     if fresh is not None and not progress["started"] and is_main:
       release_workdir(workdir, fresh)  # failed before its first step: leave no workdir behind
@@ -309,6 +319,7 @@ def release_workdir(workdir: str, created: list[str]) -> None:
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         tokenizer: tokenizers.Tokenizer | None, devices: list[jax.Device] | None,
                         progress: dict[str, bool]) -> dict[str, Any]:
+  t_launch = time.time()
   # ---------------------------------------------------------------- logging
   is_main = jax.process_index() == 0
   writer = _Writer(workdir, enabled=is_main)
@@ -345,7 +356,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                len(sources["validation"]), len(sources["test"]), steps_per_epoch, total_steps)
 
   # ---------------------------------------------------------------- frozen tokenizer
-  tok = tokenizer if tokenizer is not None else _load_tokenizer(config)
+  tok = tokenizer if tokenizer is not None else load_tokenizer(config)
   logging.info("%s", tokenizers.describe(tok))
   tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
   tok_sharding = parallel.replicate_tree(tok_params, mesh)
@@ -421,7 +432,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("resumed from step %d in %s (%.1fs)", latest, ckpt.directory, time.time() - t0)
   step = int(jax.device_get(state["step"]))
   writer.event(step, event="start", total_steps=total_steps, resumed=latest is not None,
-               process_count=jax.process_count(), devices=n_dev)
+               process_count=jax.process_count(), devices=n_dev,
+               setup_seconds=round(time.time() - t_launch, 3))
 
   # ---------------------------------------------------------------- evaluator (validation only)
   val = list(pipeline.eval_examples(sources["validation"], image_size=image_size))

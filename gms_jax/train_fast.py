@@ -1,0 +1,400 @@
+"""The ``fast`` recipe: the latent mapper trained on a latent bank (``configs/gms.py:busi,taef2,fast``).
+
+``gms_jax.train.train_and_evaluate`` hands a config with ``recipe = "fast"`` to
+:func:`train_and_evaluate` here. The stages mirror ``gms_jax/train.py`` and reuse its public
+pieces (``make_schedule``, ``make_optimizer``, ``loss_kwargs``, ``MetricsWriter``, the
+checkpointer), with two differences:
+
+* a **latent-bank stage** after the tokenizer: K augmented views of every training pair are
+  encoded once by the frozen encoder into ``bank.dir`` (default ``WORKDIR/bank``;
+  :mod:`gms_jax.bank`: atomic shards, resumable, reused across restarts, refused when built for
+  another tokenizer, image size, split or seed);
+* the **banked step** (:func:`make_banked_step`): :func:`gms_jax.loss.banked_train_loss` on
+  stored latents. Phase 1 (all but the last ``fast.dice_steps`` steps) is the latent term only
+  and never runs the tokenizer; phase 2 adds the decoder Dice term against the view's stored
+  mask (the SPEC §3 loss without the encoder). Only the mapper's params are differentiated.
+
+The data order is a pure function of the step (:func:`gms_jax.bank.batch_entries`), so a
+resumed run reads the same batches as an uninterrupted one with no iterator state to save.
+Validation (model selection) is on the validation split with the SPEC §4 protocol; its images
+are encoded once and only the mapper and decoder run at each validation.
+
+Every deviation from SPEC §3 is listed in the ``configs/gms.py`` docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from gms_jax import bank as bank_lib
+from gms_jax import checkpoint as ckpt_lib
+from gms_jax import loss as loss_lib
+from gms_jax import metrics as metrics_lib
+from gms_jax import inference
+from gms_jax import parallel
+from gms_jax import tokenizers
+from gms_jax import train as train_lib
+from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS
+
+
+def banked_loss_kwargs(config: ml_collections.ConfigDict, *, dice: bool,
+                       platform: str | None = None) -> dict[str, Any]:
+  """``config.loss`` as :func:`gms_jax.loss.banked_train_loss` keywords; ``dice=False`` = phase 1."""
+  kw = train_lib.loss_kwargs(config, platform)
+  kw.pop("batch_encode")
+  kw["dice_weight"] = kw["dice_weight"] if dice else 0.0
+  return kw
+
+
+def make_banked_step(graphdef: Any, tokenizer: tokenizers.Tokenizer,
+                     tx: optax.GradientTransformation, schedule: Callable,
+                     loss_kw: dict[str, Any]) -> Callable:
+  """The (un-jitted) step ``(state, tok_params, banked batch) -> (state, metrics)``.
+
+  Same state and metrics as ``gms_jax.train.make_train_step``; step ``s`` draws its latent noise
+  from ``fold_in(rng, s)``.
+  """
+
+  def train_step(state, tok_params, batch):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+
+    def loss_fn(params):
+      return loss_lib.banked_train_loss(graphdef, params, tokenizer, tok_params, batch, rng,
+                                        **loss_kw)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": state["rng"]}
+    metrics = {"loss": loss, **terms, "lr": schedule(state["step"]),
+               "grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+
+  return train_step
+
+
+def banked_batch_shapes(global_bs: int, latent_shape, image_size: int, *, has_std: bool,
+                        dice: bool, sharding=None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of a banked batch (what :meth:`gms_jax.bank.Bank.gather` returns)."""
+  z = jax.ShapeDtypeStruct((global_bs, *latent_shape), jnp.float32, sharding=sharding)
+  shapes = {"z_image": z, "z_mask": z}
+  if has_std:
+    shapes["std_image"] = z
+  if dice:
+    shapes["mask"] = jax.ShapeDtypeStruct((global_bs, image_size, image_size), jnp.float32,
+                                          sharding=sharding)
+  return shapes
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def tokenizer_identity(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) -> dict:
+  return {"name": str(config.tokenizer.name), "path": str(config.tokenizer.path),
+          "family": tok.family, "latent_channels": int(tok.latent_channels),
+          "params_sha256": bank_lib.params_sha256(tok.params)}
+
+
+def make_encode_fn(tok: tokenizers.Tokenizer, devices: list[jax.Device]) -> Callable:
+  """A jitted ``(images, masks) -> {"z_image", "std_image", "z_mask"}`` (numpy) over ``devices``
+  (this process's devices: each process encodes its own shards)."""
+  mesh = parallel.make_mesh(devices)
+  shard = parallel.data_sharded(mesh)
+  tok_params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), parallel.replicated(mesh)),
+                            tok.params)
+
+  @jax.jit
+  def encode(tp, images, masks):
+    lat = tok.encode(tp, images)
+    z_mask = tok.encode(tp, jnp.repeat(masks[..., None], 3, axis=-1)).z
+    return {"z_image": lat.z, "std_image": lat.std, "z_mask": z_mask}
+
+  def encode_fn(images, masks):
+    out = encode(tok_params, jax.device_put(np.asarray(images, np.float32), shard),
+                 jax.device_put(np.asarray(masks, np.float32), shard))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+  return encode_fn
+
+
+def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
+                 tok: tokenizers.Tokenizer, local_devices: list[jax.Device]
+                 ) -> tuple[bank_lib.Bank, dict[str, Any]]:
+  """Checks or writes the manifest, builds the missing shards (this process's), opens the bank."""
+  size = int(config.data.image_size)
+  f = tok.downsample
+  if size % f:
+    raise ValueError(f"config.data.image_size={size} is not a multiple of {f}")
+  bank_dir = os.path.abspath(str(config.bank.dir) or os.path.join(workdir, "bank"))
+  k = int(config.bank.num_views)
+  if k < 1:
+    raise ValueError(f"config.bank.num_views must be >= 1, got {k}")
+  n_local = len(local_devices)
+  ebs = -(-int(config.bank.encode_batch_size) // n_local) * n_local
+  expected = bank_lib.make_manifest(
+      tokenizer=tokenizer_identity(config, tok), precision=str(config.precision),
+      image_size=size, source=train_source, seed=int(config.bank.seed), num_views=k,
+      shard_size=int(config.bank.shard_size), has_std=tok.has_posterior,
+      latent_shape=(size // f, size // f, tok.latent_channels),
+      augment=bool(config.data.augment))
+  if jax.process_index() == 0:
+    manifest = bank_lib.prepare_manifest(bank_dir, expected, write=True)
+  _sync("gms_bank_manifest")
+  if jax.process_index() != 0:
+    manifest = bank_lib.prepare_manifest(bank_dir, expected, write=False)
+  manifest = dict(manifest, num_views=k)  # build (and read) the views this run uses
+  t0 = time.time()
+  stats = bank_lib.build(bank_dir, train_source, manifest, make_encode_fn(tok, local_devices),
+                         encode_batch_size=ebs, process_index=jax.process_index(),
+                         process_count=jax.process_count(),
+                         log=lambda s: logging.info("%s", s))
+  _sync("gms_bank_built")
+  bank = bank_lib.Bank(bank_dir, num_views=k)
+  info = {"dir": bank_dir, "views": k, "records": bank.num_records, "entries": bank.num_entries,
+          "bytes": bank_lib.disk_bytes(bank_dir), "build_seconds_total": bank.build_seconds,
+          "built_now": stats["built"], "seconds_now": time.time() - t0,
+          "seconds_per_view": bank.build_seconds / max(bank.num_entries, 1)}
+  logging.info("latent bank %s: %d views x %d records, %.1f MiB on disk, built in %.1fs in all "
+               "(%.3f s/view); this run built %d shard(s) in %.1fs", bank_dir, k,
+               bank.num_records, info["bytes"] / 2**20, bank.build_seconds,
+               info["seconds_per_view"], stats["built"], info["seconds_now"])
+  return bank, info
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       tokenizer: tokenizers.Tokenizer | None = None,
+                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Trains the ``fast`` recipe (resuming from ``workdir``); returns a summary dict."""
+  t_launch = time.time()
+  # ---------------------------------------------------------------- workdir, logging
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, ckpt_lib.CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  writer = train_lib.MetricsWriter(workdir, enabled=is_main)
+  logging.info("fast recipe (latent bank); workdir %s; process %d/%d; local devices %s", workdir,
+               jax.process_index(), jax.process_count(), jax.local_devices())
+
+  # ---------------------------------------------------------------- mesh
+  mesh = parallel.make_mesh(devices)
+  global_bs = parallel.check_batch_size(int(config.batch_size), mesh)
+  n_dev = mesh.devices.size
+  eval_bs = -(-int(config.eval_batch_size) // n_dev) * n_dev
+  repl = parallel.replicated(mesh)
+  data_sharding = parallel.data_sharded(mesh)
+  local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+  # ---------------------------------------------------------------- input
+  from gms_jax.data import builder, pipeline  # pylint: disable=import-outside-toplevel
+  sources = builder.prepare(config.data)
+  image_size = int(config.data.image_size)
+  n_train = len(sources["train"])
+  steps_per_epoch = pipeline.steps_per_epoch(n_train, global_bs)
+  total_steps = (int(config.num_train_steps) if int(config.num_train_steps) > 0
+                 else int(config.num_epochs) * steps_per_epoch)
+  eval_every = (int(config.eval_every_steps) if int(config.eval_every_steps) > 0
+                else max(int(config.fast.eval_every_epochs), 1) * steps_per_epoch)
+  ckpt_every = (int(config.checkpoint_every_steps) if int(config.checkpoint_every_steps) > 0
+                else eval_every)
+  log_every = max(int(config.log_every_steps), 1)
+  dice_steps = min(max(int(config.fast.dice_steps), 0), total_steps)
+  phase2_start = total_steps - dice_steps
+  logging.info("data %s: train %d, validation %d; %d steps/epoch, %d steps (phase 2 with the "
+               "Dice term from step %d)", config.data.name, n_train, len(sources["validation"]),
+               steps_per_epoch, total_steps, phase2_start + 1)
+
+  # ---------------------------------------------------------------- frozen tokenizer
+  tok = tokenizer if tokenizer is not None else tokenizers.from_config(config)
+  logging.info("%s", tokenizers.describe(tok))
+
+  # ---------------------------------------------------------------- latent bank
+  bank, bank_info = prepare_bank(config, workdir, sources["train"], tok, local_devices)
+  tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
+  tok_sharding = parallel.replicate_tree(tok_params, mesh)
+
+  # ---------------------------------------------------------------- model, optimizer
+  dtype = ckpt_lib.compute_dtype(config.precision)
+  mapper_cfg = MapperConfig(in_channels=tok.latent_channels, out_channels=tok.latent_channels,
+                            ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: ResAttnUNet_DS(mapper_cfg, rngs=nnx.Rngs(0), dtype=dtype)), nnx.Param)
+  schedule = train_lib.make_schedule(config, steps_per_epoch)
+  tx = train_lib.make_optimizer(config, schedule)
+  root_key = jax.random.PRNGKey(int(config.seed))
+  init_key, noise_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
+
+  def init_fn(init_key, noise_key):
+    model = ResAttnUNet_DS(mapper_cfg, rngs=nnx.Rngs(params=init_key), dtype=dtype)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": noise_key}
+
+  # ---------------------------------------------------------------- shapes, shardings, jit init
+  abstract_state = jax.eval_shape(init_fn, init_key, noise_key)
+  state_sharding = parallel.replicate_tree(abstract_state, mesh)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+      state_sharding)
+  latent_shape = tuple(bank.manifest["latent_shape"])
+  with jax.threefry_partitionable(False):
+    state = jax.jit(init_fn, in_shardings=(repl, repl), out_shardings=state_sharding)(
+        parallel.replicate_array(np.asarray(init_key), mesh),
+        parallel.replicate_array(np.asarray(noise_key), mesh))
+
+  # ---------------------------------------------------------------- banked steps (jit, donate, AOT)
+  compiled: dict[bool, Any] = {}
+
+  def step_fn(dice: bool):
+    if dice not in compiled:
+      t0 = time.time()
+      fn = make_banked_step(graphdef, tok, tx, schedule, banked_loss_kwargs(config, dice=dice))
+      fn = jax.jit(fn, in_shardings=(state_sharding, tok_sharding, data_sharding),
+                   out_shardings=(state_sharding, repl), donate_argnums=(0,))
+      shapes = banked_batch_shapes(global_bs, latent_shape, image_size, has_std=bank.has_std,
+                                   dice=dice, sharding=data_sharding)
+      compiled[dice] = fn.lower(abstract_state, tok_params, shapes).compile()
+      logging.info("banked step (phase %d) compiled: %.1fs", 2 if dice else 1, time.time() - t0)
+    return compiled[dice]
+
+  step_fn(dice=phase2_start == 0)
+
+  # ---------------------------------------------------------------- restore
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints), metadata={
+      "config": json.loads(config.to_json_best_effort()), "mapper": mapper_cfg.to_dict(),
+      "tokenizer": {"name": str(config.tokenizer.name), "path": str(config.tokenizer.path),
+                    "family": tok.family, "latent_channels": tok.latent_channels},
+      "recipe": "fast", "bank": {k: v for k, v in bank.manifest.items() if k != "tokenizer"}})
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(latest, abstract_state)
+    logging.info("resumed from step %d in %s", latest, ckpt.directory)
+  step = int(jax.device_get(state["step"]))
+
+  # ---------------------------------------------------------------- evaluator (validation only)
+  val = list(pipeline.eval_examples(sources["validation"], image_size=image_size))
+  val_images = np.stack([e["image"] for e in val]).astype(np.float32)
+  val_masks = np.stack([e["mask"] for e in val]) >= 0.5
+  rows = parallel.host_slice(eval_bs)
+  encode_val = jax.jit(lambda t, x: tok.encode(t, x).z,
+                       in_shardings=(tok_sharding, data_sharding), out_shardings=data_sharding)
+  val_z = []  # encoded once: the tokenizer is frozen and validation has no noise
+  for i in range(0, len(val_images), eval_bs):
+    chunk = val_images[i:i + eval_bs]
+    if len(chunk) < eval_bs:  # pad with copies of the last image; their predictions are dropped
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], eval_bs - len(chunk), axis=0)])
+    x = jax.make_array_from_process_local_data(data_sharding, chunk[rows], chunk.shape)
+    val_z.append(encode_val(tok_params, x))
+
+  def _predict(p, t, z):  # inference.predict_probs after the encoder
+    z_out = nnx.merge(graphdef, p)(z)["out"].astype(jnp.float32)
+    return tok.decode_mask(t, z_out)
+
+  predict = jax.jit(_predict, in_shardings=(state_sharding["params"], tok_sharding, data_sharding),
+                    out_shardings=repl)
+
+  def evaluate(params) -> dict[str, float]:
+    probs = np.concatenate([np.asarray(predict(params, tok_params, z)) for z in val_z])
+    pred = probs[:len(val_images)] > inference.THRESHOLD
+    dsc, iou = metrics_lib.dice_iou(pred, val_masks)
+    return {"val_dice": float(np.mean(dsc)), "val_iou": float(np.mean(iou))}
+
+  setup_seconds = time.time() - t_launch
+  writer.event(step, event="start", recipe="fast", total_steps=total_steps,
+               resumed=latest is not None, process_count=jax.process_count(), devices=n_dev,
+               setup_seconds=round(setup_seconds, 3), bank=bank_info)
+
+  # ---------------------------------------------------------------- loop
+  logging.info("training steps %d..%d: log every %d, validate every %d, checkpoint every %d",
+               step + 1, total_steps, log_every, eval_every, ckpt_every)
+  last_saved = latest
+  pending: list[tuple[int, Any]] = []
+  window: list[dict[str, np.ndarray]] = []
+  t_window, steps_window = time.time(), 0
+  last_eval: dict[str, float] = {}
+  seconds = {"setup": setup_seconds, "bank": bank_info["seconds_now"], "train": 0.0,
+             "validation": 0.0, "checkpoint": 0.0}
+  summary: dict[str, Any] = {"first_step": step + 1, "bank": bank_info}
+  batch_rows = parallel.host_slice(global_bs)
+
+  def drain(keep_last: bool) -> None:
+    while len(pending) > (1 if keep_last else 0):
+      s, m = pending.pop(0)
+      m = jax.device_get(m)
+      if not math.isfinite(float(m["loss"])):
+        where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}"
+                 if last_saved is not None else "no checkpoint had been saved yet")
+        raise train_lib.NonFiniteLossError(
+            f"non-finite training loss {float(m['loss'])} at step {s} (rec={float(m['rec'])}, "
+            f"dice={float(m['dice'])}); training stopped; {where}. Lower the learning rate.")
+      window.append(m)
+
+  try:
+    t_loop = time.time()
+    while step < total_steps:
+      dice = step >= phase2_start
+      fn = step_fn(dice)
+      views, records = bank_lib.batch_entries(step, num_records=bank.num_records,
+                                              num_views=bank.num_views, batch_size=global_bs,
+                                              seed=int(config.seed))
+      local = bank.gather(views[batch_rows], records[batch_rows], masks=dice)
+      state, m = fn(state, tok_params, parallel.global_batch(local, mesh))
+      step += 1
+      steps_window += 1
+      pending.append((step, m))
+      drain(keep_last=True)
+
+      is_last = step == total_steps
+      do_eval, do_ckpt = step % eval_every == 0 or is_last, step % ckpt_every == 0 or is_last
+      if step % log_every == 0 or do_eval or do_ckpt:
+        drain(keep_last=False)
+        dt = time.time() - t_window
+        scalars = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+        scalars["steps_per_sec"] = steps_window / max(dt, 1e-9)
+        scalars["dice_phase"] = float(dice)
+        writer.write(step, scalars, prefix="train/")
+        summary.setdefault("losses", []).append((step, scalars["loss"]))
+        window.clear()
+        t_window, steps_window = time.time(), 0
+      if do_eval:
+        t0 = time.time()
+        last_eval = evaluate(state["params"])
+        seconds["validation"] += time.time() - t0
+        writer.write(step, {**last_eval, "seconds": time.time() - t0}, prefix="eval/")
+        logging.info("step %d: validation Dice %.4f IoU %.4f", step, last_eval["val_dice"],
+                     last_eval["val_iou"])
+      if do_ckpt:
+        t0 = time.time()
+        ckpt.save(step, state, metrics=last_eval if do_eval else None)
+        last_saved = step
+        seconds["checkpoint"] += time.time() - t0
+      writer.flush()
+    seconds["train"] = time.time() - t_loop - seconds["validation"] - seconds["checkpoint"]
+  finally:
+    ckpt.wait()
+    writer.event(step, event="end", seconds={k: round(v, 3) for k, v in seconds.items()})
+    writer.close()
+  summary.update(step=step, val=last_eval, best_step=ckpt.best_step(),
+                 latest_step=ckpt.latest_step(), seconds=seconds)
+  ckpt.close()
+  logging.info("done: step %d, best checkpoint %s (validation Dice), last validation %s; wall "
+               "time of this run: %s", step, summary["best_step"], last_eval,
+               {k: round(v, 1) for k, v in seconds.items()})
+  return summary
