@@ -16,6 +16,7 @@ commands:
   import      mapper weights -> a workdir   gms-jax import --config configs/gms.py:busi --mapper best_model.pth --workdir DIR
   export      workdir -> official .pth     gms-jax export --workdir DIR [--format pth|safetensors] OUT
   check-data  validate a dataset folder     gms-jax check-data PATH
+  plot        validation Dice vs minutes    gms-jax plot WORKDIR... --out curves.png
 
 `gms-jax <command> --help` for each command's options. Errors are one line on stderr (exit 2:
 usage or config, 1: data or other failures); `--verbose` (or GMS_JAX_VERBOSE=1) adds the traceback.
@@ -30,6 +31,7 @@ COMMANDS = {
     "import": ("gms_jax.pretrained", "import_main"),
     "export": ("gms_jax.pretrained", "export_main"),
     "check-data": ("gms_jax.data.checks", "main"),
+    "plot": ("gms_jax.plot", "main"),
 }
 
 

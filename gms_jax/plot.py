@@ -1,0 +1,175 @@
+"""``gms-jax plot WORKDIR... --out curves.png``: validation Dice against wall-clock minutes.
+
+Reads each workdir's ``metrics.jsonl`` (written by training; every line has ``wall_time``).
+The x axis is the run's own working time in minutes: each ``start`` event opens a segment at
+``wall_time - setup_seconds`` (so data preparation, tokenizer loading, the latent bank and
+compilation count), and a resumed run continues from where the previous segment's last record
+left off (the time a run was not running does not count).
+
+Drawn with Pillow (already a dependency; matplotlib is not installed in the project's
+environment and is not needed for one line chart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+          (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+
+
+class PlotError(ValueError):
+  pass
+
+
+def read_curve(workdir: str | os.PathLike, metric: str = "eval/val_dice"
+               ) -> list[tuple[float, float]]:
+  """``[(minutes, value)]`` of ``metric`` in ``WORKDIR/metrics.jsonl`` (see the module doc)."""
+  path = Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    raise PlotError(f"{path}: no such file (not a gms-jax training workdir?)")
+  points, offset, origin, last_t, timed = [], 0.0, None, None, False
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        r = json.loads(line)
+      except ValueError:
+        raise PlotError(f"{path}:{n}: not JSON") from None
+      t = r.get("wall_time")
+      if t is None:
+        continue
+      timed = True
+      if r.get("event") == "start":
+        if origin is not None and last_t is not None:
+          offset += last_t - origin
+        origin = float(t) - float(r.get("setup_seconds", 0.0))
+      if origin is None:
+        origin = float(t)
+      last_t = float(t)
+      if metric in r:
+        points.append(((offset + float(t) - origin) / 60.0, float(r[metric])))
+  if not timed:
+    raise PlotError(f"{path}: no wall_time fields (written by an older gms-jax); "
+                    "cannot plot against wall-clock time")
+  if not points:
+    raise PlotError(f"{path}: no {metric!r} records")
+  return points
+
+
+def _nice_step(span: float, target: int = 6) -> float:
+  raw = max(span, 1e-9) / target
+  mag = 10 ** math.floor(math.log10(raw))
+  for m in (1, 2, 2.5, 5, 10):
+    if raw <= m * mag:
+      return m * mag
+  return 10 * mag
+
+
+def _fmt(v: float) -> str:
+  return f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+
+
+def draw(curves: list[tuple[str, list[tuple[float, float]]]], out: str, *,
+         ylabel: str = "validation Dice", title: str = "", width: int = 960,
+         height: int = 600) -> None:
+  """One line per ``(label, points)``; writes a PNG to ``out``."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
+  font = ImageFont.load_default(size=15)
+  small = ImageFont.load_default(size=13)
+  img = Image.new("RGB", (width, height), "white")
+  d = ImageDraw.Draw(img)
+  left, right, top, bottom = 80, 30, 50 if title else 25, 60
+  x0, x1, y0, y1 = left, width - right, height - bottom, top  # pixel box (y0 bottom)
+  xmax = max(p[0] for _, pts in curves for p in pts)
+  ys = [p[1] for _, pts in curves for p in pts]
+  ylo, yhi = min(0.0, min(ys)), max(1.0, max(ys))
+  xstep = _nice_step(xmax)
+  xhi = math.ceil(max(xmax, 1e-9) / xstep) * xstep
+  ystep = _nice_step(yhi - ylo, 5)
+
+  def px(x, y):
+    return (x0 + (x1 - x0) * x / xhi, y0 - (y0 - y1) * (y - ylo) / (yhi - ylo))
+
+  for i in range(int(round(xhi / xstep)) + 1):  # grid and ticks
+    x = i * xstep
+    a, _ = px(x, ylo)
+    d.line([(a, y0), (a, y1)], fill=(230, 230, 230))
+    d.text((a, y0 + 6), _fmt(x), fill="black", font=small, anchor="mt")
+  y = math.ceil(ylo / ystep) * ystep
+  while y <= yhi + 1e-9:
+    _, b = px(0, y)
+    d.line([(x0, b), (x1, b)], fill=(230, 230, 230))
+    d.text((x0 - 6, b), _fmt(round(y, 6)), fill="black", font=small, anchor="rm")
+    y += ystep
+  d.rectangle([x0, y1, x1, y0], outline="black")
+  d.text(((x0 + x1) / 2, height - 18), "wall-clock minutes", fill="black", font=font, anchor="mm")
+  label_img = Image.new("RGBA", (300, 24), (255, 255, 255, 0))
+  ImageDraw.Draw(label_img).text((150, 12), ylabel, fill="black", font=font, anchor="mm")
+  img.paste(label_img.rotate(90, expand=True), (8, int((y0 + y1) / 2 - 150)),
+            label_img.rotate(90, expand=True))
+  if title:
+    d.text(((x0 + x1) / 2, 22), title, fill="black", font=font, anchor="mm")
+  for i, (label, pts) in enumerate(curves):  # lines, markers, legend
+    color = COLORS[i % len(COLORS)]
+    xy = [px(x, y) for x, y in sorted(pts)]
+    if len(xy) > 1:
+      d.line(xy, fill=color, width=2)
+    for a, b in xy:
+      d.ellipse([a - 3, b - 3, a + 3, b + 3], fill=color)
+    ly = y1 + 12 + 20 * i
+    d.line([(x1 - 230, ly), (x1 - 205, ly)], fill=color, width=3)
+    d.text((x1 - 198, ly), label, fill="black", font=small, anchor="lm")
+  img.save(out, format="PNG")
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="gms-jax plot", description=__doc__.split("\n")[0])
+  parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+  parser.add_argument("--out", required=True, help="PNG file to write (refused if it exists)")
+  parser.add_argument("--label", action="append", default=None,
+                      help="legend label per WORKDIR, in order (default: the folder names)")
+  parser.add_argument("--metric", default="eval/val_dice", help="metrics.jsonl key to plot")
+  parser.add_argument("--title", default="")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  args = parser.parse_args(argv)
+  labels = args.label or [Path(w).resolve().name for w in args.workdirs]
+  if len(labels) != len(args.workdirs):
+    print(f"gms-jax plot: error: {len(labels)} --label for {len(args.workdirs)} workdirs",
+          file=sys.stderr)
+    return 2
+  out = Path(args.out)
+  if out.exists() and not args.overwrite:
+    print(f"gms-jax plot: error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+    return 2
+  try:
+    curves = [(lab, read_curve(w, args.metric)) for lab, w in zip(labels, args.workdirs)]
+  except PlotError as e:
+    print(f"gms-jax plot: error: {e}", file=sys.stderr)
+    return 1
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f".tmp-{out.name}.{os.getpid()}")
+  try:
+    ylabel = ("validation Dice" if args.metric == "eval/val_dice"
+              else args.metric.split("/")[-1].replace("_", " "))
+    draw(curves, str(tmp), ylabel=ylabel, title=args.title)
+    os.replace(tmp, out)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  for lab, pts in curves:
+    best = max(pts, key=lambda p: p[1])
+    print(f"{lab}: {len(pts)} points, last {pts[-1][1]:.4f} at {pts[-1][0]:.1f} min, "
+          f"best {best[1]:.4f} at {best[0]:.1f} min")
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
