@@ -1,0 +1,130 @@
+"""The ``fast`` recipe end to end (`gms-jax train --config configs/gms.py:smoke,fast`), its
+bank refusal at the command line, and `gms-jax plot`.
+
+The smoke run trains on the shipped sample with the packaged TAEF2 tokenizer at 32x32: 4 views
+per image are banked, 75 banked steps, the last 3 with the Dice term (phase 2). It must learn:
+the validation Dice beats predicting the whole image as foreground. A second invocation with
+more steps reuses the bank (builds nothing) and resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import _train_helpers as H
+from test_train_smoke import _baseline_dice
+
+
+def _train(workdir, tfds, cache, *extra, timeout=400):
+  cmd = [sys.executable, "-m", "gms_jax.cli", "train", "--config",
+         f"{H.REPO / 'configs' / 'gms.py'}:smoke,fast", "--workdir", str(workdir),
+         f"--config.data.tfds_dir={tfds}", "--config.bank.num_views=4",
+         "--config.fast.dice_steps=3", "--config.eval_every_steps=25", "--config.log_every_steps=25",
+         "--config.num_epochs=34",  # the LR schedule spans both invocations (75 + 25 steps)
+         *extra]
+  return subprocess.run(cmd, env=H.subprocess_env(cache), capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def packaged_taef2():
+  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
+  try:
+    tokenizers.packaged_path("taef2")
+  except FileNotFoundError as e:
+    pytest.skip(f"packaged TAEF2 weights missing: {e}")
+
+
+@pytest.mark.slow
+def test_fast_smoke_learns_reuses_bank_and_resumes(tmp_path, packaged_taef2):
+  workdir, tfds, cache = tmp_path / "fast", str(tmp_path / "tfds"), str(tmp_path / "cache")
+  p = _train(workdir, tfds, cache, "--config.num_train_steps=75")
+  assert p.returncode == 0, p.stderr[-6000:]
+  records = H.read_jsonl(workdir / "metrics.jsonl")
+  start = [r for r in records if r.get("event") == "start"]
+  assert len(start) == 1 and start[0]["recipe"] == "fast" and not start[0]["resumed"]
+  bank = start[0]["bank"]
+  assert bank["views"] == 4 and bank["built_now"] == 4 and bank["entries"] == 4 * 29
+  manifest = json.loads((workdir / "bank" / "manifest.json").read_text())
+  assert manifest["tokenizer"]["family"] == "tae" and manifest["image_size"] == 32
+  losses = [(r["step"], r["train/loss"], r["train/dice_phase"]) for r in records
+            if "train/loss" in r]
+  evals = [r for r in records if "eval/val_dice" in r]
+  baseline = _baseline_dice(tfds, 32)
+  print(f"\n[fast smoke] loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}; validation Dice "
+        f"{[round(r['eval/val_dice'], 3) for r in evals]} vs all-foreground {baseline:.3f}")
+  assert [s for s, _, _ in losses] == [25, 50, 75] and all(np.isfinite(l) for _, l, _ in losses)
+  assert losses[-1][2] == 1.0 and losses[0][2] == 0.0  # the last window is phase 2
+  phase1 = [l for _, l, ph in losses if ph == 0.0]
+  assert phase1[-1] < 0.8 * phase1[0]
+  assert evals[-1]["eval/val_dice"] > baseline + 0.1
+  assert all("wall_time" in r for r in records)
+
+  # a second invocation: the bank is reused as is, training resumes at step 75
+  shard_times = {p.name: p.stat().st_mtime_ns for p in (workdir / "bank" / "shards").iterdir()}
+  p = _train(workdir, tfds, cache, "--config.num_train_steps=100")
+  assert p.returncode == 0, p.stderr[-6000:]
+  records = H.read_jsonl(workdir / "metrics.jsonl")
+  start = [r for r in records if r.get("event") == "start"]
+  assert len(start) == 2 and start[1]["resumed"] and start[1]["step"] == 75
+  assert start[1]["bank"]["built_now"] == 0
+  assert shard_times == {p.name: p.stat().st_mtime_ns
+                         for p in (workdir / "bank" / "shards").iterdir()}
+  assert max(r["step"] for r in records if "eval/val_dice" in r) == 100
+  from gms_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  mapper, cfg, step = checkpoint.restore_mapper(str(workdir), "best")  # evaluate/predict's path
+  assert cfg.recipe == "fast" and mapper.cfg.in_channels == 32 and step in (25, 50, 75, 100)
+
+  # the wall-clock picture of this run; an existing --out is never replaced unasked
+  out = tmp_path / "curves.png"
+  cmd = [sys.executable, "-m", "gms_jax.cli", "plot", str(workdir), "--out", str(out)]
+  p = subprocess.run(cmd, env=H.subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p.stderr
+  before = out.read_bytes()
+  p = subprocess.run(cmd, env=H.subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2 and "exists" in p.stderr and out.read_bytes() == before
+
+
+def test_mismatched_bank_refused_at_the_command_line(tmp_path, packaged_taef2):
+  """A bank built for another tokenizer: one error line, no traceback, nothing written to it."""
+  bank_dir = tmp_path / "bank"
+  bank_dir.mkdir()
+  manifest = {"format": 1, "tokenizer": {"name": "sd-vae", "family": "sd-vae"}, "image_size": 32}
+  (bank_dir / "manifest.json").write_text(json.dumps(manifest))
+  p = _train(tmp_path / "run", str(tmp_path / "tfds"), None, f"--config.bank.dir={bank_dir}",
+             timeout=300)
+  assert p.returncode == 1
+  assert "Traceback" not in p.stderr
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "manifest.json" in last and "tokenizer.name" in last, last
+  assert sorted(x.name for x in bank_dir.iterdir()) == ["manifest.json"]
+  assert json.loads((bank_dir / "manifest.json").read_text()) == manifest
+
+
+def test_plot_curve_counts_setup_and_skips_downtime(tmp_path):
+  from gms_jax import plot  # pylint: disable=import-outside-toplevel
+  lines = [
+      {"step": 0, "wall_time": 1000.0, "event": "start", "setup_seconds": 60.0},
+      {"step": 10, "wall_time": 1060.0, "eval/val_dice": 0.5},
+      {"step": 20, "wall_time": 1120.0, "eval/val_dice": 0.6},   # killed here (2 min of work)
+      {"step": 20, "wall_time": 5000.0, "event": "start", "setup_seconds": 30.0},
+      {"step": 30, "wall_time": 5030.0, "eval/val_dice": 0.7},
+  ]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  pts = plot.read_curve(tmp_path)
+  # 1 min setup + 1 min, +1 min; after the restart 0.5 min setup + 0.5 min; the gap not counted
+  assert pts == [(2.0, 0.5), (3.0, 0.6), (4.0, 0.7)]
+  out = tmp_path / "c.png"
+  plot.draw([("run", pts)], str(out))
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  assert Image.open(out).size == (960, 600)
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval/val_dice": 0.1}))
+  with pytest.raises(plot.PlotError, match="wall_time"):
+    plot.read_curve(tmp_path / "old")
