@@ -35,6 +35,8 @@ mapper trains on the stored latents. Every deviation from SPEC §3:
    for a wall-clock budget, not the 1000 epochs of SPEC; AdamW and its hyper-parameters are SPEC's.
 4. Validation (model selection on the validation split, as in every recipe) runs every
    ``fast.eval_every_epochs`` epochs; validation images are encoded once (same values).
+5. Optional (off by default): ``fast.ema_decay > 0`` keeps an exponential moving average of the
+   mapper weights; it is what validation selects and what the checkpoints' ``params`` hold.
 """
 
 import ml_collections
@@ -134,6 +136,8 @@ def get_config(arg="sample"):
   c.fast = ml_collections.ConfigDict()
   c.fast.dice_steps = 0  # phase 2: the last N steps add the decoder Dice term (SPEC loss)
   c.fast.eval_every_epochs = 5  # validation when eval_every_steps <= 0
+  # > 0: validate, select and save the EMA of the mapper weights (decay min(d, (1+s)/(10+s)))
+  c.fast.ema_decay = 0.0
 
   # ---------------------------------------------------------------- logging / eval / checkpoints
   c.log_every_steps = 50

@@ -58,29 +58,46 @@ def banked_loss_kwargs(config: ml_collections.ConfigDict, *, dice: bool,
   return kw
 
 
+def ema_decay_at(decay: float, step):
+  """The EMA decay at optimizer step ``step`` (0-based): ``min(decay, (1 + s) / (10 + s))``, so
+  the average forgets the random init quickly."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
 def make_banked_step(graphdef: Any, tokenizer: tokenizers.Tokenizer,
                      tx: optax.GradientTransformation, schedule: Callable,
-                     loss_kw: dict[str, Any]) -> Callable:
+                     loss_kw: dict[str, Any], ema_decay: float = 0.0) -> Callable:
   """The (un-jitted) step ``(state, tok_params, banked batch) -> (state, metrics)``.
 
   Same state and metrics as ``gms_jax.train.make_train_step``; step ``s`` draws its latent noise
-  from ``fold_in(rng, s)``.
+  from ``fold_in(rng, s)``. With ``ema_decay > 0`` the optimizer's weights are
+  ``state["train_params"]`` and ``state["params"]`` is their exponential moving average (what
+  validation selects and ``gms-jax evaluate`` / ``predict`` load); only ``train_params`` is
+  differentiated.
   """
+  ema = float(ema_decay) > 0.0
 
   def train_step(state, tok_params, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
+    weights = state["train_params"] if ema else state["params"]
 
     def loss_fn(params):
       return loss_lib.banked_train_loss(graphdef, params, tokenizer, tok_params, batch, rng,
                                         **loss_kw)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(weights)
+    updates, opt_state = tx.update(grads, state["opt_state"], weights)
+    weights = optax.apply_updates(weights, updates)
+    new_state = {"step": state["step"] + 1, "params": weights, "opt_state": opt_state,
                  "rng": state["rng"]}
+    if ema:
+      d = ema_decay_at(ema_decay, state["step"])
+      new_state["train_params"] = weights
+      new_state["params"] = jax.tree.map(lambda e, w: d * e + (1.0 - d) * w, state["params"],
+                                         weights)
     metrics = {"loss": loss, **terms, "lr": schedule(state["step"]),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return train_step
@@ -240,12 +257,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tx = train_lib.make_optimizer(config, schedule)
   root_key = jax.random.PRNGKey(int(config.seed))
   init_key, noise_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
+  ema_decay = float(config.fast.ema_decay)
 
   def init_fn(init_key, noise_key):
     model = ResAttnUNet_DS(mapper_cfg, rngs=nnx.Rngs(params=init_key), dtype=dtype)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": noise_key}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "rng": noise_key}
+    if ema_decay > 0:  # "params" = the moving average, "train_params" = the optimizer's weights
+      state["train_params"] = jax.tree.map(jnp.copy, params)
+    return state
 
   # ---------------------------------------------------------------- shapes, shardings, jit init
   abstract_state = jax.eval_shape(init_fn, init_key, noise_key)
@@ -265,7 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def step_fn(dice: bool):
     if dice not in compiled:
       t0 = time.time()
-      fn = make_banked_step(graphdef, tok, tx, schedule, banked_loss_kwargs(config, dice=dice))
+      fn = make_banked_step(graphdef, tok, tx, schedule, banked_loss_kwargs(config, dice=dice),
+                            ema_decay=ema_decay)
       fn = jax.jit(fn, in_shardings=(state_sharding, tok_sharding, data_sharding),
                    out_shardings=(state_sharding, repl), donate_argnums=(0,))
       shapes = banked_batch_shapes(global_bs, latent_shape, image_size, has_std=bank.has_std,

@@ -128,3 +128,43 @@ def test_plot_curve_counts_setup_and_skips_downtime(tmp_path):
   (tmp_path / "old" / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval/val_dice": 0.1}))
   with pytest.raises(plot.PlotError, match="wall_time"):
     plot.read_curve(tmp_path / "old")
+
+
+def test_banked_step_ema_is_an_average_of_the_trained_weights():
+  """With fast.ema_decay the optimizer's trajectory is unchanged and ``params`` is the EMA of it
+  (decay min(d, (1+s)/(10+s))), computed here independently in numpy."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gms_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
+  from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS  # pylint: disable=C0415
+  config = H.load_config("sample,fast")
+  schedule = lambda count: 1e-3  # noqa: E731
+  tx = train_lib.make_optimizer(config, schedule)
+  graphdef, state = nnx.split(ResAttnUNet_DS(MapperConfig(ch=16), rngs=nnx.Rngs(0)), nnx.Param)
+  p0 = nnx.to_pure_dict(state)
+  rng = np.random.default_rng(0)
+  batch = {"z_image": rng.standard_normal((2, 8, 8, 4)).astype(np.float32),
+           "z_mask": rng.standard_normal((2, 8, 8, 4)).astype(np.float32)}
+  kw = train_fast.banked_loss_kwargs(config, dice=False, platform="cpu")
+  decay = 0.5
+  plain = jax.jit(train_fast.make_banked_step(graphdef, None, tx, schedule, kw))
+  ema = jax.jit(train_fast.make_banked_step(graphdef, None, tx, schedule, kw, ema_decay=decay))
+  base = {"step": jnp.zeros((), jnp.int32), "opt_state": tx.init(p0), "rng": jax.random.PRNGKey(1)}
+  s_plain = dict(base, params=p0)
+  s_ema = dict(base, params=p0, train_params=p0)
+  want = jax.tree.map(np.asarray, p0)
+  for step in range(3):
+    s_plain, _ = plain(s_plain, None, batch)
+    s_ema, _ = ema(s_ema, None, batch)
+    d = min(decay, (1 + step) / (10 + step))
+    want = jax.tree.map(lambda e, w: d * e + (1 - d) * np.asarray(w), want, s_ema["train_params"])
+  for a, b in zip(jax.tree.leaves(s_plain["params"]), jax.tree.leaves(s_ema["train_params"])):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  moved = 0.0
+  for got, w, t, init in zip(jax.tree.leaves(s_ema["params"]), jax.tree.leaves(want),
+                             jax.tree.leaves(s_ema["train_params"]), jax.tree.leaves(p0)):
+    np.testing.assert_allclose(got, w, rtol=0, atol=1e-6)
+    moved = max(moved, float(np.max(np.abs(np.asarray(t) - np.asarray(init)))))
+  assert moved > 1e-4  # the weights did move, so the average is not trivially the init
