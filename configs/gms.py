@@ -27,9 +27,9 @@ mapper trains on the stored latents. Every deviation from SPEC §3:
    instead of a fresh draw every epoch; epoch e shows each image once, as one of its K views,
    each view once per K epochs.
 2. Loss: phase 1 is the latent term only, ``sum_k MSE(out[k], z_mask)`` over the same heads
-   (the Dice term and the decoder are left out); the last ``fast.dice_steps`` steps (phase 2;
+   (the Dice term and the decoder are left out); ``fast.dice_steps`` more steps (phase 2;
    0 = none) use the full SPEC loss (latent MSE + Dice of the decoded heads against the view's
-   stored full-resolution mask). Latent noise is as SPEC: ``z + std * eps`` with probability
+   stored full-resolution mask) at the constant LR ``fast.dice_learning_rate``. Latent noise is as SPEC: ``z + std * eps`` with probability
    ``loss.noise_prob`` per batch, ``std`` the banked unscaled posterior std (0 for TAE models).
 3. Schedule: ``num_epochs``, ``schedule.warmup_epochs`` and a per-step LR (``stepwise``) are set
    for a wall-clock budget, not the 1000 epochs of SPEC; AdamW and its hyper-parameters are SPEC's.
@@ -134,7 +134,8 @@ def get_config(arg="sample"):
 
   # ---------------------------------------------------------------- fast recipe
   c.fast = ml_collections.ConfigDict()
-  c.fast.dice_steps = 0  # phase 2: the last N steps add the decoder Dice term (SPEC loss)
+  c.fast.dice_steps = 0  # phase 2: N steps after phase 1 with the decoder Dice term (SPEC loss)
+  c.fast.dice_learning_rate = 2e-4  # constant LR of phase 2 (phase 1 ends at LR 0)
   c.fast.eval_every_epochs = 5  # validation when eval_every_steps <= 0
   # > 0: validate, select and save the EMA of the mapper weights (decay min(d, (1+s)/(10+s)))
   c.fast.ema_decay = 0.0

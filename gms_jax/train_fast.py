@@ -10,9 +10,11 @@ checkpointer), with two differences:
   :mod:`gms_jax.bank`: atomic shards, resumable, reused across restarts, refused when built for
   another tokenizer, image size, split or seed);
 * the **banked step** (:func:`make_banked_step`): :func:`gms_jax.loss.banked_train_loss` on
-  stored latents. Phase 1 (all but the last ``fast.dice_steps`` steps) is the latent term only
-  and never runs the tokenizer; phase 2 adds the decoder Dice term against the view's stored
-  mask (the SPEC §3 loss without the encoder). Only the mapper's params are differentiated.
+  stored latents. Phase 1 (``num_epochs`` epochs, or ``num_train_steps`` steps, with the
+  configured warm-up + cosine schedule) is the latent term only and never runs the tokenizer;
+  phase 2 (``fast.dice_steps`` more steps at the constant ``fast.dice_learning_rate``, see
+  :func:`make_fast_schedule`) adds the decoder Dice term against the view's stored mask (the
+  SPEC §3 loss without the encoder). Only the mapper's params are differentiated.
 
 The data order is a pure function of the step (:func:`gms_jax.bank.batch_entries`), so a
 resumed run reads the same batches as an uninterrupted one with no iterator state to save.
@@ -47,6 +49,20 @@ from gms_jax import parallel
 from gms_jax import tokenizers
 from gms_jax import train as train_lib
 from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS
+
+
+def make_fast_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                       phase1_steps: int) -> Callable:
+  """Phase 1: ``gms_jax.train.make_schedule`` (warm-up + cosine to 0 at ``num_epochs``); from
+  step ``phase1_steps`` on (phase 2) the constant ``fast.dice_learning_rate``."""
+  base = train_lib.make_schedule(config, steps_per_epoch)
+  dice_lr = float(config.fast.dice_learning_rate)
+
+  def schedule(count):
+    count = jnp.asarray(count)
+    return jnp.where(count < phase1_steps, base(count), jnp.float32(dice_lr))
+
+  return schedule
 
 
 def banked_loss_kwargs(config: ml_collections.ConfigDict, *, dice: bool,
@@ -225,15 +241,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   image_size = int(config.data.image_size)
   n_train = len(sources["train"])
   steps_per_epoch = pipeline.steps_per_epoch(n_train, global_bs)
-  total_steps = (int(config.num_train_steps) if int(config.num_train_steps) > 0
-                 else int(config.num_epochs) * steps_per_epoch)
+  phase1_steps = (int(config.num_train_steps) if int(config.num_train_steps) > 0
+                  else int(config.num_epochs) * steps_per_epoch)
+  dice_steps = max(int(config.fast.dice_steps), 0)
+  total_steps = phase2_start = phase1_steps
+  total_steps += dice_steps
   eval_every = (int(config.eval_every_steps) if int(config.eval_every_steps) > 0
                 else max(int(config.fast.eval_every_epochs), 1) * steps_per_epoch)
   ckpt_every = (int(config.checkpoint_every_steps) if int(config.checkpoint_every_steps) > 0
                 else eval_every)
   log_every = max(int(config.log_every_steps), 1)
-  dice_steps = min(max(int(config.fast.dice_steps), 0), total_steps)
-  phase2_start = total_steps - dice_steps
   logging.info("data %s: train %d, validation %d; %d steps/epoch, %d steps (phase 2 with the "
                "Dice term from step %d)", config.data.name, n_train, len(sources["validation"]),
                steps_per_epoch, total_steps, phase2_start + 1)
@@ -253,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                             ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
   graphdef, _ = nnx.split(nnx.eval_shape(
       lambda: ResAttnUNet_DS(mapper_cfg, rngs=nnx.Rngs(0), dtype=dtype)), nnx.Param)
-  schedule = train_lib.make_schedule(config, steps_per_epoch)
+  schedule = make_fast_schedule(config, steps_per_epoch, phase1_steps)
   tx = train_lib.make_optimizer(config, schedule)
   root_key = jax.random.PRNGKey(int(config.seed))
   init_key, noise_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
