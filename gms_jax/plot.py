@@ -76,13 +76,21 @@ def _fmt(v: float) -> str:
   return f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
 
 
+def _font(size: int):
+  """DejaVu Sans when the system has it (full Unicode, e.g. "224²"), else Pillow's own font."""
+  from PIL import ImageFont  # pylint: disable=import-outside-toplevel
+  try:
+    return ImageFont.truetype("DejaVuSans.ttf", size)
+  except OSError:
+    return ImageFont.load_default(size=size)
+
+
 def draw(curves: list[tuple[str, list[tuple[float, float]]]], out: str, *,
          ylabel: str = "validation Dice", title: str = "", width: int = 960,
          height: int = 600) -> None:
   """One line per ``(label, points)``; writes a PNG to ``out``."""
-  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
-  font = ImageFont.load_default(size=15)
-  small = ImageFont.load_default(size=13)
+  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+  font, small = _font(15), _font(13)
   img = Image.new("RGB", (width, height), "white")
   d = ImageDraw.Draw(img)
   left, right, top, bottom = 80, 30, 50 if title else 25, 60
@@ -123,9 +131,10 @@ def draw(curves: list[tuple[str, list[tuple[float, float]]]], out: str, *,
       d.line(xy, fill=color, width=2)
     for a, b in xy:
       d.ellipse([a - 3, b - 3, a + 3, b + 3], fill=color)
-    ly = y1 + 12 + 20 * i
-    d.line([(x1 - 230, ly), (x1 - 205, ly)], fill=color, width=3)
-    d.text((x1 - 198, ly), label, fill="black", font=small, anchor="lm")
+    ly = y1 + 14 + 20 * i
+    lx = x1 - 16 - max(d.textlength(lab, font=small) for lab, _ in curves) - 32
+    d.line([(lx, ly), (lx + 25, ly)], fill=color, width=3)
+    d.text((lx + 32, ly), label, fill="black", font=small, anchor="lm")
   img.save(out, format="PNG")
 
 

@@ -1,7 +1,8 @@
 """Builds a latent bank in a fresh process: ``python tests/_bank_helpers.py SPEC.json``.
 
 SPEC keys: ``tfds_dir``, ``bank_dir``, ``seed``, ``num_views``, ``shard_size``, ``image_size``,
-``tokenizer_seed``, ``encode_batch_size``; ``kill_at_save``: SIGKILL this process at that call of
+``tokenizer_seed``, ``encode_batch_size``, ``process_index`` / ``process_count`` (this process
+builds its share of the shards, as on a pod); ``kill_at_save``: SIGKILL this process at that call of
 ``np.save`` (counted over the whole build: each shard saves ``index`` and then its arrays), i.e.
 in the middle of writing a shard.
 """
@@ -42,7 +43,9 @@ def build(spec: dict):
   manifest = bank_lib.prepare_manifest(spec["bank_dir"], manifest_for(spec, source, tok))
   return bank_lib.build(spec["bank_dir"], source, manifest,
                         train_fast.make_encode_fn(tok, jax.local_devices()[:1]),
-                        encode_batch_size=int(spec.get("encode_batch_size", 8)))
+                        encode_batch_size=int(spec.get("encode_batch_size", 8)),
+                        process_index=int(spec.get("process_index", 0)),
+                        process_count=int(spec.get("process_count", 1)))
 
 
 def _main(spec_path: str) -> int:

@@ -142,6 +142,28 @@ def test_sigkill_mid_build_then_resume_equals_uninterrupted(dirs, reference):
     np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
 
 
+def test_two_processes_build_their_shares_of_the_same_bank(dirs, reference):
+  """On a pod each process builds shards j % process_count == process_index into one folder;
+  two such processes running at once give the single-process bank."""
+  env = H.subprocess_env(dirs["cache"])
+  env["PYTHONPATH"] = f"{H.REPO / 'tests'}:{env['PYTHONPATH']}"
+  procs = []
+  for i in range(2):
+    spec = _spec(dirs, "pod", process_index=i, process_count=2)
+    path = dirs["root"] / f"pod{i}.json"
+    path.write_text(json.dumps(spec))
+    procs.append(subprocess.Popen([sys.executable, str(H.REPO / "tests" / "_bank_helpers.py"),
+                                   str(path)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+  assert all('"built": 4' in o for o in outs), outs  # 8 shards, 4 each
+  _, a = _arrays(reference)
+  _, b = _arrays(spec["bank_dir"])
+  for key in a:
+    np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+
+
 def test_mismatched_bank_refused_with_one_line(dirs, reference, source):
   tok = H.tiny_tokenizer(0)
   good = BH.manifest_for(_spec(dirs, "x"), source, tok)
