@@ -56,7 +56,6 @@ def main(argv=None) -> int:
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
   from gms_jax import train as train_lib  # pylint: disable=import-outside-toplevel
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
   else:  # random weights: speed does not depend on the values
     from gms_jax.models.sd_vae import AutoencoderKL  # pylint: disable=import-outside-toplevel
     tok = tokenizers.from_model("sd-vae", AutoencoderKL(C.sd_config(args.quick), rngs=nnx.Rngs(0)))
-  b, s, f = args.batch, args.size, tok.downsample
+  b, s = args.batch, args.size
   config = _config(args.quick)
   config.data.image_size = s
   config.batch_size = b

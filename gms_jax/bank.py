@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from gms_jax import errors
 from gms_jax.data.checks import DataError
 
 BANK_FORMAT = 1
@@ -71,7 +72,7 @@ IDENTITY_KEYS = ("format", "tokenizer.name", "tokenizer.family", "tokenizer.para
                  "augmentation", "shard_size", "has_std", "latent_shape")
 
 
-class BankMismatchError(DataError):
+class BankMismatchError(errors.ConfigError):
   """The bank in a directory was built for another tokenizer, image size, split or seed."""
 
 
@@ -217,8 +218,9 @@ def prepare_manifest(bank_dir: str | os.PathLike, expected: dict[str, Any], *,
   if found is None:
     if bank_dir.exists() and any(p.name != SHARDS for p in bank_dir.iterdir()
                                  if not p.name.startswith(TMP_PREFIX)):
-      raise DataError(f"{bank_dir}: exists and holds files but no {MANIFEST}; not a latent bank "
-                      "(set --config.bank.dir to an empty or new folder)")
+      raise errors.OutputError(
+          f"{bank_dir}: exists and holds files but no {MANIFEST}; not a latent bank, refusing to "
+          "write into it (set --config.bank.dir to an empty or new folder)")
     if write:
       bank_dir.mkdir(parents=True, exist_ok=True)
       _write_json_atomic(path, expected)

@@ -25,9 +25,13 @@ HARMLESS_KEYS = (
     "keep_checkpoints", "data.worker_count", "data.prefetch_buffer", "data.tfds_dir",
     "loss.batch_decode", "loss.batch_encode", "tokenizer.remat_decoder", "distributed.",
     "compilation_cache_dir",
+    # the fast recipe: where its bank lives (the manifest checks it is the same bank), how it is
+    # encoded, how often it validates
+    "bank.dir", "bank.encode_batch_size", "fast.eval_every_epochs",
 )
 
 PRECISIONS = ("float32", "bfloat16")
+RECIPES = ("exact", "fast")
 TOKENIZER_NAMES = ("sd-vae", "sd_vae", "sd", "taef2", "tae", "taesd", "taesdxl", "taef1", "taesd3")
 HEADS = ("level3", "level2", "level1", "out")
 
@@ -208,9 +212,28 @@ def validate(config: Any, *, n_devices: int | None = None, n_processes: int = 1,
   _int(flat, "seed", 0)
   _int(flat, "data.split_seed", 0)
   _choice(flat, "precision", PRECISIONS)
+  if "recipe" in flat:  # (configs saved before the fast recipe have none: exact)
+    _choice(flat, "recipe", RECIPES)
+    _validate_fast(flat)  # a no-op for the exact recipe
   if n_devices:
     for key, v in (("batch_size", bs),):
       if v % n_devices or v % n_processes:
         raise ConfigError(f"config.{key}={v} must be divisible by the number of devices "
                           f"({n_devices}) and of processes ({n_processes})")
     del ebs  # eval batches are rounded up to the device count
+
+
+def _validate_fast(flat: Mapping[str, Any]) -> None:
+  """The keys of the ``fast`` (latent-bank) recipe (``gms_jax/train_fast.py``)."""
+  if str(flat["recipe"]).lower() != "fast":
+    return
+  _int(flat, "bank.num_views", 1)
+  _int(flat, "bank.seed", 0)
+  _int(flat, "bank.shard_size", 1)
+  _int(flat, "bank.encode_batch_size", 1)
+  _int(flat, "fast.dice_steps", 0)
+  _float(flat, "fast.dice_learning_rate", 0.0)
+  _int(flat, "fast.eval_every_epochs", 1)
+  decay = _float(flat, "fast.ema_decay", 0.0)
+  if decay >= 1.0:
+    raise ConfigError(f"config.fast.ema_decay must be in [0, 1), got {decay}")

@@ -12,19 +12,20 @@ environment and is not needed for one line chart).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from pathlib import Path
 
+from gms_jax import errors
+
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
 
-class PlotError(ValueError):
-  pass
+class PlotError(errors.GmsError, ValueError):
+  """A workdir whose metrics.jsonl cannot be plotted (exit 1)."""
 
 
 def read_curve(workdir: str | os.PathLike, metric: str = "eval/val_dice"
@@ -139,7 +140,7 @@ def draw(curves: list[tuple[str, list[tuple[float, float]]]], out: str, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="gms-jax plot", description=__doc__.split("\n")[0])
+  parser = errors.ArgumentParser(prog="gms-jax plot", description=__doc__.split("\n")[0])
   parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   parser.add_argument("--out", required=True, help="PNG file to write (refused if it exists)")
   parser.add_argument("--label", action="append", default=None,
@@ -150,18 +151,11 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   labels = args.label or [Path(w).resolve().name for w in args.workdirs]
   if len(labels) != len(args.workdirs):
-    print(f"gms-jax plot: error: {len(labels)} --label for {len(args.workdirs)} workdirs",
-          file=sys.stderr)
-    return 2
+    raise errors.UsageError(f"{len(labels)} --label for {len(args.workdirs)} workdirs")
   out = Path(args.out)
   if out.exists() and not args.overwrite:
-    print(f"gms-jax plot: error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
-    return 2
-  try:
-    curves = [(lab, read_curve(w, args.metric)) for lab, w in zip(labels, args.workdirs)]
-  except PlotError as e:
-    print(f"gms-jax plot: error: {e}", file=sys.stderr)
-    return 1
+    raise errors.OutputError(f"{out} exists; pass --overwrite to replace it")
+  curves = [(lab, read_curve(w, args.metric)) for lab, w in zip(labels, args.workdirs)]
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f".tmp-{out.name}.{os.getpid()}")
   try:

@@ -1,9 +1,10 @@
 """The ``fast`` recipe: the latent mapper trained on a latent bank (``configs/gms.py:busi,taef2,fast``).
 
-``gms_jax.train.train_and_evaluate`` hands a config with ``recipe = "fast"`` to
-:func:`train_and_evaluate` here. The stages mirror ``gms_jax/train.py`` and reuse its public
-pieces (``make_schedule``, ``make_optimizer``, ``loss_kwargs``, ``MetricsWriter``, the
-checkpointer), with two differences:
+``gms_jax.train.train_and_evaluate`` validates the config, claims the workdir and then hands a
+config with ``recipe = "fast"`` to :func:`run` here. The stages mirror ``gms_jax/train.py`` and
+reuse its public pieces (``make_schedule``, ``make_optimizer``, ``loss_kwargs``,
+``load_tokenizer``, ``MetricsWriter``, the checkpointer and its run metadata), with two
+differences:
 
 * a **latent-bank stage** after the tokenizer: K augmented views of every training pair are
   encoded once by the frozen encoder into ``bank.dir`` (default ``WORKDIR/bank``;
@@ -26,7 +27,6 @@ Every deviation from SPEC §3 is listed in the ``configs/gms.py`` docstring.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -42,13 +42,16 @@ from flax import nnx
 
 from gms_jax import bank as bank_lib
 from gms_jax import checkpoint as ckpt_lib
+from gms_jax import inference
 from gms_jax import loss as loss_lib
 from gms_jax import metrics as metrics_lib
-from gms_jax import inference
 from gms_jax import parallel
+from gms_jax import pretrained
+from gms_jax import run_metadata
 from gms_jax import tokenizers
 from gms_jax import train as train_lib
-from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS
+from gms_jax.models import latent_mapper
+from gms_jax.models.latent_mapper import MapperConfig
 
 
 def make_fast_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -167,9 +170,13 @@ def make_encode_fn(tok: tokenizers.Tokenizer, devices: list[jax.Device]) -> Call
 
 
 def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
-                 tok: tokenizers.Tokenizer, local_devices: list[jax.Device]
+                 tok: tokenizers.Tokenizer, local_devices: list[jax.Device], *,
+                 progress: dict[str, bool] | None = None
                  ) -> tuple[bank_lib.Bank, dict[str, Any]]:
-  """Checks or writes the manifest, builds the missing shards (this process's), opens the bank."""
+  """Checks or writes the manifest, builds the missing shards (this process's), opens the bank.
+
+  A bank built for another tokenizer, image size, split or seed raises
+  :class:`gms_jax.bank.BankMismatchError` (one line) before anything is written."""
   size = int(config.data.image_size)
   f = tok.downsample
   if size % f:
@@ -192,6 +199,8 @@ def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
   if jax.process_index() != 0:
     manifest = bank_lib.prepare_manifest(bank_dir, expected, write=False)
   manifest = dict(manifest, num_views=k)  # build (and read) the views this run uses
+  if progress is not None:
+    progress["started"] = True  # from here on the workdir holds work worth keeping
   t0 = time.time()
   stats = bank_lib.build(bank_dir, train_source, manifest, make_encode_fn(tok, local_devices),
                          encode_batch_size=ebs, process_index=jax.process_index(),
@@ -210,18 +219,19 @@ def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
   return bank, info
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       tokenizer: tokenizers.Tokenizer | None = None,
-                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
-  """Trains the ``fast`` recipe (resuming from ``workdir``); returns a summary dict."""
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        tokenizer: tokenizers.Tokenizer | None, devices: list[jax.Device] | None,
+        progress: dict[str, bool]) -> dict[str, Any]:
+  """Trains the ``fast`` recipe in a workdir that ``gms_jax.train.train_and_evaluate`` has
+  validated and claimed (resuming from its checkpoints); returns a summary dict.
+
+  ``progress["started"]`` is set once the latent bank starts being written, so that a run
+  interrupted during the (long) bank build keeps its finished shards for the next start instead
+  of having its new workdir removed as one that never began.
+  """
   t_launch = time.time()
-  # ---------------------------------------------------------------- workdir, logging
-  workdir = os.path.abspath(workdir)
+  # ---------------------------------------------------------------- logging
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, ckpt_lib.CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   writer = train_lib.MetricsWriter(workdir, enabled=is_main)
   logging.info("fast recipe (latent bank); workdir %s; process %d/%d; local devices %s", workdir,
                jax.process_index(), jax.process_count(), jax.local_devices())
@@ -256,11 +266,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                steps_per_epoch, total_steps, phase2_start + 1)
 
   # ---------------------------------------------------------------- frozen tokenizer
-  tok = tokenizer if tokenizer is not None else tokenizers.from_config(config)
+  tok = tokenizer if tokenizer is not None else train_lib.load_tokenizer(config)
   logging.info("%s", tokenizers.describe(tok))
 
   # ---------------------------------------------------------------- latent bank
-  bank, bank_info = prepare_bank(config, workdir, sources["train"], tok, local_devices)
+  bank, bank_info = prepare_bank(config, workdir, sources["train"], tok, local_devices,
+                                 progress=progress)
   tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
   tok_sharding = parallel.replicate_tree(tok_params, mesh)
 
@@ -268,8 +279,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   dtype = ckpt_lib.compute_dtype(config.precision)
   mapper_cfg = MapperConfig(in_channels=tok.latent_channels, out_channels=tok.latent_channels,
                             ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
-  graphdef, _ = nnx.split(nnx.eval_shape(
-      lambda: ResAttnUNet_DS(mapper_cfg, rngs=nnx.Rngs(0), dtype=dtype)), nnx.Param)
+  graphdef, _ = nnx.split(latent_mapper.abstract(mapper_cfg, dtype), nnx.Param)
+  init_weights = None  # config.mapper.init: start from these weights (as gms_jax/train.py)
+  if str(config.mapper.get("init", "") or ""):
+    init_weights = pretrained.read_mapper(str(config.mapper.init))
+    init_weights.check_channels(tok.latent_channels, str(config.tokenizer.name))
+    init_weights.check_config(mapper_cfg)
   schedule = make_fast_schedule(config, steps_per_epoch, phase1_steps)
   tx = train_lib.make_optimizer(config, schedule)
   root_key = jax.random.PRNGKey(int(config.seed))
@@ -277,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ema_decay = float(config.fast.ema_decay)
 
   def init_fn(init_key, noise_key):
-    model = ResAttnUNet_DS(mapper_cfg, rngs=nnx.Rngs(params=init_key), dtype=dtype)
+    model = latent_mapper.create(mapper_cfg, init_key, dtype=dtype)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
              "rng": noise_key}
@@ -296,6 +311,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = jax.jit(init_fn, in_shardings=(repl, repl), out_shardings=state_sharding)(
         parallel.replicate_array(np.asarray(init_key), mesh),
         parallel.replicate_array(np.asarray(noise_key), mesh))
+  if init_weights is not None:  # AdamW's fresh state does not depend on the param values
+    weights = jax.tree.map(lambda x: parallel.replicate_array(x, mesh),
+                           pretrained.nested_params(init_weights))
+    state["params"] = weights
+    if "train_params" in state:
+      state["train_params"] = jax.tree.map(jnp.copy, weights)
+    logging.info("mapper init from %s (sha256 %s)", init_weights.source, init_weights.sha256)
 
   # ---------------------------------------------------------------- banked steps (jit, donate, AOT)
   compiled: dict[bool, Any] = {}
@@ -316,11 +338,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step_fn(dice=phase2_start == 0)
 
   # ---------------------------------------------------------------- restore
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints), metadata={
-      "config": json.loads(config.to_json_best_effort()), "mapper": mapper_cfg.to_dict(),
-      "tokenizer": {"name": str(config.tokenizer.name), "path": str(config.tokenizer.path),
-                    "family": tok.family, "latent_channels": tok.latent_channels},
-      "recipe": "fast", "bank": {k: v for k, v in bank.manifest.items() if k != "tokenizer"}})
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints), metadata=(
+      run_metadata.RunMetadata.for_run(
+          config, mapper_cfg, tok,
+          init=None if init_weights is None else init_weights.provenance("mapper.init")).to_dict()))
   latest = ckpt.latest_step()
   if latest is not None:
     state = ckpt.restore(latest, abstract_state)

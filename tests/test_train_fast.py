@@ -4,7 +4,8 @@ bank refusal at the command line, and `gms-jax plot`.
 The smoke run trains on the shipped sample with the packaged TAEF2 tokenizer at 32x32: 4 views
 per image are banked, 75 banked latent-only steps, then 3 with the Dice term (phase 2). It must
 learn: the validation Dice beats predicting the whole image as foreground. A second invocation
-with more phase-2 steps reuses the bank (builds nothing) and resumes from the checkpoint.
+reuses the bank (builds nothing) and the checkpoint. A run killed with SIGKILL after a checkpoint
+resumes to the parameters of an uninterrupted run (tiny tokenizer, subprocesses).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,9 +68,9 @@ def test_fast_smoke_learns_reuses_bank_and_resumes(tmp_path, packaged_taef2):
   assert evals[-1]["eval/val_dice"] > baseline + 0.1
   assert all("wall_time" in r for r in records)
 
-  # a second invocation: the bank is reused as is, training resumes at step 78
+  # a second invocation: the bank is reused as is, training resumes at step 78 (and is done)
   shard_times = {p.name: p.stat().st_mtime_ns for p in (workdir / "bank" / "shards").iterdir()}
-  p = _train(workdir, tfds, cache, "--config.fast.dice_steps=10")
+  p = _train(workdir, tfds, cache, "--config.fast.dice_steps=3")
   assert p.returncode == 0, p.stderr[-6000:]
   records = H.read_jsonl(workdir / "metrics.jsonl")
   start = [r for r in records if r.get("event") == "start"]
@@ -78,10 +78,10 @@ def test_fast_smoke_learns_reuses_bank_and_resumes(tmp_path, packaged_taef2):
   assert start[1]["bank"]["built_now"] == 0
   assert shard_times == {p.name: p.stat().st_mtime_ns
                          for p in (workdir / "bank" / "shards").iterdir()}
-  assert max(r["step"] for r in records if "eval/val_dice" in r) == 85
+  assert max(r["step"] for r in records if "eval/val_dice" in r) == 78
   from gms_jax import checkpoint  # pylint: disable=import-outside-toplevel
   mapper, cfg, step = checkpoint.restore_mapper(str(workdir), "best")  # evaluate/predict's path
-  assert cfg.recipe == "fast" and mapper.cfg.in_channels == 32 and step in (25, 50, 75, 78, 85)
+  assert cfg.recipe == "fast" and mapper.cfg.in_channels == 32 and step in (25, 50, 75, 78)
 
   # the wall-clock picture of this run; an existing --out is never replaced unasked
   out = tmp_path / "curves.png"
@@ -93,6 +93,38 @@ def test_fast_smoke_learns_reuses_bank_and_resumes(tmp_path, packaged_taef2):
   assert p.returncode == 2 and "exists" in p.stderr and out.read_bytes() == before
 
 
+def test_fast_resume_after_sigkill_equals_uninterrupted(tmp_path):
+  """Banked steps 1-3, SIGKILL right after the step-3 checkpoint, restart: steps 4 (phase 1) and
+  5-6 (phase 2) give the parameters and losses of an uninterrupted 6-step run."""
+  over = {"recipe": "fast", "bank.num_views": 2, "num_train_steps": 4, "fast.dice_steps": 2,
+          "checkpoint_every_steps": 3, "eval_every_steps": 3, "optimizer.eps": 1.0}
+  env = H.subprocess_env(str(tmp_path / "cache"))
+  tfds = str(tmp_path / "tfds")
+
+  def run(name, **kw):
+    spec = {"workdir": str(tmp_path / name), "tfds_dir": tfds, "overrides": over, **kw}
+    return H.run(spec, tmp_path / f"{name}.json", env=env)
+
+  rc, out = run("reference")
+  assert rc == 0, out[-5000:]
+  rc, out = run("resumed", kill_after_save=3)
+  assert rc == -9 and "KILLING after checkpoint 3" in out, out[-5000:]
+  rc, out = run("resumed")
+  assert rc == 0, out[-5000:]
+  ref, res = H.train_losses(tmp_path / "reference"), H.train_losses(tmp_path / "resumed")
+  assert sorted(ref) == sorted(res) == [1, 2, 3, 4, 5, 6]
+  for s in (4, 5, 6):
+    assert res[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-7), (s, res[s], ref[s])
+  p_ref, s_ref = H.params_at(tmp_path / "reference")
+  p_res, s_res = H.params_at(tmp_path / "resumed")
+  assert s_ref == s_res == 6
+  worst = max(float(np.max(np.abs(p_ref[k] - p_res[k]))) for k in p_ref)
+  assert worst <= 1e-6, worst
+  records = H.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+  starts = [r for r in records if r.get("event") == "start"]
+  assert [r["resumed"] for r in starts] == [False, True] and starts[1]["bank"]["built_now"] == 0
+
+
 def test_mismatched_bank_refused_at_the_command_line(tmp_path, packaged_taef2):
   """A bank built for another tokenizer: one error line, no traceback, nothing written to it."""
   bank_dir = tmp_path / "bank"
@@ -101,11 +133,13 @@ def test_mismatched_bank_refused_at_the_command_line(tmp_path, packaged_taef2):
   (bank_dir / "manifest.json").write_text(json.dumps(manifest))
   p = _train(tmp_path / "run", str(tmp_path / "tfds"), None, f"--config.bank.dir={bank_dir}",
              timeout=300)
-  assert p.returncode == 1
+  assert p.returncode == 2
   assert "Traceback" not in p.stderr
   last = p.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: ") and "manifest.json" in last and "tokenizer.name" in last, last
+  assert last.startswith("gms-jax train: error: ") and "manifest.json" in last, last
+  assert "tokenizer.name" in last, last
   assert sorted(x.name for x in bank_dir.iterdir()) == ["manifest.json"]
+  assert not (tmp_path / "run").exists()  # the new workdir of the failed run is not left behind
   assert json.loads((bank_dir / "manifest.json").read_text()) == manifest
 
 
@@ -186,3 +220,18 @@ def test_fast_schedule_phase1_cosine_then_constant_phase2():
   assert float(sched(39)) < 1e-5 and float(sched(8)) == pytest.approx(2e-3, rel=1e-6)
   for step in (40, 41, 100):
     assert float(sched(step)) == pytest.approx(3e-4, rel=1e-6)
+
+
+def test_fast_config_keys_are_validated():
+  from gms_jax import configuration, errors  # pylint: disable=import-outside-toplevel
+  config = H.load_config("sample,fast")
+  configuration.validate(config, check_tokenizer=False)
+  for key, bad in (("bank.num_views", 0), ("fast.dice_steps", -1), ("fast.ema_decay", 1.0),
+                   ("recipe", "quick")):
+    c = H.load_config("sample,fast")
+    H.apply_overrides(c, {key: bad})
+    with pytest.raises(errors.ConfigError, match=f"config.{key}"):
+      configuration.validate(c, check_tokenizer=False)
+  exact = H.load_config("sample")
+  exact.bank.num_views = 0  # not read by the exact recipe
+  configuration.validate(exact, check_tokenizer=False)
