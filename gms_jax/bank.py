@@ -333,10 +333,12 @@ def build(bank_dir: str | os.PathLike, source, manifest: dict[str, Any], encode_
 
 
 class Bank:
-  """A complete bank in memory: entry ``e = view * N + record`` of each array.
+  """A complete bank, its shards memory-mapped (the OS page cache holds what is used, so a bank
+  larger than RAM works); entry ``e = view * N + record``.
 
-  ``arrays``: ``z_image``, ``z_mask`` (K*N,h,w,C) float32, ``std_image`` (when the tokenizer has
-  a posterior), ``mask_bits`` (K*N, S*S/8) uint8.
+  :meth:`gather` reads a batch; :attr:`arrays` concatenates everything (for tests and small
+  banks): ``z_image``, ``z_mask`` (K*N,h,w,C) float32, ``std_image`` (when the tokenizer has a
+  posterior), ``mask_bits`` (K*N, S*S/8) uint8.
   """
 
   def __init__(self, bank_dir: str | os.PathLike, num_views: int | None = None):
@@ -354,20 +356,25 @@ class Bank:
     if missing:
       raise DataError(f"{self.directory}: latent bank incomplete, {len(missing)} shard(s) "
                       f"missing (first: {missing[0].name}); build it again to resume")
-    keys = ("z_image", "std_image", "z_mask", "mask_bits") if self.has_std else (
+    self._keys = ("z_image", "std_image", "z_mask", "mask_bits") if self.has_std else (
         "z_image", "z_mask", "mask_bits")
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    self._shard_size = int(manifest["shard_size"])
+    self._blocks = math.ceil(self.num_records / self._shard_size)
+    self._parts: dict[str, list[np.ndarray]] = {k: [] for k in self._keys}
     self.build_seconds = 0.0
     for shard in plan:  # view-major, blocks in record order: entry = view * N + record
       d = shard_dir(self.directory, shard)
       index = np.load(d / "index.npy")
       if not np.array_equal(index, np.arange(shard.start, shard.stop)):
         raise DataError(f"{d}: records {index[:3]}... do not match the shard's range")
-      for k in keys:
-        parts[k].append(np.load(d / f"{k}.npy"))
+      for k in self._keys:
+        self._parts[k].append(np.load(d / f"{k}.npy", mmap_mode="r"))
       self.build_seconds += float(json.loads((d / "info.json").read_text())["seconds"])
-    self.arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    self.nbytes = sum(int(a.nbytes) for a in self.arrays.values())
+    self.nbytes = sum(int(a.nbytes) for parts in self._parts.values() for a in parts)
+
+  @property
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {k: np.concatenate(v) for k, v in self._parts.items()}
 
   @property
   def num_entries(self) -> int:
@@ -379,10 +386,13 @@ class Bank:
   def gather(self, views: np.ndarray, records: np.ndarray, *, masks: bool = False
              ) -> dict[str, np.ndarray]:
     """The batch of entries (view, record): latents, and the (B,S,S) masks when asked."""
-    e = self.entry(views, records)
-    out = {k: self.arrays[k][e] for k in LATENT_KEYS if k in self.arrays}
+    where = [(int(v) * self._blocks + int(r) // self._shard_size, int(r) % self._shard_size)
+             for v, r in zip(np.asarray(views), np.asarray(records))]
+    keys = [k for k in (*LATENT_KEYS, "mask_bits") if k in self._parts and
+            (masks or k != "mask_bits")]
+    out = {k: np.stack([self._parts[k][s][o] for s, o in where]) for k in keys}
     if masks:
-      out["mask"] = unpack_masks(self.arrays["mask_bits"][e], self.image_size)
+      out["mask"] = unpack_masks(out.pop("mask_bits"), self.image_size)
     return out
 
 

@@ -269,13 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   tok = tokenizer if tokenizer is not None else train_lib.load_tokenizer(config)
   logging.info("%s", tokenizers.describe(tok))
 
-  # ---------------------------------------------------------------- latent bank
-  bank, bank_info = prepare_bank(config, workdir, sources["train"], tok, local_devices,
-                                 progress=progress)
-  tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
-  tok_sharding = parallel.replicate_tree(tok_params, mesh)
-
-  # ---------------------------------------------------------------- model, optimizer
+  # ---------------------------------------------------------------- mapper (checked before the bank)
   dtype = ckpt_lib.compute_dtype(config.precision)
   mapper_cfg = MapperConfig(in_channels=tok.latent_channels, out_channels=tok.latent_channels,
                             ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
@@ -285,6 +279,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     init_weights = pretrained.read_mapper(str(config.mapper.init))
     init_weights.check_channels(tok.latent_channels, str(config.tokenizer.name))
     init_weights.check_config(mapper_cfg)
+
+  # ---------------------------------------------------------------- latent bank
+  bank, bank_info = prepare_bank(config, workdir, sources["train"], tok, local_devices,
+                                 progress=progress)
+  tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
+  tok_sharding = parallel.replicate_tree(tok_params, mesh)
+
+  # ---------------------------------------------------------------- optimizer
   schedule = make_fast_schedule(config, steps_per_epoch, phase1_steps)
   tx = train_lib.make_optimizer(config, schedule)
   root_key = jax.random.PRNGKey(int(config.seed))

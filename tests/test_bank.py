@@ -82,6 +82,12 @@ def test_bank_layout_and_manifest(reference, source):
   assert m["image_size"] == S and m["seed"] == 7 and m["num_views"] == K and m["has_std"]
   assert len(list((Path(reference) / "shards").iterdir())) == K * -(-n // SHARD)
   assert b.build_seconds > 0 and bank_lib.disk_bytes(reference) > arrays["z_image"].nbytes
+  views, records = np.array([1, 0, 1, 1]), np.array([0, 9, 16, n - 1])  # across blocks and views
+  got = b.gather(views, records, masks=True)
+  for key in ("z_image", "std_image", "z_mask"):
+    np.testing.assert_array_equal(got[key], arrays[key][views * n + records])
+  np.testing.assert_array_equal(
+      got["mask"], bank_lib.unpack_masks(arrays["mask_bits"][views * n + records], S))
 
 
 def _view(source, seed, i, k):
