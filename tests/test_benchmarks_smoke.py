@@ -80,3 +80,15 @@ def test_pipeline_throughput_quick(tmp_path):
   _check_machine(d, "pipeline_throughput")
   (r,) = d["records"]
   assert r["workers"] == 0 and r["batch"] == 8 and r["images_per_s"] > 0
+
+
+def test_fast_recipe_quick(tmp_path):
+  d = _run("fast_recipe.py", tmp_path / "fast_recipe.json")
+  _check_machine(d, "fast_recipe")
+  recs = {r["what"].split(" (")[0]: r for r in d["records"]}
+  assert set(recs) == {"encode", "banked phase 1", "banked phase 2", "exact"}
+  assert recs["encode"]["per_view_s"] > 0 and recs["encode"]["flops"] > 0
+  for k in ("banked phase 1", "banked phase 2", "exact"):
+    assert recs[k]["median_s"] > 0 and recs[k]["flops"] > 0 and recs[k]["compile_s"] > 0
+  # the banked steps leave out the encoder (phase 1 also the decoder): strictly less arithmetic
+  assert recs["banked phase 1"]["flops"] < recs["banked phase 2"]["flops"] < recs["exact"]["flops"]
