@@ -216,8 +216,7 @@ def prepare_manifest(bank_dir: str | os.PathLike, expected: dict[str, Any], *,
   path = bank_dir / MANIFEST
   found = read_manifest(bank_dir)
   if found is None:
-    if bank_dir.exists() and any(p.name != SHARDS for p in bank_dir.iterdir()
-                                 if not p.name.startswith(TMP_PREFIX)):
+    if bank_dir.exists() and any(not p.name.startswith(TMP_PREFIX) for p in bank_dir.iterdir()):
       raise errors.OutputError(
           f"{bank_dir}: exists and holds files but no {MANIFEST}; not a latent bank, refusing to "
           "write into it (set --config.bank.dir to an empty or new folder)")

@@ -185,6 +185,13 @@ def test_mismatched_bank_refused_with_one_line(dirs, reference, source):
       bank_lib.prepare_manifest(reference, expected)
     msg = str(e.value)
     assert "\n" not in msg and key in msg and str(Path(reference) / "manifest.json") in msg, msg
+  # a folder that is not a bank (here: shards whose manifest is gone) is never written into
+  from gms_jax import errors  # pylint: disable=import-outside-toplevel
+  orphan = Path(reference).parent / "orphan"
+  (orphan / "shards").mkdir(parents=True)
+  with pytest.raises(errors.OutputError, match="not a latent bank"):
+    bank_lib.prepare_manifest(orphan, good)
+  assert not (orphan / "manifest.json").exists()
   # more views than built: accepted (views are independent), and the manifest records K
   grown = bank_lib.prepare_manifest(reference, dict(good, num_views=K + 1), write=False)
   assert grown["num_views"] == K + 1
