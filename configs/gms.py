@@ -114,11 +114,18 @@ def get_config(arg="sample"):
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.01
+  # Peak LR = learning_rate * (global batch / lr_base_batch) ** p, p = 0 ("none": as given),
+  # 0.5 ("sqrt", the usual rule for Adam when the batch grows) or 1 ("linear").
+  c.optimizer.lr_scaling = "none"
+  c.optimizer.lr_base_batch = 8
   c.schedule = ml_collections.ConfigDict()
   c.schedule.warmup_epochs = 5  # linear from 0, then cosine to 0 at the last epoch
   c.schedule.per_epoch = True  # LR changes once per epoch (the original); False = every step
 
   c.batch_size = 8  # global, over all devices and hosts
+  # > 0: global batch = this x the device count (pods, where 8 does not split over the chips);
+  # the LR then follows optimizer.lr_scaling.
+  c.per_device_batch_size = 0
   c.num_epochs = 1000
   c.num_train_steps = -1  # -1 = num_epochs * steps_per_epoch(train split)
   c.precision = "float32"  # compute dtype of mapper and tokenizer: "float32" or "bfloat16"
@@ -146,6 +153,9 @@ def get_config(arg="sample"):
   c.eval_batch_size = 8  # global; the last batch is padded
   c.checkpoint_every_steps = -1  # -1 = at every validation (checkpoints then carry val Dice)
   c.keep_checkpoints = 3  # the last k; the best by validation Dice is kept in addition
+
+  # Persistent XLA compilation cache ("" = off): a restarted job reuses its compiled step.
+  c.compilation_cache_dir = ""
 
   # ---------------------------------------------------------------- multi-host (main() only)
   c.distributed = ml_collections.ConfigDict()

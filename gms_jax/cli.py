@@ -17,6 +17,7 @@ commands:
   export      workdir -> official .pth     gms-jax export --workdir DIR [--format pth|safetensors] OUT
   check-data  validate a dataset folder     gms-jax check-data PATH
   plot        validation Dice vs minutes    gms-jax plot WORKDIR... --out curves.png
+  compile     AOT-compile for a TPU/GPU     gms-jax compile --config configs/gms.py:busi --target v4-8 [--json OUT]
 
 `gms-jax <command> --help` for each command's options. Errors are one line on stderr (exit 2:
 usage or config, 1: data or other failures); `--verbose` (or GMS_JAX_VERBOSE=1) adds the traceback.
@@ -32,6 +33,7 @@ COMMANDS = {
     "export": ("gms_jax.pretrained", "export_main"),
     "check-data": ("gms_jax.data.checks", "main"),
     "plot": ("gms_jax.plot", "main"),
+    "compile": ("gms_jax.aot", "main"),
 }
 
 

@@ -14,8 +14,8 @@ For a batch of images and binary masks, with a frozen tokenizer (``tok``) and th
 (our masks are single-channel, so it is the mask itself). Gradients flow through the frozen
 decoder into the mapper; the tokenizer's params are under ``stop_gradient``.
 
-With ``batch_decode=True`` the three heads are decoded in ONE decoder call (concatenated on the
-batch axis): the decoder normalises each sample on its own, so this equals the per-head sum that
+With ``batch_decode=True`` the three heads are decoded in ONE decoder call (interleaved on the
+batch axis, :func:`interleave`, so a data-parallel step moves no activations between devices): the decoder normalises each sample on its own, so this equals the per-head sum that
 ``batch_decode=False`` computes (the tests check both agree). One call suits accelerators; on CPU
 one call per head is faster (smaller activations), which ``config.loss.batch_decode="auto"`` picks.
 ``batch_encode`` is the same choice for the encoder (images and masks in one call of 2B, or two
@@ -61,6 +61,23 @@ def sample_latent_noise(rng: jax.Array, shape: Sequence[int], noise_prob: float
   return apply, eps
 
 
+def interleave(arrays: Sequence[jax.Array]) -> jax.Array:
+  """k arrays of (B, ...) -> one (k*B, ...) array with row ``k*i + j`` = ``arrays[j][i]``.
+
+  Unlike ``concatenate(arrays, 0)``, each sample's k rows stay next to each other, so when the
+  batch axis is split over devices every device keeps exactly its own rows (the stack is on a new
+  unsharded axis and the reshape merges it into the sharded one): no activation moves between
+  devices. Row order does not matter to the tokenizer, which normalises each sample on its own."""
+  stacked = jnp.stack(arrays, axis=1)  # (B, k, ...)
+  return stacked.reshape((-1,) + stacked.shape[2:])
+
+
+def deinterleave(x: jax.Array, k: int) -> list[jax.Array]:
+  """Inverse of :func:`interleave`: (k*B, ...) -> k arrays of (B, ...)."""
+  x = x.reshape((-1, k) + x.shape[1:])
+  return [x[:, j] for j in range(k)]
+
+
 def _as_grey_and_rgb(masks01):
   masks01 = jnp.asarray(masks01, jnp.float32)
   if masks01.ndim == 4:  # (B,H,W,3) RGB mask
@@ -86,10 +103,9 @@ def gms_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_param
   tok_params = jax.lax.stop_gradient(tok_params)
   grey, rgb = _as_grey_and_rgb(masks01)
   images01 = jnp.asarray(images01, jnp.float32)
-  b = images01.shape[0]
   if batch_encode:
-    lat = tokenizer.encode(tok_params, jnp.concatenate([images01, rgb], axis=0))
-    z_img, z_mask, std = lat.z[:b], lat.z[b:], lat.std[:b]
+    lat = tokenizer.encode(tok_params, interleave([images01, rgb]))
+    (z_img, z_mask), (std, _) = deinterleave(lat.z, 2), deinterleave(lat.std, 2)
   else:
     (z_img, std), z_mask = tokenizer.encode(tok_params, images01), tokenizer.encode(tok_params, rgb).z
   if eps is not None:
@@ -101,8 +117,7 @@ def gms_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_param
   preds = [out[k].astype(jnp.float32) for k in heads]
   rec = sum(mse(p, z_mask) for p in preds)
   if batch_decode:
-    decoded = tokenizer.decode_mask(tok_params, jnp.concatenate(preds, axis=0))
-    decoded = [decoded[i * b:(i + 1) * b] for i in range(len(preds))]
+    decoded = deinterleave(tokenizer.decode_mask(tok_params, interleave(preds)), len(preds))
   else:
     decoded = [tokenizer.decode_mask(tok_params, p) for p in preds]
   dice = sum(dice_loss(d, grey) for d in decoded)

@@ -204,6 +204,25 @@ def from_model(family: str, model: nnx.Module, *, dtype=None, remat_decoder: boo
                remat_decoder=remat_decoder)
 
 
+def abstract(family: str, cfg=None, *, dtype=None, remat_decoder: bool = False) -> Tokenizer:
+  """A tokenizer of shapes only: ``params`` are ``jax.ShapeDtypeStruct`` leaves (no weights read,
+  nothing allocated). Its methods trace like a real tokenizer's, so a step built with it can be
+  ``.lower()``-ed and compiled for any target (``gms_jax.step``); ``cfg`` defaults to the family's
+  standard architecture (SPEC §1 SD-VAE, TAEF2)."""
+  family = canonical_family(family)
+  if cfg is None:
+    cls = REGISTRY[family].config_cls()
+    cfg = cls.sd() if family == "sd-vae" else cls.taef2()
+  graphdef, params = nnx.split(_abstract(family, cfg, dtype), nnx.Param)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  return _make(family, graphdef, params, cfg, dtype=dtype, remat_decoder=remat_decoder)
+
+
+def shapes(tok: Tokenizer) -> Any:
+  """The tokenizer's params as ``jax.ShapeDtypeStruct`` leaves (real or abstract tokenizer)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tok.params)
+
+
 def _load_flax_file(family: str, path: str):
   flat, file_family, config = core.load_params(path)
   if canonical_family(file_family) != family:
@@ -278,6 +297,31 @@ def from_config(config) -> Tokenizer:
   return load(str(t.name), path, dtype=PRECISIONS[precision],
               remat_decoder=bool(t.get("remat_decoder", False)),
               scaling_factor=float(t.get("scaling_factor", 0.0) or 0.0) or None)
+
+
+def abstract_from_config(config) -> Tokenizer:
+  """:func:`from_config` without weights (:func:`abstract`): the architecture of a converted Flax
+  file named by ``config.tokenizer.path`` (its metadata only), else the family's standard one."""
+  t = config.tokenizer
+  precision = str(config.get("precision", "float32"))
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+  family, cfg, path = canonical_family(str(t.name)), None, str(t.path)
+  if path and core.is_flax_params_file(path):
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    with safe_open(path, framework="numpy") as f:
+      meta = f.metadata() or {}
+    if meta.get("config"):
+      cfg = REGISTRY[family].config_cls().from_dict(json.loads(meta["config"]))
+  elif family == "tae" and hasattr(REGISTRY[family].config_cls(), str(t.name).lower()):
+    cfg = getattr(REGISTRY[family].config_cls(), str(t.name).lower())()  # e.g. TAEConfig.taesd()
+  tok = abstract(family, cfg, dtype=PRECISIONS[precision],
+                 remat_decoder=bool(t.get("remat_decoder", False)))
+  scale = float(t.get("scaling_factor", 0.0) or 0.0)
+  if scale and hasattr(tok.config, "scaling_factor"):
+    tok = abstract(family, dataclasses.replace(tok.config, scaling_factor=scale),
+                   dtype=tok.dtype, remat_decoder=tok.remat_decoder)
+  return tok
 
 
 def save(tok: Tokenizer, path: str) -> None:

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import flags
 from absl import logging
@@ -32,22 +32,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from gms_jax import checkpoint as ckpt_lib
 from gms_jax import configuration
 from gms_jax import errors
 from gms_jax import inference
-from gms_jax import loss as loss_lib
 from gms_jax import metrics as metrics_lib
 from gms_jax import parallel
 from gms_jax import pretrained
-from gms_jax import tokenizers
 from gms_jax import run_metadata
-from gms_jax.models import latent_mapper
-from gms_jax.models.latent_mapper import MapperConfig
+from gms_jax import step as step_lib
+from gms_jax import tokenizers
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,81 +54,13 @@ class NonFiniteLossError(FloatingPointError):
 # ----------------------------------------------------------------------------- building blocks
 
 
-def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:
-  """Optimizer-step count -> learning rate (see the module docstring)."""
-  epoch_schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.optimizer.learning_rate,
-      warmup_steps=config.schedule.warmup_epochs, decay_steps=config.num_epochs, end_value=0.0)
-  per_epoch = bool(config.schedule.per_epoch)
-
-  def schedule(count):
-    count = jnp.asarray(count)
-    epoch = count // steps_per_epoch if per_epoch else count / steps_per_epoch
-    return epoch_schedule(epoch)
-
-  return schedule
-
-
-def make_optimizer(config: ml_collections.ConfigDict,
-                   schedule: Callable) -> optax.GradientTransformation:
-  """AdamW (SPEC §3: lr 2e-3, betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01)."""
-  o = config.optimizer
-  return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-
-
-def resolve_batch_decode(value: Any, platform: str | None = None, *,
-                         name: str = "batch_decode") -> bool:
-  """``config.loss.batch_decode`` / ``batch_encode``: ``"auto"`` makes one tokenizer call for the
-  heads (for images and masks) on GPU/TPU and one call per head (per input) on CPU, where the
-  larger activations fall out of cache (measured on a 2-core CPU, TAEF2 batch 8 x 224²:
-  28.5-29.6 s per step with the heads batched vs 21.0-23.7 s per head; see benchmarks/RESULTS.md
-  for the encoder)."""
-  if isinstance(value, bool):
-    return value
-  v = str(value).strip().lower()
-  if v == "auto":
-    return (platform or jax.default_backend()) != "cpu"
-  if v in ("true", "yes", "on", "1"):
-    return True
-  if v in ("false", "no", "off", "0"):
-    return False
-  raise ValueError(f"config.loss.{name} must be 'auto', 'true' or 'false', got {value!r}")
-
-
-def loss_kwargs(config: ml_collections.ConfigDict, platform: str | None = None) -> dict[str, Any]:
-  """The keyword arguments of :func:`gms_jax.loss.train_loss` that ``config.loss`` sets."""
-  return dict(noise_prob=float(config.loss.noise_prob), heads=tuple(config.loss.heads),
-              rec_weight=float(config.loss.rec_weight), dice_weight=float(config.loss.dice_weight),
-              batch_decode=resolve_batch_decode(config.loss.get("batch_decode", "auto"), platform),
-              batch_encode=resolve_batch_decode(config.loss.get("batch_encode", "auto"), platform,
-                                                name="batch_encode"))
-
-
-def make_train_step(graphdef: Any, tokenizer: tokenizers.Tokenizer,
-                    tx: optax.GradientTransformation, schedule: Callable,
-                    loss_kw: dict[str, Any]) -> Callable:
-  """The (un-jitted) step ``(state, tok_params, batch) -> (state, metrics)``.
-
-  ``state`` = ``{"step", "params" (pure dict of mapper params), "opt_state", "rng"}``; only
-  ``params`` is differentiated; step ``s`` draws its latent noise from ``fold_in(rng, s)``.
-  """
-
-  def train_step(state, tok_params, batch):
-    rng = jax.random.fold_in(state["rng"], state["step"])
-
-    def loss_fn(params):
-      return loss_lib.train_loss(graphdef, params, tokenizer, tok_params, batch, rng, **loss_kw)
-
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                 "rng": state["rng"]}
-    metrics = {"loss": loss, **terms, "lr": schedule(state["step"]),
-               "grad_norm": optax.global_norm(grads)}
-    return new_state, metrics
-
-  return train_step
+# The step's pieces live in gms_jax.step (one builder for training, AOT compilation and
+# benchmarks); re-exported here for callers of the training module.
+make_schedule = step_lib.make_schedule
+make_optimizer = step_lib.make_optimizer
+resolve_batch_decode = step_lib.resolve_batch_decode
+loss_kwargs = step_lib.loss_kwargs
+make_train_step = step_lib.make_train_step
 
 
 def _every(value: int, default: int) -> int:
@@ -327,13 +256,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                jax.process_count(), jax.local_devices())
 
   # ---------------------------------------------------------------- mesh
+  step_lib.enable_compilation_cache(config)
   mesh = parallel.make_mesh(devices)
-  global_bs = parallel.check_batch_size(int(config.batch_size), mesh)
+  global_bs = parallel.check_batch_size(step_lib.global_batch_size(config, mesh.devices.size), mesh)
   n_dev = mesh.devices.size
   eval_bs = -(-int(config.eval_batch_size) // n_dev) * n_dev
   parallel.check_batch_size(eval_bs, mesh, "eval_batch_size (rounded up to the device count)")
-  repl = parallel.replicated(mesh)
-  data_sharding = parallel.data_sharded(mesh)
   logging.info("mesh %s over %d devices; global batch %d (%d per process)", dict(mesh.shape),
                n_dev, global_bs, parallel.local_batch_size(global_bs))
 
@@ -358,53 +286,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---------------------------------------------------------------- frozen tokenizer
   tok = tokenizer if tokenizer is not None else load_tokenizer(config)
   logging.info("%s", tokenizers.describe(tok))
-  tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
-  tok_sharding = parallel.replicate_tree(tok_params, mesh)
 
-  # ---------------------------------------------------------------- model, optimizer
-  dtype = ckpt_lib.compute_dtype(config.precision)
-  mapper_cfg = MapperConfig(in_channels=tok.latent_channels, out_channels=tok.latent_channels,
-                            ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
-  graphdef, _ = nnx.split(latent_mapper.abstract(mapper_cfg, dtype), nnx.Param)
+  # ---------------------------------------------------------------- model, optimizer, shapes,
+  # shardings: the step builder (gms_jax.step), shared with `gms-jax compile` and benchmarks/
+  built = step_lib.build(config, mesh, tokenizer=tok, steps_per_epoch=steps_per_epoch,
+                         global_batch=global_bs)
+  mapper_cfg, abstract_state = built.mapper_cfg, built.abstract_state
+  data_sharding = built.data_sharding
+  logging.info("mapper %s: %s params, compute dtype %s; peak LR %g; loss %s", mapper_cfg,
+               f"{step_lib.n_params(abstract_state['params']):,}",
+               jnp.dtype(built.dtype or jnp.float32).name, built.peak_lr, built.loss_kw)
+  tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
   init_weights = None  # config.mapper.init: start from these weights instead of a random init
   if str(config.mapper.get("init", "") or ""):
     init_weights = pretrained.read_mapper(str(config.mapper.init))
     init_weights.check_channels(tok.latent_channels, str(config.tokenizer.name))
     init_weights.check_config(mapper_cfg)
-  schedule = make_schedule(config, steps_per_epoch)
-  tx = make_optimizer(config, schedule)
-  root_key = jax.random.PRNGKey(int(config.seed))
-  init_key, noise_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
-
-  def init_fn(init_key, noise_key):
-    model = latent_mapper.create(mapper_cfg, init_key, dtype=dtype)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": noise_key}
-
-  # ---------------------------------------------------------------- shapes, shardings
-  abstract_state = jax.eval_shape(init_fn, init_key, noise_key)
-  state_sharding = parallel.replicate_tree(abstract_state, mesh)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-      state_sharding)
-  n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_state["params"]))
-  logging.info("mapper %s: %s params, compute dtype %s", mapper_cfg, f"{n_params:,}",
-               jnp.dtype(dtype or jnp.float32).name)
-  batch_shapes = {
-      "image": jax.ShapeDtypeStruct((global_bs, image_size, image_size, 3), jnp.float32,
-                                    sharding=data_sharding),
-      "mask": jax.ShapeDtypeStruct((global_bs, image_size, image_size), jnp.float32,
-                                   sharding=data_sharding)}
 
   # ---------------------------------------------------------------- jit init (created sharded)
   t0 = time.time()
-  # Non-partitionable threefry for the one-off init: same values, several times faster to compile
-  # on CPU; the output is replicated, so it does not depend on the device count.
-  with jax.threefry_partitionable(False):
-    state = jax.jit(init_fn, in_shardings=(repl, repl), out_shardings=state_sharding)(
-        parallel.replicate_array(np.asarray(init_key), mesh),
-        parallel.replicate_array(np.asarray(noise_key), mesh))
+  state = built.init()
   if init_weights is not None:  # AdamW's fresh state does not depend on the param values
     state["params"] = jax.tree.map(lambda x: parallel.replicate_array(x, mesh),
                                    pretrained.nested_params(init_weights))
@@ -413,11 +314,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("init: %.1fs", time.time() - t0)
 
   # ---------------------------------------------------------------- train step (jit, donate, AOT)
-  train_step = make_train_step(graphdef, tok, tx, schedule, loss_kwargs(config))
   t0 = time.time()
-  train_step = jax.jit(train_step, in_shardings=(state_sharding, tok_sharding, data_sharding),
-                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  train_step = train_step.lower(abstract_state, tok_params, batch_shapes).compile()
+  train_step = built.lower_train().compile()
   logging.info("train step compiled: %.1fs", time.time() - t0)
 
   # ---------------------------------------------------------------- restore
@@ -439,9 +337,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   val = list(pipeline.eval_examples(sources["validation"], image_size=image_size))
   val_images = np.stack([e["image"] for e in val]).astype(np.float32)
   val_masks = np.stack([e["mask"] for e in val]) >= 0.5
-  predict = jax.jit(
-      lambda p, t, x: inference.predict_probs(graphdef, p, tok, t, x),
-      in_shardings=(state_sharding["params"], tok_sharding, data_sharding), out_shardings=repl)
+  predict = built.predict
 
   def evaluate(params) -> dict[str, float]:
     probs = []
@@ -452,7 +348,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if n < eval_bs:  # pad with copies of the last image; their predictions are dropped
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], eval_bs - n, axis=0)])
       x = jax.make_array_from_process_local_data(data_sharding, chunk[rows], chunk.shape)
-      probs.append(np.asarray(predict(params, tok_params, x))[:n])
+      probs.append(multihost_utils.process_allgather(predict(params, tok_params, x),
+                                                     tiled=True)[:n])
     pred = np.concatenate(probs) > inference.THRESHOLD
     dsc, iou = metrics_lib.dice_iou(pred, val_masks)
     return {"val_dice": float(np.mean(dsc)), "val_iou": float(np.mean(iou))}

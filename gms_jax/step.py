@@ -1,0 +1,331 @@
+"""The one builder of the train step and the inference function, for any mesh and target.
+
+:func:`build` takes a config and a mesh (real devices, fake CPU devices, or the devices of a
+``jax.experimental.topologies`` description of a TPU slice / GPU host that is not here) and returns
+a :class:`Step`: the abstract train state with its shardings, the abstract tokenizer params, the
+batch shapes, and the jitted (not yet lowered) init, train step and inference functions. Nothing
+in it touches a host buffer or a concrete array, so the very program ``gms-jax train`` runs is what
+``gms-jax compile`` compiles for a TPU pod from a CPU host and what ``benchmarks/`` time::
+
+    step = build(config, mesh, tokenizer=tok, steps_per_epoch=n)
+    compiled = step.lower_train().compile()                # AOT: memory_analysis(), cost_analysis()
+    state = step.init()                                     # training: created sharded
+    state, metrics = compiled(state, tok_params, batch)
+
+``"auto"`` loss settings (``config.loss.batch_decode`` / ``batch_encode``) resolve from the
+*mesh's* platform, not the host's.
+
+Data parallel on a 1-D ``('data',)`` mesh: mapper params and optimizer state replicated, batches
+split on their leading axis, tokenizer params a separate replicated non-donated argument. The only
+cross-device traffic of the compiled step is the all-reduce of gradients and metrics (the loss
+keeps each device's rows together, :func:`gms_jax.loss.interleave`); inference outputs stay
+sharded like its inputs (no gather inside the program).
+
+Global batch: ``config.per_device_batch_size`` (> 0) times the device count, else
+``config.batch_size``. Learning-rate rule: ``config.optimizer.lr_scaling`` ``"none"`` (default:
+``learning_rate`` as given, the paper's value at its batch of 8) or ``"sqrt"`` / ``"linear"``:
+``learning_rate * (global_batch / optimizer.lr_base_batch) ** (1/2 or 1)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from gms_jax import inference
+from gms_jax import loss as loss_lib
+from gms_jax import parallel
+from gms_jax import tokenizers
+from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS
+
+LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def mesh_platform(mesh: Mesh) -> str:
+  """``"cpu"``, ``"gpu"`` or ``"tpu"`` for the devices of ``mesh`` (CUDA/ROCm -> ``"gpu"``)."""
+  p = str(mesh.devices.flat[0].platform).lower()
+  return "gpu" if p in ("gpu", "cuda", "rocm") else p
+
+
+def global_batch_size(config: ml_collections.ConfigDict, n_devices: int) -> int:
+  """``per_device_batch_size * n_devices`` when that key is > 0, else ``batch_size``."""
+  per_device = int(config.get("per_device_batch_size", 0) or 0)
+  return per_device * n_devices if per_device > 0 else int(config.batch_size)
+
+
+def learning_rate(config: ml_collections.ConfigDict, global_bs: int) -> float:
+  """Peak LR for a global batch (module docstring: ``optimizer.lr_scaling``)."""
+  o = config.optimizer
+  rule = str(o.get("lr_scaling", "none"))
+  if rule not in LR_SCALING:
+    raise ValueError(f"config.optimizer.lr_scaling must be one of {sorted(LR_SCALING)}, "
+                     f"got {rule!r}")
+  base = int(o.get("lr_base_batch", 8))
+  return float(o.learning_rate) * (global_bs / base) ** LR_SCALING[rule]
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                  peak_lr: float | None = None) -> Callable:
+  """Optimizer-step count -> learning rate: linear warm-up from 0 over ``warmup_epochs``, cosine
+  to 0 at ``num_epochs``; per integer epoch (``schedule.per_epoch``) or per step."""
+  epoch_schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.optimizer.learning_rate if peak_lr is None else peak_lr,
+      warmup_steps=config.schedule.warmup_epochs, decay_steps=config.num_epochs, end_value=0.0)
+  per_epoch = bool(config.schedule.per_epoch)
+
+  def schedule(count):
+    count = jnp.asarray(count)
+    epoch = count // steps_per_epoch if per_epoch else count / steps_per_epoch
+    return epoch_schedule(epoch)
+
+  return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   schedule: Callable) -> optax.GradientTransformation:
+  """AdamW (SPEC §3: lr 2e-3, betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01)."""
+  o = config.optimizer
+  return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def resolve_batch_decode(value: Any, platform: str | None = None, *,
+                         name: str = "batch_decode") -> bool:
+  """``config.loss.batch_decode`` / ``batch_encode``: ``"auto"`` makes one tokenizer call for the
+  heads (for images and masks) on GPU/TPU and one call per head (per input) on CPU, where the
+  larger activations fall out of cache (measured on a 2-core CPU, TAEF2 batch 8 x 224²:
+  28.5-29.6 s per step with the heads batched vs 21.0-23.7 s per head; see benchmarks/RESULTS.md
+  for the encoder). ``platform`` is the target's (:func:`mesh_platform`); None = the host's."""
+  if isinstance(value, bool):
+    return value
+  v = str(value).strip().lower()
+  if v == "auto":
+    return (platform or jax.default_backend()) != "cpu"
+  if v in ("true", "yes", "on", "1"):
+    return True
+  if v in ("false", "no", "off", "0"):
+    return False
+  raise ValueError(f"config.loss.{name} must be 'auto', 'true' or 'false', got {value!r}")
+
+
+def loss_kwargs(config: ml_collections.ConfigDict, platform: str | None = None) -> dict[str, Any]:
+  """The keyword arguments of :func:`gms_jax.loss.train_loss` that ``config.loss`` sets."""
+  return dict(noise_prob=float(config.loss.noise_prob), heads=tuple(config.loss.heads),
+              rec_weight=float(config.loss.rec_weight), dice_weight=float(config.loss.dice_weight),
+              batch_decode=resolve_batch_decode(config.loss.get("batch_decode", "auto"), platform),
+              batch_encode=resolve_batch_decode(config.loss.get("batch_encode", "auto"), platform,
+                                                name="batch_encode"))
+
+
+def make_train_step(graphdef: Any, tokenizer: tokenizers.Tokenizer,
+                    tx: optax.GradientTransformation, schedule: Callable,
+                    loss_kw: dict[str, Any]) -> Callable:
+  """The (un-jitted) step ``(state, tok_params, batch) -> (state, metrics)``.
+
+  ``state`` = ``{"step", "params" (pure dict of mapper params), "opt_state", "rng"}``; only
+  ``params`` is differentiated; step ``s`` draws its latent noise from ``fold_in(rng, s)``.
+  """
+
+  def train_step(state, tok_params, batch):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+
+    def loss_fn(params):
+      return loss_lib.train_loss(graphdef, params, tokenizer, tok_params, batch, rng, **loss_kw)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": state["rng"]}
+    metrics = {"loss": loss, **terms, "lr": schedule(state["step"]),
+               "grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+
+  return train_step
+
+
+def mapper_config(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) -> MapperConfig:
+  return MapperConfig(in_channels=tok.latent_channels, out_channels=tok.latent_channels,
+                      ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
+
+
+def _with_sharding(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                      shardings)
+
+
+# ----------------------------------------------------------------------------- the builder
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Step:
+  """What :func:`build` returns; every array field is a ``jax.ShapeDtypeStruct`` with sharding."""
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  platform: str  # the mesh's: "cpu" / "gpu" / "tpu"
+  tokenizer: tokenizers.Tokenizer
+  mapper_cfg: MapperConfig
+  graphdef: Any  # the mapper's NNX graphdef
+  dtype: Any  # compute dtype (None = float32)
+  global_batch_size: int
+  image_size: int
+  peak_lr: float
+  loss_kw: dict[str, Any]
+  schedule: Callable
+  tx: optax.GradientTransformation
+  replicated: NamedSharding
+  data_sharding: NamedSharding
+  state_sharding: Any
+  abstract_state: Any
+  tok_sharding: Any
+  abstract_tok_params: Any
+  batch_shapes: dict[str, jax.ShapeDtypeStruct]
+  init: Callable  # () -> state, created sharded
+  train_step: Any  # jitted (state, tok_params, batch) -> (state, metrics); state donated
+  predict: Any  # jitted (params, tok_params, images01) -> probs, batch-sharded in and out
+
+  @property
+  def n_devices(self) -> int:
+    return int(self.mesh.devices.size)
+
+  def images_shape(self, n: int) -> jax.ShapeDtypeStruct:
+    """(n, S, S, 3) float32 images, batch-sharded (``n`` must divide over the devices)."""
+    parallel.check_batch_size(n, self.mesh, "inference batch")
+    return jax.ShapeDtypeStruct((n, self.image_size, self.image_size, 3), jnp.float32,
+                                sharding=self.data_sharding)
+
+  def lower_train(self):
+    return self.train_step.lower(self.abstract_state, self.abstract_tok_params, self.batch_shapes)
+
+  def lower_predict(self, n: int):
+    return self.predict.lower(self.abstract_state["params"], self.abstract_tok_params,
+                              self.images_shape(n))
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
+          tokenizer: tokenizers.Tokenizer | None = None, steps_per_epoch: int = 1,
+          global_batch: int | None = None, platform: str | None = None) -> Step:
+  """The train step and inference function of ``config`` on ``mesh`` (module docstring).
+
+  Args:
+    config: see ``configs/gms.py``.
+    mesh: a 1-D ``('data',)`` mesh (:func:`gms_jax.parallel.make_mesh`) over real or topology
+      devices; its platform resolves ``"auto"`` settings.
+    tokenizer: a real or abstract (:func:`gms_jax.tokenizers.abstract`) tokenizer; default: the
+      config's architecture, abstract (no weights are read).
+    steps_per_epoch: for the LR schedule (a constant in the program; shapes do not depend on it).
+    global_batch: overrides :func:`global_batch_size`.
+    platform: resolves ``"auto"`` settings instead of the mesh's platform (e.g. the per-device
+      program of a GPU target lowered on a CPU host for its FLOP count).
+  """
+  platform = platform or mesh_platform(mesh)
+  tok = tokenizer if tokenizer is not None else tokenizers.abstract_from_config(config)
+  global_bs = parallel.check_batch_size(
+      int(global_batch) if global_batch else global_batch_size(config, mesh.devices.size), mesh)
+  image_size = int(config.data.image_size)
+  repl, data_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
+
+  # ---------------------------------------------------------------- model, optimizer
+  precision = str(config.get("precision", "float32"))
+  if precision not in tokenizers.PRECISIONS:
+    raise ValueError(f"config.precision must be one of {sorted(tokenizers.PRECISIONS)}, "
+                     f"got {precision!r}")
+  dtype = tokenizers.PRECISIONS[precision]
+  mcfg = mapper_config(config, tok)
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: ResAttnUNet_DS(mcfg, rngs=nnx.Rngs(0), dtype=dtype)), nnx.Param)
+  peak_lr = learning_rate(config, global_bs)
+  schedule = make_schedule(config, steps_per_epoch, peak_lr)
+  tx = make_optimizer(config, schedule)
+  seed = int(config.seed)
+
+  def init_fn():
+    root = jax.random.PRNGKey(seed)
+    init_key, noise_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+    model = ResAttnUNet_DS(mcfg, rngs=nnx.Rngs(params=init_key), dtype=dtype)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": noise_key}
+
+  # ---------------------------------------------------------------- shapes, shardings
+  abstract_state = jax.eval_shape(init_fn)
+  state_sharding = parallel.replicate_tree(abstract_state, mesh)
+  abstract_state = _with_sharding(abstract_state, state_sharding)
+  tok_shapes = tokenizers.shapes(tok)
+  tok_sharding = parallel.replicate_tree(tok_shapes, mesh)
+  abstract_tok = _with_sharding(tok_shapes, tok_sharding)
+  batch_shapes = {
+      "image": jax.ShapeDtypeStruct((global_bs, image_size, image_size, 3), jnp.float32,
+                                    sharding=data_sharding),
+      "mask": jax.ShapeDtypeStruct((global_bs, image_size, image_size), jnp.float32,
+                                   sharding=data_sharding)}
+
+  # ---------------------------------------------------------------- jitted functions
+  init_jit = jax.jit(init_fn, out_shardings=state_sharding)
+
+  def init():
+    # Non-partitionable threefry for the one-off init: same values, several times faster to
+    # compile on CPU; the output is replicated, so it does not depend on the device count.
+    with jax.threefry_partitionable(False):
+      return init_jit()
+
+  loss_kw = loss_kwargs(config, platform)
+  train_step = jax.jit(make_train_step(graphdef, tok, tx, schedule, loss_kw),
+                       in_shardings=(state_sharding, tok_sharding, data_sharding),
+                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  predict = jax.jit(lambda p, t, x: inference.predict_probs(graphdef, p, tok, t, x),
+                    in_shardings=(state_sharding["params"], tok_sharding, data_sharding),
+                    out_shardings=data_sharding)
+  return Step(config=config, mesh=mesh, platform=platform, tokenizer=tok, mapper_cfg=mcfg,
+              graphdef=graphdef, dtype=dtype, global_batch_size=global_bs,
+              image_size=image_size, peak_lr=peak_lr, loss_kw=loss_kw, schedule=schedule, tx=tx,
+              replicated=repl, data_sharding=data_sharding, state_sharding=state_sharding,
+              abstract_state=abstract_state, tok_sharding=tok_sharding,
+              abstract_tok_params=abstract_tok, batch_shapes=batch_shapes, init=init,
+              train_step=train_step, predict=predict)
+
+
+# ----------------------------------------------------------------------------- compiled-program facts
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter",
+               "collective-broadcast", "ragged-all-to-all")
+
+
+def collective_counts(hlo_text: str) -> dict[str, int]:
+  """Count of each collective op in an (optimized) HLO module's text: ``compiled.as_text()``.
+
+  Async pairs (``all-reduce-start`` / ``-done``) count once, as their op."""
+  counts = {c: 0 for c in COLLECTIVES}
+  # "%name = SHAPE OP(operands), attrs": the opcode follows the result shape, which ends in
+  # "]" (array), "}" (layout) or ")" (tuple).
+  op = re.compile(r"[\]\})]\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+  for line in hlo_text.splitlines():
+    m = op.search(line.split(", metadata=")[0])
+    if m:
+      counts[m.group(1)] += 1
+  return counts
+
+
+def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
+  """``config.compilation_cache_dir`` (non-empty): JAX's persistent compilation cache there, so a
+  restarted job (e.g. on a pod) loads its compiled step instead of compiling it again."""
+  path = str(config.get("compilation_cache_dir", "") or "")
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def n_params(tree: Any) -> int:
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
