@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-for _p in (str(REPO), str(REPO / "tests")):
-  if _p not in sys.path:
-    sys.path.insert(0, _p)
+if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
+  sys.path.insert(0, str(REPO))
 
 DEFAULT_TAEF2 = os.environ.get("GMS_TAEF2_DIR", str(REPO.parent / "shared" / "weights" / "taef2"))
 TOKENIZERS = ("sd-vae", "taef2")
@@ -290,7 +289,7 @@ def prepare_weights(args, cache: str, tokenizers: Sequence[str]) -> dict[str, di
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  import torch_refs  # pylint: disable=import-outside-toplevel
+  from gms_jax.testing import torch_refs  # pylint: disable=import-outside-toplevel
   from gms_jax.convert import core  # pylint: disable=import-outside-toplevel
   from gms_jax.convert import mapper as mapper_conv  # pylint: disable=import-outside-toplevel
   from gms_jax.models.latent_mapper import MapperConfig  # pylint: disable=import-outside-toplevel
@@ -358,6 +357,19 @@ def prepare_weights(args, cache: str, tokenizers: Sequence[str]) -> dict[str, di
 
 
 # ============================================================================ JAX side
+
+
+def product_config(size: int, dtype: str):
+  """The trainer's default config (``configs/gms.py``, SPEC §3 numbers) at ``size``², ``dtype``."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  mod_spec = importlib.util.spec_from_file_location("gms_bench_config",
+                                                    REPO / "configs" / "gms.py")
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  config = mod.get_config("sample")
+  config.data.image_size = size
+  config.precision = dtype
+  return config
 
 
 def jax_backend() -> dict[str, Any]:
@@ -443,7 +455,7 @@ def torch_load(spec: dict[str, Any], dev):
   family's own range (SD about [-1,1], TAE about [0,1]).  Frozen modules have requires_grad=False.
   """
   import torch  # pylint: disable=import-outside-toplevel
-  import torch_refs  # pylint: disable=import-outside-toplevel
+  from gms_jax.testing import torch_refs  # pylint: disable=import-outside-toplevel
   sd = torch.load(spec["torch_tok"], map_location="cpu", weights_only=True)
   if spec["family"] == "sd-vae":
     from gms_jax.models.sd_vae import AutoencoderKLConfig  # pylint: disable=import-outside-toplevel

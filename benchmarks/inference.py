@@ -2,8 +2,8 @@
 """Inference benchmark: images/s for encode -> map -> decode, gms_jax vs PyTorch.
 
 The SPEC §4 prediction on the same weights and images: encode (no noise), mapper ``"out"`` head,
-decode to a grey mask, threshold ``> 0.5``.  JAX runs ``gms_jax.inference.predict_masks`` jitted
-(AOT-compiled per batch size, compile time reported separately); PyTorch runs diffusers
+decode to a grey mask, threshold ``> 0.5``.  JAX runs the trainer's inference function (``gms_jax.step.build``, batch-sharded over this host's
+devices; AOT-compiled per batch size, compile time reported separately); PyTorch runs diffusers
 ``AutoencoderKL`` / the TAE reference and the reference mapper under ``torch.inference_mode``.
 
 For each framework and tokenizer, a worker subprocess sweeps the batch sizes (``--batches``) and
@@ -29,23 +29,29 @@ NAME = "inference"
 
 
 def jax_worker(job):
-  import functools  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from gms_jax import inference  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gms_jax import inference, parallel  # pylint: disable=import-outside-toplevel
+  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
 
-  tok, graphdef, params = C.jax_load(job["spec"])
-  fn = jax.jit(functools.partial(inference.predict_masks, graphdef, tokenizer=tok))
-  out = {"backend": C.jax_backend(), "impl": "gms_jax.inference.predict_masks",
+  tok, _, params = C.jax_load(job["spec"])
+  config = C.product_config(size=job["size"], dtype=job["dtype"])
+  # The trainer's inference function (gms_jax.step.build): batch-sharded in and out.
+  built = step_lib.build(config, parallel.make_mesh(), tokenizer=tok)
+  params = jax.device_put(nnx.to_pure_dict(params), built.state_sharding["params"])
+  tok_params = jax.device_put(tok.params, built.tok_sharding)
+  out = {"backend": C.jax_backend(), "impl": "gms_jax.step.build(...).predict",
          "rss_after_setup_bytes": C.rss_bytes(), "per_batch": []}
   peak = 0
   for b in job["batches"]:
     images, _ = C.make_batch(b, job["size"], job["seed"])
-    x = jnp.asarray(images)
+    x = jax.device_put(images, built.data_sharding)
     t0 = time.perf_counter()
-    compiled = fn.lower(params, tok_params=tok.params, images01=x).compile()
+    compiled = built.predict.lower(built.abstract_state["params"], built.abstract_tok_params,
+                                   built.images_shape(b)).compile()
     compile_s = time.perf_counter() - t0
-    run = lambda: compiled(params, tok_params=tok.params, images01=x)  # pylint: disable=cell-var-from-loop
+    run = lambda: compiled(params, tok_params, x) > inference.THRESHOLD  # pylint: disable=cell-var-from-loop
     times, pk, masks = C.timed(run, job["repeats"], job["warmup"], jax.block_until_ready)
     peak = max(peak, pk)
     st = C.stats(times)

@@ -6,9 +6,10 @@ the frozen tokenizer (no gradient), latent noise with p=0.5 (SD-VAE: unscaled po
 mapper, Σ MSE + Σ Dice(decode_mask(head)) over the heads level2/level1/out with gradients through
 the frozen decoder (input gradients only), and an AdamW update (lr 2e-3, wd 0.01).
 
-* JAX: ``gms_jax.train.make_train_step`` (the function the trainer jits) with the trainer's
-  schedule, optimizer and loss settings; AOT-compiled, compile time reported separately; FLOPs per
-  step from XLA's cost analysis.
+* JAX: the trainer's own step (``gms_jax.step.build``: the same sharded, donated program
+  ``gms-jax train`` compiles, on a mesh of this host's devices) with the trainer's schedule,
+  optimizer and loss settings; AOT-compiled, compile time reported separately; FLOPs per step from
+  XLA's cost analysis.
 * PyTorch: diffusers ``AutoencoderKL`` (SD-VAE) or the TAE reference (``tests/torch_refs.py``),
   the reference mapper, ``torch.optim.AdamW``; heads decoded one by one as the original does.
 
@@ -41,62 +42,51 @@ NAME = "train_step"
 # ============================================================================ JAX worker
 
 
-def _product_config():
-  """The trainer's default config (``configs/gms.py``, SPEC §3 numbers)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  path = C.REPO / "configs" / "gms.py"
-  mod_spec = importlib.util.spec_from_file_location("gms_bench_config", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config("sample")
-
-
-def _jax_step(tok, graphdef, params, batch_decode: str, batch_encode: str):
-  """``(jitted step, init_state, description)``: ``gms_jax.train.make_train_step`` (the function
-  the trainer jits) with the trainer's ``make_schedule`` / ``make_optimizer`` / ``loss_kwargs`` on
-  the default config, the same state dict, ``donate_argnums=(0,)``."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gms_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-
-  config = _product_config()
-  config.loss.batch_decode = batch_decode
-  config.loss.batch_encode = batch_encode
-  schedule = train_lib.make_schedule(config, 100)
-  tx = train_lib.make_optimizer(config, schedule)
-  loss_kw = train_lib.loss_kwargs(config)
-  step = train_lib.make_train_step(graphdef, tok, tx, schedule, loss_kw)
-  pure = nnx.to_pure_dict(params)
-  state = {"step": jnp.zeros((), jnp.int32), "params": pure, "opt_state": tx.init(pure),
-           "rng": jax.random.PRNGKey(int(config.seed))}
-  impl = (f"gms_jax.train.make_train_step (batch_decode={batch_decode!r} -> "
-          f"{loss_kw['batch_decode']}, batch_encode={batch_encode!r} -> {loss_kw['batch_encode']})")
-  return jax.jit(step, donate_argnums=(0,)), state, impl
+def _product_config(job):
+  """The trainer's default config (SPEC §3 numbers) at the job's size, batch and settings."""
+  config = C.product_config(size=job["size"], dtype=job["dtype"])
+  config.batch_size = job["batch"]
+  config.loss.batch_decode = job["batch_decode"]
+  config.loss.batch_encode = job.get("batch_encode", "auto")
+  return config
 
 
 def jax_worker(job):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
   from gms_jax import loss as gloss  # pylint: disable=import-outside-toplevel
+  from gms_jax import parallel  # pylint: disable=import-outside-toplevel
+  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
 
   spec = job["spec"]
   tok, graphdef, params = C.jax_load(spec, remat=job["remat"])
   images, masks = C.make_batch(job["batch"], job["size"], job["seed"])
-  batch = {"image": jnp.asarray(images), "mask": jnp.asarray(masks)}
   rec = {"rss_after_setup_bytes": C.rss_bytes(), "backend": C.jax_backend()}
 
   if job["check"] and not job.get("compile_only"):  # the noise-free loss at the initial params, for the cross-framework check
     n = min(2, job["batch"])
     f = jax.jit(lambda p, tp, x, m: gloss.gms_loss(graphdef, p, tok, tp, x, m, apply_noise=False,
                                                     eps=None, heads=HEADS)[0])
-    rec["check_loss"] = float(f(params, tok.params, batch["image"][:n], batch["mask"][:n]))
+    rec["check_loss"] = float(f(params, tok.params, jnp.asarray(images[:n]),
+                                jnp.asarray(masks[:n])))
     del f
 
-  step, state, impl = _jax_step(tok, graphdef, params, job["batch_decode"],
-                                 job.get("batch_encode", "auto"))
+  # The trainer's step, built by the trainer's builder on a mesh of this host's devices, with the
+  # benchmark's (shared, converted) mapper weights as the initial state.
+  config = _product_config(job)
+  built = step_lib.build(config, parallel.make_mesh(), tokenizer=tok, steps_per_epoch=100)
+  pure = nnx.to_pure_dict(params)
+  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": pure,
+                          "opt_state": built.tx.init(pure),
+                          "rng": jax.random.PRNGKey(int(config.seed))}, built.state_sharding)
+  tok_params = jax.device_put(tok.params, built.tok_sharding)
+  batch = jax.device_put({"image": images, "mask": masks}, built.data_sharding)
+  impl = (f"gms_jax.step.build on {built.n_devices} device(s) (batch_decode="
+          f"{job['batch_decode']!r} -> {built.loss_kw['batch_decode']}, batch_encode="
+          f"{job.get('batch_encode', 'auto')!r} -> {built.loss_kw['batch_encode']})")
   t0 = time.perf_counter()
-  lowered = step.lower(state, tok.params, batch)
+  lowered = built.lower_train()
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -108,7 +98,7 @@ def jax_worker(job):
   holder = {"state": state}
 
   def run():
-    holder["state"], metrics = compiled(holder["state"], tok.params, batch)
+    holder["state"], metrics = compiled(holder["state"], tok_params, batch)
     return metrics["loss"]
 
   times, peak, loss = C.timed(run, job["repeats"], job["warmup"], jax.block_until_ready)

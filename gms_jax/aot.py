@@ -380,13 +380,13 @@ def main(argv: list[str] | None = None) -> int:
   try:
     extra = _FLAGS(["gms-jax compile"] + argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    print(f"gms-jax compile: {str(e).splitlines()[0]}\n{USAGE}", file=sys.stderr)
+    print(f"gms-jax compile: {str(e).splitlines()[0]} ({USAGE})", file=sys.stderr)
     return 2
   if len(extra) > 1:
-    print(f"gms-jax compile: unexpected arguments {extra[1:]}\n{USAGE}", file=sys.stderr)
+    print(f"gms-jax compile: unexpected arguments {extra[1:]} ({USAGE})", file=sys.stderr)
     return 2
   if _CONFIG.value is None or not _TARGET.value:
-    print(f"gms-jax compile: --config and --target are required\n{USAGE}", file=sys.stderr)
+    print(f"gms-jax compile: --config and --target are required ({USAGE})", file=sys.stderr)
     return 2
   if _TARGET.value not in TARGETS:
     print(f"gms-jax compile: unknown target {_TARGET.value!r}; one of {', '.join(TARGETS)}",

@@ -9,7 +9,10 @@ tests need for fake CPU devices (``XLA_FLAGS`` must be set before jax is importe
 * ``kill_after_save``: SIGKILL this process right after the checkpoint of that step is committed;
 * ``nan_at_step``: the images of that step's batch are NaN;
 * ``distributed``: ``config.distributed`` values (then ``jax.distributed.initialize`` is called);
-* ``out``: a JSON file for the summaries.
+* ``out``: a JSON file for the summaries;
+* ``compile_only``: no training: build the step (:func:`gms_jax.step.build`) on the first
+  ``devices[0]`` devices, compile the train step and inference, and write their optimized HLO's
+  collective counts and the resolved loss settings to ``out``.
 """
 
 from __future__ import annotations
@@ -186,6 +189,8 @@ def _main(spec_path: str) -> int:
 
     train.parallel.global_batch = poisoned
   tok = tiny_tokenizer(spec.get("tokenizer_seed", 0))
+  if spec.get("compile_only"):
+    return _compile_only(spec, config, tok)
   summaries = {}
   for n in spec.get("devices") or [None]:
     workdir = spec["workdir"] if n is None else os.path.join(spec["workdir"], f"{n}dev")
@@ -200,6 +205,20 @@ def _main(spec_path: str) -> int:
     Path(spec["out"]).write_text(json.dumps(summaries))
   print("PROCESS", jax.process_index(), "OF", jax.process_count(), "DONE", json.dumps(summaries),
         flush=True)
+  return 0
+
+
+def _compile_only(spec: dict, config, tok) -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  from gms_jax import parallel, step  # pylint: disable=import-outside-toplevel
+  n = (spec.get("devices") or [jax.device_count()])[0]
+  built = step.build(config, parallel.make_mesh(jax.devices()[:n]), tokenizer=tok)
+  train_hlo = built.lower_train().compile().as_text()
+  predict_hlo = built.lower_predict(built.global_batch_size).compile().as_text()
+  Path(spec["out"]).write_text(json.dumps({
+      "devices": n, "platform": built.platform,
+      "loss": {k: v for k, v in built.loss_kw.items() if k.startswith("batch_")},
+      "train": step.collective_counts(train_hlo), "predict": step.collective_counts(predict_hlo)}))
   return 0
 
 

@@ -54,7 +54,7 @@ def test_train_step_quick(tmp_path):
     assert r["median_s"] == pytest.approx(sum(r["round_medians_s"]) / 2)
   jax_rec = next(r for r in recs if r["framework"] == "jax")
   assert jax_rec["compile_s"] > 0 and jax_rec["flops"] > 0 and jax_rec["speedup_vs_torch"] > 0
-  assert jax_rec["impl"].startswith("gms_jax.train.make_train_step")
+  assert jax_rec["impl"].startswith("gms_jax.step.build")
   # Same weights, same batch, no noise: the two frameworks compute the same loss.
   assert jax_rec["check_loss_rel_diff"] < 1e-4
 

@@ -20,7 +20,7 @@ from gms_jax.models.sd_vae import AutoencoderKLConfig
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-torch_refs = pytest.importorskip("torch_refs")
+torch_refs = pytest.importorskip("gms_jax.testing.torch_refs")
 
 VAE = AutoencoderKLConfig.tiny()  # /2: 16x16 images -> 8x8x4 latents
 MAPPER = MapperConfig(ch=16)

@@ -16,7 +16,7 @@ from gms_jax.models.latent_mapper import (Head, MapperConfig, ResBlock,
                                          SpatialSelfAttention, num_params)
 
 torch = pytest.importorskip("torch")
-import torch_refs  # noqa: E402  (needs torch)
+from gms_jax.testing import torch_refs  # noqa: E402  (needs torch)
 
 CFG = MapperConfig()
 HEADS = ("level3", "level2", "level1", "out")

@@ -17,7 +17,7 @@ from gms_jax.convert import tae as conv
 from gms_jax.models.tae import TAEConfig
 
 torch = pytest.importorskip("torch")
-import torch_refs  # noqa: E402  (needs torch)
+from gms_jax.testing import torch_refs  # noqa: E402  (needs torch)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "weights" / "taef2"

@@ -140,7 +140,7 @@ def test_sd_save_params_then_load_identical(sd_model, sd_tok, images, tmp_path):
 def taesd_dir(tmp_path_factory):
   """A random TAESD-style (4 latent channels, no midblock GN) .pth pair, as published."""
   torch = pytest.importorskip("torch")
-  import torch_refs  # pylint: disable=import-outside-toplevel
+  from gms_jax.testing import torch_refs  # pylint: disable=import-outside-toplevel
   folder = tmp_path_factory.mktemp("taesd")
   torch.manual_seed(0)
   enc = torch_refs.randomize_(torch_refs.tae_encoder(4), seed=1).eval()
@@ -152,7 +152,7 @@ def taesd_dir(tmp_path_factory):
 
 def test_tae_load_conventions_and_parity(taesd_dir, tmp_path):
   torch = pytest.importorskip("torch")
-  import torch_refs  # pylint: disable=import-outside-toplevel
+  from gms_jax.testing import torch_refs  # pylint: disable=import-outside-toplevel
   folder, enc, dec = taesd_dir
   tok = tokenizers.load("taesd", str(folder))
   assert tok.family == "tae" and not tok.has_posterior and tok.scale == 1.0
