@@ -1,4 +1,7 @@
-"""Shared machinery of the ``benchmarks/`` scripts (not part of the ``gms_jax`` package).
+"""Shared driver/worker machinery of the ``benchmarks/`` scripts (not part of ``gms_jax``):
+arguments, machine description, timing and statistics, synthetic batches, worker subprocesses,
+result files and tables. The frameworks' sides are in ``_weights.py`` (identical weights for
+both), ``_jax_side.py`` (the product's step builder and XLA's analyses) and ``_torch_side.py``.
 
 Each benchmark script is a *driver*: it prepares identical weights for both frameworks once
 (PyTorch modules built from a seed, converted to Flax with the product's converters, both written
@@ -30,7 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
@@ -39,16 +42,6 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 DEFAULT_TAEF2 = os.environ.get("GMS_TAEF2_DIR", str(REPO.parent / "shared" / "weights" / "taef2"))
 TOKENIZERS = ("sd-vae", "taef2")
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0"
-SD_SCALE = 0.18215
-
-# Peak dense throughput per device kind, FLOP/s, for MFU (vendor datasheets, SXM parts).
-# "float32" on NVIDIA = TF32 tensor cores (XLA and cuDNN use TF32 for f32 convs by default).
-GPU_PEAKS = {
-    "H100": {"float32": 494.7e12, "bfloat16": 989.4e12, "float32_no_tf32": 66.9e12},
-    "H200": {"float32": 494.7e12, "bfloat16": 989.4e12, "float32_no_tf32": 66.9e12},
-    "A100": {"float32": 156e12, "bfloat16": 312e12, "float32_no_tf32": 19.5e12},
-}
-
 
 # ============================================================================ arguments
 
@@ -261,299 +254,6 @@ def make_batch(batch: int, size: int, seed: int = 0):
   return images, masks
 
 
-# ============================================================================ shared weights
-
-
-def sd_config(quick: bool):
-  from gms_jax.models.sd_vae import AutoencoderKLConfig  # pylint: disable=import-outside-toplevel
-  return AutoencoderKLConfig.tiny() if quick else AutoencoderKLConfig.sd()
-
-
-def diffusers_vae(cfg):
-  """An (untrained-init) diffusers ``AutoencoderKL`` of ``cfg``'s architecture."""
-  import diffusers  # pylint: disable=import-outside-toplevel
-  n = len(cfg.block_out_channels)
-  return diffusers.AutoencoderKL(
-      in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-      down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-      block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-      latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-      scaling_factor=cfg.scaling_factor)
-
-
-def prepare_weights(args, cache: str, tokenizers: Sequence[str]) -> dict[str, dict[str, Any]]:
-  """Builds each tokenizer and a mapper once, writes torch state dicts and converted Flax files.
-
-  Returns ``{tokenizer: {"torch_tok", "torch_mapper", "flax_tok", "flax_mapper", "tok_cfg",
-  "mapper_cfg", "latent_channels", "downsample", "weights"}}`` (paths and plain data).
-  """
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  from gms_jax.testing import torch_refs  # pylint: disable=import-outside-toplevel
-  from gms_jax.convert import core  # pylint: disable=import-outside-toplevel
-  from gms_jax.convert import mapper as mapper_conv  # pylint: disable=import-outside-toplevel
-  from gms_jax.models.latent_mapper import MapperConfig  # pylint: disable=import-outside-toplevel
-
-  os.makedirs(cache, exist_ok=True)
-  out = {}
-  for name in tokenizers:
-    rec: dict[str, Any] = {}
-    if name == "sd-vae":
-      from gms_jax.convert import sd_vae as sd_conv  # pylint: disable=import-outside-toplevel
-      if args.sd_vae:
-        import diffusers  # pylint: disable=import-outside-toplevel
-        flat, cfg = sd_conv.load_diffusers(args.sd_vae)
-        vae = diffusers.AutoencoderKL.from_pretrained(args.sd_vae)  # needs a diffusers folder
-        rec["weights"] = f"real ({args.sd_vae})"
-      else:
-        cfg = sd_config(args.quick)
-        torch.manual_seed(args.seed)
-        vae = diffusers_vae(cfg)
-        flat = sd_conv.convert_state_dict(vae.state_dict(), cfg, source="random diffusers VAE")
-        rec["weights"] = "random init (diffusers AutoencoderKL defaults)"
-      torch_sd = {k: v.detach().clone() for k, v in vae.state_dict().items()}
-      family, lat_ch, down = "sd-vae", cfg.latent_channels, cfg.downsample_factor
-      rec["tok_cfg"] = cfg.to_dict()
-    else:
-      from gms_jax.convert import tae as tae_conv  # pylint: disable=import-outside-toplevel
-      from gms_jax.models.tae import TAEConfig  # pylint: disable=import-outside-toplevel
-      folder = args.taef2
-      if folder and os.path.isdir(folder):
-        enc_p, dec_p = tae_conv.find_pair(folder)
-        sd = tae_conv.read_pair(enc_p, dec_p)
-        cfg = tae_conv.infer_config(sd, source=folder)
-        torch_sd = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
-        rec["weights"] = f"real ({folder})"
-      else:
-        cfg = TAEConfig.taef2()
-        torch.manual_seed(args.seed)
-        enc = torch_refs.tae_encoder(cfg.latent_channels, cfg.midblock_gn)
-        dec = torch_refs.tae_decoder(cfg.latent_channels, cfg.midblock_gn)
-        torch_sd = {**{f"encoder.{k}": v for k, v in enc.state_dict().items()},
-                    **{f"decoder.{k}": v for k, v in dec.state_dict().items()}}
-        sd = {k: v.numpy() for k, v in torch_sd.items()}
-        rec["weights"] = "random init (TAEF2 weights not found)"
-      flat = tae_conv.convert_state_dict(sd, cfg, source="taef2")
-      family, lat_ch, down = "tae", cfg.latent_channels, 8
-      rec["tok_cfg"] = cfg.to_dict()
-
-    torch.manual_seed(args.seed + 1)
-    tmapper = torch_refs.ResAttnUNet_DS(in_channel=lat_ch, out_channels=lat_ch)
-    mcfg = MapperConfig(in_channels=lat_ch, out_channels=lat_ch)
-    mflat = mapper_conv.convert_state_dict(
-        {k: v.detach().numpy() for k, v in tmapper.state_dict().items()}, mcfg, source="mapper")
-
-    paths = {k: os.path.join(cache, f"{name}.{k}") for k in
-             ("torch_tok.pt", "torch_mapper.pt", "flax_tok.safetensors", "flax_mapper.safetensors")}
-    torch.save(torch_sd, paths["torch_tok.pt"])
-    torch.save(tmapper.state_dict(), paths["torch_mapper.pt"])
-    core.save_params(paths["flax_tok.safetensors"], flat, family=family, config=rec["tok_cfg"])
-    core.save_params(paths["flax_mapper.safetensors"], mflat, family="mapper", config=mcfg.to_dict())
-    rec.update(torch_tok=paths["torch_tok.pt"], torch_mapper=paths["torch_mapper.pt"],
-               flax_tok=paths["flax_tok.safetensors"], flax_mapper=paths["flax_mapper.safetensors"],
-               family=family, mapper_cfg=mcfg.to_dict(), latent_channels=lat_ch, downsample=down)
-    out[name] = rec
-  return out
-
-
-# ============================================================================ JAX side
-
-
-def product_config(size: int, dtype: str):
-  """The trainer's default config (``configs/gms.py``, SPEC §3 numbers) at ``size``², ``dtype``."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  mod_spec = importlib.util.spec_from_file_location("gms_bench_config",
-                                                    REPO / "configs" / "gms.py")
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  config = mod.get_config("sample")
-  config.data.image_size = size
-  config.precision = dtype
-  return config
-
-
-def jax_backend() -> dict[str, Any]:
-  import jax  # pylint: disable=import-outside-toplevel
-  d = jax.devices()[0]
-  return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count()}
-
-
-def jax_dtype(name: str):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  return None if name == "float32" else jnp.bfloat16
-
-
-def jax_load(spec: dict[str, Any], *, remat: bool = False):
-  """Tokenizer and mapper ``(tok, mapper_graphdef, mapper_params)`` from the converted files."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
-  from gms_jax.convert import core  # pylint: disable=import-outside-toplevel
-  from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS  # pylint: disable=import-outside-toplevel
-  dtype = jax_dtype(spec["dtype"])
-  tok = tokenizers.load(spec["family"], spec["flax_tok"], dtype=dtype, remat_decoder=remat)
-  flat, _, mcfg = core.load_params(spec["flax_mapper"])
-  mapper = nnx.eval_shape(lambda: ResAttnUNet_DS(MapperConfig.from_dict(mcfg), rngs=nnx.Rngs(0),
-                                                 dtype=dtype))
-  core.apply_flat(mapper, flat, source=spec["flax_mapper"])
-  graphdef, params = nnx.split(mapper, nnx.Param)
-  return tok, graphdef, params
-
-
-def cost_flops(compiled) -> float | None:
-  """FLOPs of a compiled XLA executable from its cost analysis (None if unavailable)."""
-  try:
-    ca = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else None
-  if not ca:
-    return None
-  f = ca.get("flops")
-  return float(f) if f is not None and f > 0 else None
-
-
-def memory_analysis(compiled) -> dict[str, int]:
-  """XLA's static buffer assignment for a compiled executable: ``temp_size_in_bytes`` is the
-  scratch (activations kept for the backward pass, workspaces) the step needs besides its
-  arguments and outputs."""
-  try:
-    ma = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return {}
-  if ma is None:
-    return {}
-  keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-          "alias_size_in_bytes", "generated_code_size_in_bytes")
-  return {k: int(getattr(ma, k)) for k in keys if getattr(ma, k, None) is not None}
-
-
-def jax_memory_stats() -> dict[str, Any]:
-  import jax  # pylint: disable=import-outside-toplevel
-  try:
-    ms = jax.devices()[0].memory_stats() or {}
-  except Exception:  # pylint: disable=broad-except
-    ms = {}
-  keep = ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
-  return {k: int(ms[k]) for k in keep if k in ms}
-
-
-# ============================================================================ PyTorch side
-
-
-def torch_setup(threads: int):
-  import torch  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(max(1, threads))
-  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  return torch, dev
-
-
-def torch_load(spec: dict[str, Any], dev):
-  """``(encode, decode_raw, mapper)`` as PyTorch callables on ``dev`` with the shared weights.
-
-  ``encode(x01 NCHW) -> (z scaled, std unscaled)``; ``decode_raw(z scaled) -> NCHW`` in the
-  family's own range (SD about [-1,1], TAE about [0,1]).  Frozen modules have requires_grad=False.
-  """
-  import torch  # pylint: disable=import-outside-toplevel
-  from gms_jax.testing import torch_refs  # pylint: disable=import-outside-toplevel
-  sd = torch.load(spec["torch_tok"], map_location="cpu", weights_only=True)
-  if spec["family"] == "sd-vae":
-    from gms_jax.models.sd_vae import AutoencoderKLConfig  # pylint: disable=import-outside-toplevel
-    vae = diffusers_vae(AutoencoderKLConfig.from_dict(spec["tok_cfg"]))
-    vae.load_state_dict(sd)
-    vae.requires_grad_(False)
-    vae.eval().to(dev)
-    scale = float(spec["tok_cfg"].get("scaling_factor", SD_SCALE))
-
-    def encode(x01):
-      post = vae.encode(2.0 * x01 - 1.0).latent_dist
-      return scale * post.mean, post.std
-
-    def decode_raw(z):
-      return vae.decode(z / scale).sample
-
-    modules = [vae]
-  else:
-    c = spec["tok_cfg"]
-    enc = torch_refs.tae_encoder(c["latent_channels"], c["midblock_gn"])
-    dec = torch_refs.tae_decoder(c["latent_channels"], c["midblock_gn"])
-    enc.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})
-    dec.load_state_dict({k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")})
-    for m in (enc, dec):
-      m.requires_grad_(False)
-      m.eval().to(dev)
-
-    def encode(x01):
-      z = enc(x01)
-      return z, torch.zeros_like(z)
-
-    decode_raw = dec
-    modules = [enc, dec]
-  mapper = torch_refs.ResAttnUNet_DS(in_channel=spec["latent_channels"],
-                                     out_channels=spec["latent_channels"])
-  mapper.load_state_dict(torch.load(spec["torch_mapper"], map_location="cpu", weights_only=True))
-  mapper.to(dev)
-  return encode, decode_raw, mapper, modules
-
-
-class TorchWorker(NamedTuple):
-  """What every PyTorch worker starts from (``torch_worker_setup``)."""
-  torch: Any
-  dev: Any
-  family: str
-  encode: Callable
-  decode_raw: Callable
-  mapper: Any
-  rec: dict[str, Any]  # the record's common fields: threads, device, impl, RSS after setup
-
-
-def torch_worker_setup(job: dict[str, Any]) -> TorchWorker:
-  """Threads, device, the shared weights (``torch_load``) and the record's common fields."""
-  torch, dev = torch_setup(job["threads"])
-  family = job["spec"]["family"]
-  encode, decode_raw, mapper, _ = torch_load(job["spec"], dev)
-  rec = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-         "device": str(dev), "rss_after_setup_bytes": rss_bytes(),
-         "impl": "diffusers AutoencoderKL" if family == "sd-vae" else "torch_refs TAE"}
-  return TorchWorker(torch, dev, family, encode, decode_raw, mapper, rec)
-
-
-def torch_images(images, dev):
-  """NHWC float numpy images -> a contiguous NCHW tensor on ``dev``."""
-  import torch  # pylint: disable=import-outside-toplevel
-  return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
-
-
-def torch_decode_mask(family: str, decode_raw, z):
-  """SPEC §3 ``decode``: decoder -> mean over RGB -> (x+1)/2 for SD -> clamp [0,1]; (B,H,W)."""
-  g = decode_raw(z).float().mean(dim=1)
-  if family == "sd-vae":
-    g = (g + 1.0) / 2.0
-  return g.clamp(0.0, 1.0)
-
-
-def torch_dice(pred, target, smooth=1e-5):
-  """MONAI ``DiceLoss()`` defaults on (B,H,W) maps: per sample, then mean over the batch."""
-  dims = tuple(range(1, pred.ndim))
-  inter = (pred * target).sum(dims)
-  denom = pred.sum(dims) + target.sum(dims)
-  return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
-
-
-def torch_sync(dev):
-  import torch  # pylint: disable=import-outside-toplevel
-  if dev.type == "cuda":
-    torch.cuda.synchronize()
-
-
-def torch_memory_stats(dev) -> dict[str, Any]:
-  import torch  # pylint: disable=import-outside-toplevel
-  if dev.type != "cuda":
-    return {}
-  return {"peak_bytes_in_use": int(torch.cuda.max_memory_allocated()),
-          "peak_bytes_reserved": int(torch.cuda.max_memory_reserved())}
-
-
 # ============================================================================ driver helpers
 
 
@@ -592,12 +292,13 @@ def run_worker(script: str, job: dict[str, Any], *, timeout_s: float | None = No
   return rec
 
 
-def finish_record(rec: dict[str, Any], step_peak_rss: int, dev=None) -> dict[str, Any]:
+def finish_record(rec: dict[str, Any], step_peak_rss: int,
+                  device_memory: dict[str, Any] | None = None) -> dict[str, Any]:
   """Adds the memory fields every worker ends with: the RSS peak sampled during the timed calls,
-  the process's lifetime peak RSS, and device memory (JAX's allocator stats, or CUDA's for a torch
-  ``dev``)."""
+  the process's lifetime peak RSS, and device memory (``_jax_side.jax_memory_stats()`` or
+  ``_torch_side.torch_memory_stats(dev)``)."""
   rec.update(step_peak_rss_bytes=step_peak_rss, ru_maxrss_bytes=peak_rss_bytes(),
-             device_memory=jax_memory_stats() if dev is None else torch_memory_stats(dev))
+             device_memory=device_memory or {})
   return rec
 
 

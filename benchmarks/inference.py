@@ -24,6 +24,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # pylint: disable=wrong-import-position
+import _jax_side as J  # pylint: disable=wrong-import-position
+import _torch_side as T  # pylint: disable=wrong-import-position
+import _weights as W  # pylint: disable=wrong-import-position
 
 NAME = "inference"
 
@@ -35,13 +38,13 @@ def jax_worker(job):
   from gms_jax import inference, parallel  # pylint: disable=import-outside-toplevel
   from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
 
-  tok, _, params = C.jax_load(job["spec"])
-  config = C.product_config(size=job["size"], dtype=job["dtype"])
+  tok, _, params = J.jax_load(job["spec"])
+  config = J.product_config(size=job["size"], dtype=job["dtype"])
   # The trainer's inference function (gms_jax.step.build): batch-sharded in and out.
   built = step_lib.build(config, parallel.make_mesh(), tokenizer=tok)
   params = jax.device_put(nnx.to_pure_dict(params), built.state_sharding["params"])
   tok_params = jax.device_put(tok.params, built.tok_sharding)
-  out = {"backend": C.jax_backend(), "impl": "gms_jax.step.build(...).predict",
+  out = {"backend": J.jax_backend(), "impl": "gms_jax.step.build(...).predict",
          "rss_after_setup_bytes": C.rss_bytes(), "per_batch": []}
   peak = 0
   for b in job["batches"]:
@@ -55,14 +58,14 @@ def jax_worker(job):
     times, pk, masks = C.timed(run, job["repeats"], job["warmup"], jax.block_until_ready)
     peak = max(peak, pk)
     st = C.stats(times)
-    out["per_batch"].append({"batch": b, "compile_s": compile_s, "flops": C.cost_flops(compiled),
+    out["per_batch"].append({"batch": b, "compile_s": compile_s, "flops": J.cost_flops(compiled),
                              **st, "times_s": times, "images_per_s": b / st["median_s"],
                              "mask_fraction": float(jnp.mean(masks))})
-  return C.finish_record(out, peak)
+  return C.finish_record(out, peak, J.jax_memory_stats())
 
 
 def torch_worker(job):
-  w = C.torch_worker_setup(job)
+  w = T.torch_worker_setup(job)
   torch, dev, family, encode, decode_raw, mapper = w[:6]
   mapper.eval()
   bf16 = job["dtype"] == "bfloat16"
@@ -72,21 +75,21 @@ def torch_worker(job):
   def predict(x):
     with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
       z, _ = encode(x)
-      return C.torch_decode_mask(family, decode_raw, mapper(z.float())["out"].float()) > 0.5
+      return T.torch_decode_mask(family, decode_raw, mapper(z.float())["out"].float()) > 0.5
 
   peak = 0
   if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
   for b in job["batches"]:
     images, _ = C.make_batch(b, job["size"], job["seed"])
-    x = C.torch_images(images, dev)
+    x = T.torch_images(images, dev)
     times, pk, masks = C.timed(lambda: predict(x), job["repeats"], job["warmup"],  # pylint: disable=cell-var-from-loop
-                               lambda o: (C.torch_sync(dev), o)[1])
+                               lambda o: (T.torch_sync(dev), o)[1])
     peak = max(peak, pk)
     st = C.stats(times)
     out["per_batch"].append({"batch": b, **st, "times_s": times, "images_per_s": b / st["median_s"],
                              "mask_fraction": float(masks.float().mean())})
-  return C.finish_record(out, peak, dev)
+  return C.finish_record(out, peak, T.torch_memory_stats(dev))
 
 
 def main(argv=None):
@@ -108,7 +111,7 @@ def main(argv=None):
         f"{args.warmup}; {machine['cpu']} ({machine['cpu_count']} cores), commit "
         f"{machine['commit'][:10]}{' (dirty)' if machine['dirty'] else ''}")
   print("# preparing shared weights ...", flush=True)
-  specs = C.prepare_weights(args, cache, toks)
+  specs = W.prepare_weights(args, cache, toks)
   records = []
   for tname in toks:
     for fw in C.framework_list(args):

@@ -34,6 +34,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # pylint: disable=wrong-import-position
+import _jax_side as J  # pylint: disable=wrong-import-position
+import _torch_side as T  # pylint: disable=wrong-import-position
+import _weights as W  # pylint: disable=wrong-import-position
 
 HEADS = ("level2", "level1", "out")
 NAME = "train_step"
@@ -44,7 +47,7 @@ NAME = "train_step"
 
 def _product_config(job):
   """The trainer's default config (SPEC §3 numbers) at the job's size, batch and settings."""
-  config = C.product_config(size=job["size"], dtype=job["dtype"])
+  config = J.product_config(size=job["size"], dtype=job["dtype"])
   config.batch_size = job["batch"]
   config.loss.batch_decode = job["batch_decode"]
   config.loss.batch_encode = job.get("batch_encode", "auto")
@@ -60,9 +63,9 @@ def jax_worker(job):
   from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
 
   spec = job["spec"]
-  tok, graphdef, params = C.jax_load(spec, remat=job["remat"])
+  tok, graphdef, params = J.jax_load(spec, remat=job["remat"])
   images, masks = C.make_batch(job["batch"], job["size"], job["seed"])
-  rec = {"rss_after_setup_bytes": C.rss_bytes(), "backend": C.jax_backend()}
+  rec = {"rss_after_setup_bytes": C.rss_bytes(), "backend": J.jax_backend()}
 
   if job["check"] and not job.get("compile_only"):  # the noise-free loss at the initial params, for the cross-framework check
     n = min(2, job["batch"])
@@ -90,10 +93,10 @@ def jax_worker(job):
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  rec.update(impl=impl, lower_s=t1 - t0, compile_s=t2 - t1, flops=C.cost_flops(compiled),
-             xla_memory=C.memory_analysis(compiled), rss_after_compile_bytes=C.rss_bytes())
+  rec.update(impl=impl, lower_s=t1 - t0, compile_s=t2 - t1, flops=J.cost_flops(compiled),
+             xla_memory=J.memory_analysis(compiled), rss_after_compile_bytes=C.rss_bytes())
   if job.get("compile_only"):
-    rec.update(ru_maxrss_bytes=C.peak_rss_bytes(), device_memory=C.jax_memory_stats())
+    rec.update(ru_maxrss_bytes=C.peak_rss_bytes(), device_memory=J.jax_memory_stats())
     return rec
   holder = {"state": state}
 
@@ -103,20 +106,20 @@ def jax_worker(job):
 
   times, peak, loss = C.timed(run, job["repeats"], job["warmup"], jax.block_until_ready)
   rec.update(C.stats(times), times_s=times, last_loss=float(loss))
-  return C.finish_record(rec, peak)
+  return C.finish_record(rec, peak, J.jax_memory_stats())
 
 
 # ============================================================================ PyTorch worker
 
 
 def torch_worker(job):
-  w = C.torch_worker_setup(job)
+  w = T.torch_worker_setup(job)
   torch, dev, family, encode, decode_raw, mapper = w[:6]
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
   from torch.utils.checkpoint import checkpoint  # pylint: disable=import-outside-toplevel
 
   images, masks = C.make_batch(job["batch"], job["size"], job["seed"])
-  x = C.torch_images(images, dev)
+  x = T.torch_images(images, dev)
   grey = torch.from_numpy(masks).to(dev)
   m3 = grey[:, None].expand(-1, 3, -1, -1).contiguous()
   opt = torch.optim.AdamW(mapper.parameters(), lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
@@ -127,8 +130,8 @@ def torch_worker(job):
 
   def decode_mask(z):
     if job["remat"]:
-      return checkpoint(lambda t: C.torch_decode_mask(family, decode_raw, t), z, use_reentrant=False)
-    return C.torch_decode_mask(family, decode_raw, z)
+      return checkpoint(lambda t: T.torch_decode_mask(family, decode_raw, t), z, use_reentrant=False)
+    return T.torch_decode_mask(family, decode_raw, z)
 
   def loss_fn(xb, greyb, m3b, noise: bool):
     with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
@@ -141,7 +144,7 @@ def torch_worker(job):
       out = mapper(z_img)
       preds = [out[k].float() for k in HEADS]
       rec_loss = sum(F.mse_loss(p, z_mask) for p in preds)
-      dice = sum(C.torch_dice(decode_mask(p), greyb) for p in preds)  # one decode per head
+      dice = sum(T.torch_dice(decode_mask(p), greyb) for p in preds)  # one decode per head
     return rec_loss + dice
 
   if job["check"]:
@@ -158,9 +161,9 @@ def torch_worker(job):
 
   if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
-  times, peak, loss = C.timed(run, job["repeats"], job["warmup"], lambda o: (C.torch_sync(dev), o)[1])
+  times, peak, loss = C.timed(run, job["repeats"], job["warmup"], lambda o: (T.torch_sync(dev), o)[1])
   rec.update(C.stats(times), times_s=times, last_loss=float(loss.detach()))
-  return C.finish_record(rec, peak, dev)
+  return C.finish_record(rec, peak, T.torch_memory_stats(dev))
 
 
 # ============================================================================ driver
@@ -176,11 +179,7 @@ def _mfu(rec, model_flops, peak):
 def _peak_for(rec, machine, dtype):
   be = rec.get("backend") or {}
   if be.get("platform") == "gpu" or str(rec.get("device", "")).startswith("cuda"):
-    kind = be.get("device_kind", "")
-    for name, peaks in C.GPU_PEAKS.items():
-      if name in kind:
-        return peaks[dtype]
-    return None
+    return J.peak_flops(be.get("device_kind", ""), dtype)
   return (machine.get("cpu_peak_estimate") or {}).get("peak_flops")
 
 
@@ -219,7 +218,7 @@ def main(argv=None):
         f"warmup {args.warmup}; {machine['cpu']} ({machine['cpu_count']} cores), "
         f"commit {machine['commit'][:10]}{' (dirty)' if machine['dirty'] else ''}")
   print("# preparing shared weights ...", flush=True)
-  specs = C.prepare_weights(args, cache, toks)
+  specs = W.prepare_weights(args, cache, toks)
   remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
   records = []
   for tname in toks:

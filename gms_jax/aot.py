@@ -106,10 +106,10 @@ TARGETS = {
     "v4-32": _tpu("v4", "2x2x4", True), "v4-64": _tpu("v4", "2x4x4", True),
     "v4-128": _tpu("v4", "4x4x4", True), "v4-256": _tpu("v4", "4x4x8", True),
     "v4-512": _tpu("v4", "4x8x8", True),
-    "v5e-1": _tpu("v5e", "1x1"), "v5e-4": _tpu("v5e", "2x2"), "v5e-8": _tpu("v5e", "2x4"),
+    "v5e-4": _tpu("v5e", "2x2"), "v5e-8": _tpu("v5e", "2x4"),
     "v5e-16": _tpu("v5e", "4x4"), "v5e-64": _tpu("v5e", "8x8"), "v5e-256": _tpu("v5e", "16x16"),
     "v5p-8": _tpu("v5p", "2x2x1", True), "v5p-32": _tpu("v5p", "2x2x4", True),
-    "v6e-1": _tpu("v6e", "1x1"), "v6e-8": _tpu("v6e", "2x4"), "v6e-16": _tpu("v6e", "4x4"),
+    "v6e-8": _tpu("v6e", "2x4"), "v6e-16": _tpu("v6e", "4x4"),
     **{f"{g}x{n}": Target(g, "gpu", f"1x1x{n}") for g in ("h100", "h200", "a100")
        for n in (1, 2, 4, 8)},
 }
@@ -217,11 +217,14 @@ def program_facts(compiled, *, images: int, chip: Chip, dtype_name: str, n_devic
       "xla_estimate_s": xla_s,
       "compute_bound_s": compute_s, "memory_bound_s": memory_s,
       "roofline_s": roofline_s,
+      # Without a byte count (GPU) the roofline is the compute time alone: an upper bound on
+      # images/s that ignores HBM traffic, and no MFU bound follows from it.
       "bound": None if roofline_s is None else (
-          "compute" if compute_s and roofline_s == compute_s else "memory"),
+          "compute only" if memory_s is None else
+          "compute" if roofline_s == compute_s else "memory"),
       "images_per_s": images / roofline_s if roofline_s else None,
       "images_per_s_per_chip": images / roofline_s / n_devices if roofline_s else None,
-      "mfu_bound": compute_s / roofline_s if compute_s and roofline_s else None,
+      "mfu_bound": compute_s / roofline_s if compute_s and memory_s else None,
       "peak_flops_per_chip": peak, "hbm_bytes_per_s": chip.hbm_bytes_per_s,
       "collectives": step_lib.collective_counts(compiled.as_text()),
       "compile_s": compile_s,
@@ -294,6 +297,10 @@ def _gib(b):
   return "-" if b is None else f"{b / 2**30:.2f}"
 
 
+def _pct(x):
+  return "-" if x is None else f"{100 * x:.0f}%"
+
+
 def _num(x, spec):
   return "-" if x is None else format(x, spec)
 
@@ -334,8 +341,7 @@ def format_table(rec: dict[str, Any]) -> str:
       ("img/s bound (all chips)", _num(tr["images_per_s"], ".0f"), _num(inf["images_per_s"], ".0f")),
       ("img/s bound per chip", _num(tr["images_per_s_per_chip"], ".1f"),
        _num(inf["images_per_s_per_chip"], ".1f")),
-      ("MFU bound", _num(tr["mfu_bound"] and 100 * tr["mfu_bound"], ".0f") + "%",
-       _num(inf["mfu_bound"] and 100 * inf["mfu_bound"], ".0f") + "%"),
+      ("MFU bound", _pct(tr["mfu_bound"]), _pct(inf["mfu_bound"])),
       ("collectives (optimized HLO)", coll(tr), coll(inf)),
       ("compile s", _num(tr["compile_s"], ".1f"), _num(inf["compile_s"], ".1f")),
   ]
@@ -352,6 +358,29 @@ def format_table(rec: dict[str, Any]) -> str:
   return "\n".join([head, "", line("", "train step", "inference"),
                     f"|{'-' * (w0 + 2)}|{'-' * (w1 + 2)}|{'-' * (w2 + 2)}|"]
                    + [line(*r) for r in rows])
+
+
+SUMMARY_HEADERS = ("target", "tokenizer", "dtype", "remat", "batch/chip", "peak GiB / HBM",
+                   "GFLOP/chip", "GB/chip", "XLA est. ms", "roofline ms", "img/s/chip (est.)",
+                   "MFU bound", "infer img/s/chip @64 (est.)", "train collectives",
+                   "infer collectives", "compile s")
+
+
+def summary_row(rec: dict[str, Any]) -> list[str]:
+  """One line of a multi-target table (``benchmarks/aot_table.py``) from a record."""
+  tr, inf = rec["train"], rec["inference"]
+  mem = tr["memory_bytes"]
+  fit = "fits" if tr["fits"] else f"OVER +{_gib(tr['over_by_bytes'])}"
+  coll = lambda p: ", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v) or "none"  # noqa: E731
+  return [rec["target"], rec["tokenizer"], rec["precision"], "on" if rec["remat_decoder"] else "off",
+          str(rec["per_device_batch"]), f"{_gib(mem.get('peak'))} / {_gib(tr['hbm_bytes'])} {fit}",
+          _num(tr["flops_per_device"] and tr["flops_per_device"] / 1e9, ".0f"),
+          _num(tr["bytes_accessed_per_device"] and tr["bytes_accessed_per_device"] / 1e9, ".1f"),
+          _num(tr["xla_estimate_s"] and tr["xla_estimate_s"] * 1e3, ".0f"),
+          _num(tr["roofline_s"] and tr["roofline_s"] * 1e3, ".1f") + f" ({tr['bound']})",
+          _num(tr["images_per_s_per_chip"], ".0f"), _pct(tr["mfu_bound"]),
+          _num(inf["images_per_s_per_chip"], ".0f"), coll(tr), coll(inf),
+          f"{tr['compile_s']:.0f} + {inf['compile_s']:.0f}"]
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -1,4 +1,8 @@
-"""Session fixtures shared by the end-to-end tests."""
+"""Session fixtures shared by the end-to-end tests.
+
+The suite runs on CPU (fake CPU devices where it needs several): with the ``[tpu]`` or
+``[cuda-aot]`` extra installed, jax would otherwise try to start those backends in every test
+process (libtpu looks for a TPU VM and prints warnings). Set ``JAX_PLATFORMS`` to override."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 
