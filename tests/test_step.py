@@ -109,6 +109,9 @@ def test_per_device_batch_and_lr_rule():
   assert step_lib.learning_rate(c, 512) == pytest.approx(2e-3 * 8)  # sqrt(512 / 8)
   c.optimizer.lr_scaling = "linear"
   assert step_lib.learning_rate(c, 32) == pytest.approx(2e-3 * 4)
+  accel = H.load_config("busi,accel")  # 8 per chip, bf16, sqrt rule: a v4-8 (4 chips) runs 32
+  assert accel.precision == "bfloat16" and step_lib.global_batch_size(accel, 4) == 32
+  assert step_lib.learning_rate(accel, 32) == pytest.approx(2e-3 * 2)
   c.optimizer.lr_scaling = "cubic"
   with pytest.raises(ValueError, match="lr_scaling"):
     step_lib.learning_rate(c, 32)
