@@ -52,15 +52,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------- building blocks
-
-
-# The step's pieces live in gms_jax.step (one builder for training, AOT compilation and
-# benchmarks); re-exported here for callers of the training module.
-make_schedule = step_lib.make_schedule
-make_optimizer = step_lib.make_optimizer
-resolve_batch_decode = step_lib.resolve_batch_decode
-loss_kwargs = step_lib.loss_kwargs
-make_train_step = step_lib.make_train_step
+# (schedule, optimizer, loss settings and the step itself: gms_jax.step, the one builder that
+# training, `gms-jax compile` and benchmarks/ share)
 
 
 def _every(value: int, default: int) -> int:

@@ -149,22 +149,22 @@ def test_noise_is_one_draw_per_batch():
 
 
 def test_batch_decode_config_resolution():
-  from gms_jax import train  # pylint: disable=import-outside-toplevel
-  assert train.resolve_batch_decode("auto", "cpu") is False
-  assert train.resolve_batch_decode("auto", "gpu") is True
-  assert train.resolve_batch_decode("auto", "tpu") is True
-  assert train.resolve_batch_decode("false", "gpu") is False
-  assert train.resolve_batch_decode(True, "cpu") is True
+  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
+  assert step_lib.resolve_batch_decode("auto", "cpu") is False
+  assert step_lib.resolve_batch_decode("auto", "gpu") is True
+  assert step_lib.resolve_batch_decode("auto", "tpu") is True
+  assert step_lib.resolve_batch_decode("false", "gpu") is False
+  assert step_lib.resolve_batch_decode(True, "cpu") is True
   with pytest.raises(ValueError, match="batch_decode"):
-    train.resolve_batch_decode("sometimes", "cpu")
+    step_lib.resolve_batch_decode("sometimes", "cpu")
   from _train_helpers import load_config  # pylint: disable=import-outside-toplevel
   cfg = load_config("sample")
   assert cfg.loss.batch_decode == cfg.loss.batch_encode == "auto"
-  kw = train.loss_kwargs(cfg, "cpu")
+  kw = step_lib.loss_kwargs(cfg, "cpu")
   assert kw["batch_decode"] is False and kw["batch_encode"] is False
   cfg.loss.batch_encode = "true"
-  assert train.loss_kwargs(cfg, "cpu")["batch_encode"] is True
-  assert train.loss_kwargs(cfg, "gpu")["batch_decode"] is True
+  assert step_lib.loss_kwargs(cfg, "cpu")["batch_encode"] is True
+  assert step_lib.loss_kwargs(cfg, "gpu")["batch_decode"] is True
   cfg.loss.batch_encode = "never"
   with pytest.raises(ValueError, match="batch_encode"):
-    train.loss_kwargs(cfg, "cpu")
+    step_lib.loss_kwargs(cfg, "cpu")

@@ -157,9 +157,9 @@ def test_configs(arg):
 
 
 def test_schedule_per_epoch_and_stepwise():
-  from gms_jax import train  # pylint: disable=import-outside-toplevel
+  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
   c = H.load_config("busi")  # SPEC: warm-up 5 epochs from 0, cosine to 0 at epoch 1000
-  per_epoch = train.make_schedule(c, steps_per_epoch=10)
+  per_epoch = step_lib.make_schedule(c, steps_per_epoch=10)
   lr = lambda s: float(per_epoch(s))  # noqa: E731
   assert lr(0) == lr(9) == 0.0  # epoch 0
   assert lr(10) == lr(19) == pytest.approx(2e-3 / 5)  # constant within an epoch
@@ -167,7 +167,7 @@ def test_schedule_per_epoch_and_stepwise():
   assert lr(10000) == pytest.approx(0, abs=1e-10)
   assert lr(5000) == pytest.approx(1e-3 * (1 + np.cos(np.pi * 495 / 995)), rel=1e-5)
   c.schedule.per_epoch = False
-  stepwise = train.make_schedule(c, steps_per_epoch=10)
+  stepwise = step_lib.make_schedule(c, steps_per_epoch=10)
   assert float(stepwise(5)) == pytest.approx(2e-3 * 0.5 / 5) and float(stepwise(10)) == lr(10)
 
 
