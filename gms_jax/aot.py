@@ -30,6 +30,9 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
+from gms_jax import configuration
+from gms_jax import errors
+
 # Dense peak FLOP/s per chip at the compute dtype. TPU: JAX's default precision runs float32
 # convolutions as one bfloat16 MXU pass, so the float32 peak is the bfloat16 one. NVIDIA: float32
 # convolutions use TF32 tensor cores by default (SXM datasheets, dense, no sparsity).
@@ -115,8 +118,8 @@ TARGETS = {
 }
 
 
-class TargetError(RuntimeError):
-  """The target cannot be compiled for here (missing backend package, bad name)."""
+class TargetError(errors.GmsError):
+  """The target cannot be compiled for here (its compiler package is not installed): exit 1."""
 
 
 def gpu_target_config(chip: str) -> str:
@@ -143,7 +146,7 @@ def _prepare_env(platform: str) -> None:
 def target_devices(name: str, num_slices: int = 1) -> list:
   """The devices of target ``name`` (a :data:`TARGETS` key) as a topology description."""
   if name not in TARGETS:
-    raise TargetError(f"unknown target {name!r}; one of {', '.join(TARGETS)}")
+    raise errors.UsageError(f"unknown target {name!r}; one of {', '.join(TARGETS)}")
   t = TARGETS[name]
   _prepare_env(t.platform)
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
@@ -156,7 +159,7 @@ def target_devices(name: str, num_slices: int = 1) -> list:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=t.topology,
                                              **kw).devices)
   if num_slices > 1:
-    raise TargetError("--num-slices is for TPU targets")
+    raise errors.UsageError("--num-slices is for TPU targets")
   if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
     raise TargetError(f"target {name} needs the CUDA plugin: pip install -e .[cuda-aot]")
   return list(topologies.get_topology_desc(platform="cuda", topology=t.topology,
@@ -400,6 +403,8 @@ USAGE = ("usage: gms-jax compile --config configs/gms.py:NAME --target TARGET [-
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Errors are raised (:class:`gms_jax.errors.GmsError` where they are the user's to fix);
+  ``gms_jax.cli`` prints them as one line (exit 2: usage/config, 1: e.g. compiler missing)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if any(a in ("-h", "--help", "-help") for a in argv):
     print(f"{USAGE}\n\nTARGET: {', '.join(TARGETS)}\n\n{__doc__.split(chr(10) * 2, 2)[2]}")
@@ -408,38 +413,51 @@ def main(argv: list[str] | None = None) -> int:
                                                             "--inference_batch") for a in argv]
   try:
     extra = _FLAGS(["gms-jax compile"] + argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    print(f"gms-jax compile: {str(e).splitlines()[0]} ({USAGE})", file=sys.stderr)
-    return 2
+  except Exception as e:  # pylint: disable=broad-except  (absl/ml_collections raise many types)
+    raise errors.UsageError(f"bad flag: {errors.one_line(e)}; {USAGE}") from None
   if len(extra) > 1:
-    print(f"gms-jax compile: unexpected arguments {extra[1:]} ({USAGE})", file=sys.stderr)
-    return 2
+    raise errors.UsageError(f"unexpected arguments {extra[1:]}; {USAGE}")
   if _CONFIG.value is None or not _TARGET.value:
-    print(f"gms-jax compile: --config and --target are required ({USAGE})", file=sys.stderr)
-    return 2
+    raise errors.UsageError(f"--config and --target are required; {USAGE}")
   if _TARGET.value not in TARGETS:
-    print(f"gms-jax compile: unknown target {_TARGET.value!r}; one of {', '.join(TARGETS)}",
-          file=sys.stderr)
-    return 2
-  try:
-    rec = compile_for(_CONFIG.value, _TARGET.value, num_slices=_SLICES.value,
-                      inference_batch=_INF_BATCH.value,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
-  except TargetError as e:
-    print(f"gms-jax compile: {e}", file=sys.stderr)
-    return 1
-  except Exception as e:  # pylint: disable=broad-except  (e.g. XLA: out of memory, bad sharding)
-    msg = " ".join(str(e).split())[:500]
-    print(f"gms-jax compile: compiling for {_TARGET.value} failed: {type(e).__name__}: {msg}",
-          file=sys.stderr)
-    return 1
+    raise errors.UsageError(f"unknown target {_TARGET.value!r}; one of {', '.join(TARGETS)}")
+  config = _CONFIG.value
+  configuration.validate(config, check_tokenizer=False)  # weights are not needed to compile
+  if _JSON.value:
+    _check_json_out(_JSON.value)
+  rec = compile_for(config, _TARGET.value, num_slices=_SLICES.value,
+                    inference_batch=_INF_BATCH.value,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
   print(format_table(rec))
   if _JSON.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
-    with open(_JSON.value, "w", encoding="utf-8") as f:
-      json.dump(rec, f, indent=1)
+    out = os.path.abspath(_JSON.value)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({WRITTEN_BY: True, **rec}, f, indent=1)
+    os.replace(tmp, out)
   return 0
 
 
+WRITTEN_BY = "gms_jax_compile_record"
+
+
+def _check_json_out(path: str) -> None:
+  """``--json OUT`` replaces only an earlier ``gms-jax compile`` record, never another file."""
+  if os.path.isdir(path):
+    raise errors.OutputError(f"--json {path}: is a folder")
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      ours = json.load(f).get(WRITTEN_BY) is True
+  except (OSError, ValueError, AttributeError):
+    ours = False
+  if not ours:
+    raise errors.OutputError(f"--json {path}: exists and is not a gms-jax compile record; "
+                             "refusing to replace it")
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  from gms_jax import cli  # pylint: disable=import-outside-toplevel
+  sys.exit(cli.main(["compile"] + sys.argv[1:]))

@@ -199,8 +199,13 @@ def validate(config: Any, *, n_devices: int | None = None, n_processes: int = 1,
   _float(flat, "optimizer.eps", 0.0)
   _float(flat, "optimizer.weight_decay", 0.0)
   _float(flat, "schedule.warmup_epochs", 0.0)
+  if "optimizer.lr_scaling" in flat:
+    _choice(flat, "optimizer.lr_scaling", ("none", "sqrt", "linear"))
+    _int(flat, "optimizer.lr_base_batch", 1)
 
   bs = _int(flat, "batch_size", 1)
+  # > 0: the global batch is this x the device count (which then always splits evenly)
+  per_device = _int(flat, "per_device_batch_size", 0) if "per_device_batch_size" in flat else 0
   ebs = _int(flat, "eval_batch_size", 1)
   epochs = _int(flat, "num_epochs", 1)
   steps = _int(flat, "num_train_steps", 1, allow=(-1, 0))
@@ -215,12 +220,12 @@ def validate(config: Any, *, n_devices: int | None = None, n_processes: int = 1,
   if "recipe" in flat:  # (configs saved before the fast recipe have none: exact)
     _choice(flat, "recipe", RECIPES)
     _validate_fast(flat)  # a no-op for the exact recipe
-  if n_devices:
+  if n_devices and not per_device:
     for key, v in (("batch_size", bs),):
       if v % n_devices or v % n_processes:
         raise ConfigError(f"config.{key}={v} must be divisible by the number of devices "
                           f"({n_devices}) and of processes ({n_processes})")
-    del ebs  # eval batches are rounded up to the device count
+  del ebs  # eval batches are rounded up to the device count
 
 
 def _validate_fast(flat: Mapping[str, Any]) -> None:

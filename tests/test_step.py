@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import numpy as np
 import pytest
 
 import _train_helpers as H
+from conftest import run_cli
 from gms_jax import aot
 from gms_jax import parallel
 from gms_jax import step as step_lib
@@ -32,6 +30,7 @@ from gms_jax import tokenizers
 REPO = Path(__file__).resolve().parents[1]
 MOVES_ACTIVATIONS = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter",
                      "collective-broadcast", "ragged-all-to-all")
+SMOKE = f"{REPO / 'configs' / 'gms.py'}:smoke"
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
@@ -118,24 +117,30 @@ def test_per_device_batch_and_lr_rule():
 
 
 def _cli(*args, timeout=900):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, "-m", "gms_jax.cli", "compile", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return run_cli("compile", *args, timeout=timeout)
 
 
 def test_compile_cli_usage_errors_are_one_line():
-  for args in (["--config", "configs/gms.py:smoke"],
-               ["--config", "configs/gms.py:smoke", "--target", "v99-8"],
-               ["--config", "configs/gms.py:smoke", "--target", "v4-8", "--bogus=1"]):
+  for args in (["--config", SMOKE],
+               ["--config", SMOKE, "--target", "v99-8"],
+               ["--config", SMOKE, "--target", "v4-8", "--bogus=1"]):
     p = _cli(*args, timeout=120)
     assert p.returncode == 2, (args, p.stderr)
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
-  assert "v99-8" in _cli("--config", "configs/gms.py:smoke", "--target", "v99-8").stderr
+  assert "v99-8" in _cli("--config", SMOKE, "--target", "v99-8").stderr
+
+
+def test_compile_json_never_replaces_a_foreign_file(tmp_path):
+  mine = tmp_path / "notes.json"
+  mine.write_text('{"my": "notes"}')
+  p = _cli("--config", SMOKE, "--target", "v4-8", "--json", str(mine), timeout=120)
+  assert p.returncode == 2 and "refusing to replace" in p.stderr, p.stderr
+  assert mine.read_text() == '{"my": "notes"}'
 
 
 @pytest.mark.skipif(HAS_LIBTPU, reason="checks the message shown when libtpu is missing")
 def test_compile_for_tpu_without_libtpu_says_what_to_install():
-  p = _cli("--config", "configs/gms.py:smoke", "--target", "v4-8", timeout=120)
+  p = _cli("--config", SMOKE, "--target", "v4-8", timeout=120)
   assert p.returncode == 1 and "pip install -e .[tpu]" in p.stderr, p.stderr
   assert len(p.stderr.strip().splitlines()) == 1
 
@@ -144,7 +149,7 @@ def test_compile_for_tpu_without_libtpu_says_what_to_install():
 def test_compile_smoke_for_tpu_v4_8(tmp_path):
   """The smoke config's step and inference, compiled by libtpu for a v4-8 (4 megacore chips)."""
   out = tmp_path / "v4-8.json"
-  p = _cli("--config", "configs/gms.py:smoke", "--target", "v4-8", "--json", str(out))
+  p = _cli("--config", SMOKE, "--target", "v4-8", "--json", str(out))
   assert p.returncode == 0, p.stderr[-4000:]
   assert "collectives (optimized HLO)" in p.stdout and "estimates" in p.stdout
   rec = json.loads(out.read_text())
