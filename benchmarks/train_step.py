@@ -10,7 +10,7 @@ the frozen decoder (input gradients only), and an AdamW update (lr 2e-3, wd 0.01
   ``gms-jax train`` compiles, on a mesh of this host's devices) with the trainer's schedule,
   optimizer and loss settings; AOT-compiled, compile time reported separately; FLOPs per step from
   XLA's cost analysis.
-* PyTorch: diffusers ``AutoencoderKL`` (SD-VAE) or the TAE reference (``tests/torch_refs.py``),
+* PyTorch: diffusers ``AutoencoderKL`` (SD-VAE) or the TAE reference (``gms_jax/testing/torch_refs.py``),
   the reference mapper, ``torch.optim.AdamW``; heads decoded one by one as the original does.
 
 Every (framework, tokenizer, remat) variant runs in its own subprocess, so the reported peak RSS

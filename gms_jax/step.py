@@ -45,7 +45,8 @@ from gms_jax import inference
 from gms_jax import loss as loss_lib
 from gms_jax import parallel
 from gms_jax import tokenizers
-from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS
+from gms_jax.models import latent_mapper
+from gms_jax.models.latent_mapper import MapperConfig
 
 LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 
@@ -243,8 +244,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
                      f"got {precision!r}")
   dtype = tokenizers.PRECISIONS[precision]
   mcfg = mapper_config(config, tok)
-  graphdef, _ = nnx.split(nnx.eval_shape(
-      lambda: ResAttnUNet_DS(mcfg, rngs=nnx.Rngs(0), dtype=dtype)), nnx.Param)
+  graphdef, _ = nnx.split(latent_mapper.abstract(mcfg, dtype), nnx.Param)
   peak_lr = learning_rate(config, global_bs)
   schedule = make_schedule(config, steps_per_epoch, peak_lr)
   tx = make_optimizer(config, schedule)
@@ -253,7 +253,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
   def init_fn():
     root = jax.random.PRNGKey(seed)
     init_key, noise_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-    model = ResAttnUNet_DS(mcfg, rngs=nnx.Rngs(params=init_key), dtype=dtype)
+    model = latent_mapper.create(mcfg, init_key, dtype=dtype)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "rng": noise_key}

@@ -22,7 +22,7 @@ from gms_jax.models.sd_vae import AutoencoderKLConfig
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
-import torch_refs  # noqa: E402  (needs torch)
+from gms_jax.testing import torch_refs  # noqa: E402  (needs torch)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 VAE_CFG = AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,

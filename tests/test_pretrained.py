@@ -20,7 +20,7 @@ from gms_jax import checkpoint, cli, evaluate, pretrained, run_metadata, tokeniz
 from gms_jax.predict import Segmenter
 
 torch = pytest.importorskip("torch")
-import torch_refs  # noqa: E402  (needs torch)
+from gms_jax.testing import torch_refs  # noqa: E402  (needs torch)
 
 CONFIG = str(H.REPO / "configs" / "gms.py")
 
