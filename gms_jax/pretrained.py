@@ -144,7 +144,7 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from gms_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from gms_jax import run_metadata, tokenizers  # pylint: disable=import-outside-toplevel
-  from gms_jax import train  # pylint: disable=import-outside-toplevel
+  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
     raise errors.OutputError(f"{workdir}: exists and is not empty; import writes a new workdir "
@@ -161,7 +161,7 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
 
   # The state train.py's init builds, with these params (fresh AdamW state, the run's noise key).
   params = jax.tree.map(jnp.asarray, nested_params(weights))
-  tx = train.make_optimizer(config, train.make_schedule(config, 1))
+  tx = step_lib.make_optimizer(config, step_lib.make_schedule(config, 1))
   root_key = jax.random.PRNGKey(int(config.seed))
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
            "rng": jax.random.fold_in(root_key, 1)}
