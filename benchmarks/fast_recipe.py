@@ -10,7 +10,7 @@ In one process, on the same tokenizer, batch and image size:
   forward/backward + AdamW; the tokenizer never runs);
 * **banked phase 2**: the same with the decoder Dice term (3 heads decoded, backprop through the
   frozen decoder; no encoder);
-* **exact**: ``gms_jax.train.make_train_step`` (SPEC §3: encoder, mapper, decoder Dice).
+* **exact**: ``gms_jax.step.make_train_step`` (SPEC §3: encoder, mapper, decoder Dice).
 
 Each step is AOT-compiled with the trainer's config (``configs/gms.py``, loss ``auto`` settings),
 its FLOPs taken from XLA's cost analysis (an estimate of the arithmetic, valid for any backend's
@@ -29,6 +29,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # pylint: disable=wrong-import-position
+import _jax_side as J  # pylint: disable=wrong-import-position
+import _weights as W  # pylint: disable=wrong-import-position
 
 NAME = "fast_recipe"
 
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
-  from gms_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
   from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
   from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS  # pylint: disable=C0415
 
@@ -67,13 +69,13 @@ def main(argv=None) -> int:
     tok = tokenizers.load("taef2", tokenizers.packaged_path("taef2"))  # the shipped conversion
   else:  # random weights: speed does not depend on the values
     from gms_jax.models.sd_vae import AutoencoderKL  # pylint: disable=import-outside-toplevel
-    tok = tokenizers.from_model("sd-vae", AutoencoderKL(C.sd_config(args.quick), rngs=nnx.Rngs(0)))
+    tok = tokenizers.from_model("sd-vae", AutoencoderKL(W.sd_config(args.quick), rngs=nnx.Rngs(0)))
   b, s = args.batch, args.size
   config = _config(args.quick)
   config.data.image_size = s
   config.batch_size = b
-  schedule = train_lib.make_schedule(config, 100)
-  tx = train_lib.make_optimizer(config, schedule)
+  schedule = step_lib.make_schedule(config, 100)
+  tx = step_lib.make_optimizer(config, schedule)
   mapper = ResAttnUNet_DS(MapperConfig(in_channels=tok.latent_channels,
                                        out_channels=tok.latent_channels), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(mapper, nnx.Param)
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
   lowered = jax.jit(lambda t, x, m: (tok.encode(t, x), tok.encode(
       t, jnp.repeat(m[..., None], 3, axis=-1)).z)).lower(tok.params, images, masks)
   encode = {"what": "encode", **C.stats(times), "per_view_s": C.stats(times)["median_s"] / b,
-            "compile_s": encode_compile_s, "flops": C.cost_flops(lowered.compile()),
+            "compile_s": encode_compile_s, "flops": J.cost_flops(lowered.compile()),
             "times_s": times}
 
   bank_batch = {"z_image": enc["z_image"], "z_mask": enc["z_mask"]}
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
       holder["state"], m = compiled(holder["state"], tok.params, batch)
       return m
 
-    rec = {"what": what, "compile_s": compile_s, "flops": C.cost_flops(compiled)}
+    rec = {"what": what, "compile_s": compile_s, "flops": J.cost_flops(compiled)}
     if repeats > 0:
       times, peak, m = C.timed(run, repeats, args.warmup, jax.block_until_ready)
       rec.update(C.stats(times), times_s=times, last_loss=float(m["loss"]), peak_rss_bytes=peak)
@@ -129,8 +131,8 @@ def main(argv=None) -> int:
                      train_fast.make_banked_step(graphdef, tok, tx, schedule, kw2),
                      bank_batch_dice, args.repeats),
              measure("exact (SPEC §3)",
-                     train_lib.make_train_step(graphdef, tok, tx, schedule,
-                                               train_lib.loss_kwargs(config)),
+                     step_lib.make_train_step(graphdef, tok, tx, schedule,
+                                               step_lib.loss_kwargs(config)),
                      batch, args.exact_repeats)]
   exact = records[-1]
   for r in records[1:]:

@@ -48,6 +48,7 @@ from gms_jax import metrics as metrics_lib
 from gms_jax import parallel
 from gms_jax import pretrained
 from gms_jax import run_metadata
+from gms_jax import step as step_lib
 from gms_jax import tokenizers
 from gms_jax import train as train_lib
 from gms_jax.models import latent_mapper
@@ -56,9 +57,9 @@ from gms_jax.models.latent_mapper import MapperConfig
 
 def make_fast_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
                        phase1_steps: int) -> Callable:
-  """Phase 1: ``gms_jax.train.make_schedule`` (warm-up + cosine to 0 at ``num_epochs``); from
+  """Phase 1: ``gms_jax.step.make_schedule`` (warm-up + cosine to 0 at ``num_epochs``); from
   step ``phase1_steps`` on (phase 2) the constant ``fast.dice_learning_rate``."""
-  base = train_lib.make_schedule(config, steps_per_epoch)
+  base = step_lib.make_schedule(config, steps_per_epoch)
   dice_lr = float(config.fast.dice_learning_rate)
 
   def schedule(count):
@@ -71,7 +72,7 @@ def make_fast_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
 def banked_loss_kwargs(config: ml_collections.ConfigDict, *, dice: bool,
                        platform: str | None = None) -> dict[str, Any]:
   """``config.loss`` as :func:`gms_jax.loss.banked_train_loss` keywords; ``dice=False`` = phase 1."""
-  kw = train_lib.loss_kwargs(config, platform)
+  kw = step_lib.loss_kwargs(config, platform)
   kw.pop("batch_encode")
   kw["dice_weight"] = kw["dice_weight"] if dice else 0.0
   return kw
@@ -89,7 +90,7 @@ def make_banked_step(graphdef: Any, tokenizer: tokenizers.Tokenizer,
                      loss_kw: dict[str, Any], ema_decay: float = 0.0) -> Callable:
   """The (un-jitted) step ``(state, tok_params, banked batch) -> (state, metrics)``.
 
-  Same state and metrics as ``gms_jax.train.make_train_step``; step ``s`` draws its latent noise
+  Same state and metrics as ``gms_jax.step.make_train_step``; step ``s`` draws its latent noise
   from ``fold_in(rng, s)``. With ``ema_decay > 0`` the optimizer's weights are
   ``state["train_params"]`` and ``state["params"]`` is their exponential moving average (what
   validation selects and ``gms-jax evaluate`` / ``predict`` load); only ``train_params`` is
@@ -288,7 +289,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---------------------------------------------------------------- optimizer
   schedule = make_fast_schedule(config, steps_per_epoch, phase1_steps)
-  tx = train_lib.make_optimizer(config, schedule)
+  tx = step_lib.make_optimizer(config, schedule)
   root_key = jax.random.PRNGKey(int(config.seed))
   init_key, noise_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
   ema_decay = float(config.fast.ema_decay)

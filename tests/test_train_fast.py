@@ -172,12 +172,12 @@ def test_banked_step_ema_is_an_average_of_the_trained_weights():
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gms_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
   from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
   from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS  # pylint: disable=C0415
   config = H.load_config("sample,fast")
   schedule = lambda count: 1e-3  # noqa: E731
-  tx = train_lib.make_optimizer(config, schedule)
+  tx = step_lib.make_optimizer(config, schedule)
   graphdef, state = nnx.split(ResAttnUNet_DS(MapperConfig(ch=16), rngs=nnx.Rngs(0)), nnx.Param)
   p0 = nnx.to_pure_dict(state)
   rng = np.random.default_rng(0)
@@ -207,14 +207,14 @@ def test_banked_step_ema_is_an_average_of_the_trained_weights():
 
 
 def test_fast_schedule_phase1_cosine_then_constant_phase2():
-  from gms_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
   from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
   config = H.load_config("sample,fast")
   config.num_epochs, config.schedule.warmup_epochs = 10, 2
   config.fast.dice_learning_rate = 3e-4
   spe = 4
   sched = train_fast.make_fast_schedule(config, spe, phase1_steps=40)
-  base = train_lib.make_schedule(config, spe)
+  base = step_lib.make_schedule(config, spe)
   for step in (0, 3, 8, 20, 39):  # phase 1: the trainer's warm-up + cosine, unchanged
     assert float(sched(step)) == float(base(step))
   assert float(sched(39)) < 1e-5 and float(sched(8)) == pytest.approx(2e-3, rel=1e-6)
