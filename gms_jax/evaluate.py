@@ -20,17 +20,16 @@ test split is only ever evaluated, never used for selection.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
 
 from gms_jax import errors
+from gms_jax import inference
 from gms_jax import metrics
 from gms_jax import outputs
 from gms_jax.data.checks import DataError
@@ -93,12 +92,12 @@ def _evaluate(seg, examples, out_dir, tmp, *, max_overlays, meta, montage_n) -> 
   def flush(buf):
     probs = seg.predict_probs(np.stack([e["image"] for e in buf]))
     for ex, p in zip(buf, probs):
-      pred = p > 0.5
+      pred = p > inference.THRESHOLD
       gt = np.asarray(ex["mask"]) >= 0.5
       row = {"name": ex["name"]}
       row.update(metrics.per_image(pred, gt))
       native_gt = np.asarray(ex["native_mask"]) > 0
-      native_pred = resize_probs(p, native_gt.shape) > 0.5
+      native_pred = resize_probs(p, native_gt.shape) > inference.THRESHOLD
       nat = metrics.per_image(native_pred, native_gt)
       row.update({f"{k}_native": v for k, v in nat.items()})
       row["native_h"], row["native_w"] = native_gt.shape

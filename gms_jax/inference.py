@@ -6,10 +6,11 @@ No latent noise; threshold the probabilities with ``> 0.5`` (:data:`THRESHOLD`) 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 THRESHOLD = 0.5  # SPEC §4: prediction = decoded mask > 0.5
@@ -28,3 +29,21 @@ def predict_masks(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_
                   images01: jax.Array) -> jax.Array:
   """(N,S,S,3) images in [0,1] -> (N,S,S) bool masks (probabilities > 0.5)."""
   return predict_probs(mapper_graphdef, mapper_params, tokenizer, tok_params, images01) > THRESHOLD
+
+
+def in_fixed_batches(run: Callable[[np.ndarray], Any], images01: np.ndarray, batch_size: int
+                     ) -> np.ndarray:
+  """``run`` (a compiled function of one ``batch_size`` batch, e.g. :func:`predict_probs` jitted,
+  sharded or not) over all of ``images01``: the last batch is padded with copies of the last image
+  and their outputs dropped, so one shape is ever compiled. The one padded-batch loop of training
+  validation, ``evaluate`` and ``predict``; returns the outputs concatenated as numpy."""
+  out = []
+  for i in range(0, len(images01), batch_size):
+    chunk = images01[i:i + batch_size]
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+    out.append(np.asarray(run(chunk))[:n])
+  if not out:
+    return np.zeros(images01.shape[:3], np.float32)
+  return np.concatenate(out)

@@ -10,7 +10,6 @@ map is resized (bilinear) back to the input's native size, then thresholded at 0
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -112,17 +111,12 @@ class Segmenter:
     images01 = np.asarray(images01, np.float32)
     if images01.ndim != 4 or images01.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"expected (N, {self.image_size}, {self.image_size}, 3) images, got {images01.shape}")
-    out = []
-    b = self.batch_size
-    for i in range(0, len(images01), b):
-      chunk = images01[i:i + b]
-      n = len(chunk)
-      if n < b:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
-      out.append(np.asarray(self._probs(self._params, self.tokenizer.params, chunk))[:n])
-    return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size), np.float32)
+    from gms_jax import inference  # pylint: disable=import-outside-toplevel
+    return inference.in_fixed_batches(
+        lambda chunk: self._probs(self._params, self.tokenizer.params, chunk), images01,
+        self.batch_size)
 
-  def predict(self, images: Sequence[str | np.ndarray], threshold: float = 0.5) -> list[np.ndarray]:
+  def predict(self, images: Sequence[str | np.ndarray], threshold: float = 0.5) -> list[np.ndarray]:  # SPEC §4
     """Paths or uint8 arrays (any size, L/RGB/RGBA) -> bool masks at each native size."""
     from gms_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     raw = [pipeline.load_image_file(x) if isinstance(x, (str, os.PathLike)) else _to_rgb(x) for x in images]

@@ -333,17 +333,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   predict = built.predict
 
   def evaluate(params) -> dict[str, float]:
-    probs = []
     rows = parallel.host_slice(eval_bs)
-    for i in range(0, len(val_images), eval_bs):
-      chunk = val_images[i:i + eval_bs]
-      n = len(chunk)
-      if n < eval_bs:  # pad with copies of the last image; their predictions are dropped
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], eval_bs - n, axis=0)])
+
+    def run(chunk):  # this process's rows in, every process's predictions out
       x = jax.make_array_from_process_local_data(data_sharding, chunk[rows], chunk.shape)
-      probs.append(multihost_utils.process_allgather(predict(params, tok_params, x),
-                                                     tiled=True)[:n])
-    pred = np.concatenate(probs) > inference.THRESHOLD
+      return multihost_utils.process_allgather(predict(params, tok_params, x), tiled=True)
+
+    pred = inference.in_fixed_batches(run, val_images, eval_bs) > inference.THRESHOLD
     dsc, iou = metrics_lib.dice_iou(pred, val_masks)
     return {"val_dice": float(np.mean(dsc)), "val_iou": float(np.mean(iou))}
 
