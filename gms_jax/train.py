@@ -121,8 +121,9 @@ def quiet_library_logs() -> None:
     handler.addFilter(_LibraryInfoFilter())
 
 
-def _check_finite(step: int, m: dict[str, np.ndarray], workdir: str,
-                  last_saved: int | None) -> None:
+def check_finite(step: int, m: dict[str, np.ndarray], workdir: str,
+                 last_saved: int | None) -> None:
+  """Raises :class:`NonFiniteLossError` (naming the last good checkpoint) on a NaN/inf loss."""
   loss = float(m["loss"])
   if not math.isfinite(loss):
     where = (f"the last good checkpoint (step {last_saved}) is kept in "
@@ -132,6 +133,25 @@ def _check_finite(step: int, m: dict[str, np.ndarray], workdir: str,
         f"non-finite training loss {loss} at step {step} (rec={float(m['rec'])}, "
         f"dice={float(m['dice'])}); training stopped and nothing after step {step - 1} was "
         f"saved; {where}. Lower the learning rate or use --config.precision=float32.")
+
+
+def window_scalars(window: list[dict[str, np.ndarray]], steps: int, seconds: float
+                   ) -> dict[str, float]:
+  """The mean of each metric over a logging window, plus ``steps_per_sec``."""
+  scalars = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+  scalars["steps_per_sec"] = steps / max(seconds, 1e-9)
+  return scalars
+
+
+def log_progress(step: int, total_steps: int, scalars: dict[str, float],
+                 last_eval: dict[str, float]) -> None:
+  """One progress line per log interval when stderr is not a terminal (no progress bar)."""
+  if sys.stderr.isatty():
+    return
+  sec = 1.0 / max(scalars["steps_per_sec"], 1e-9)
+  val = f"{last_eval['val_dice']:.4f}" if last_eval else "n/a"
+  logging.info("step %d/%d: loss %.4f, val Dice %s, %.2f s/step, ETA %s", step, total_steps,
+               scalars["loss"], val, sec, _eta(sec * (total_steps - step)))
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
@@ -359,7 +379,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     while len(pending) > (1 if keep_last else 0):
       s, m = pending.pop(0)
       m = jax.device_get(m)
-      _check_finite(s, m, workdir, last_saved)
+      check_finite(s, m, workdir, last_saved)
       window.append(m)
       bar.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
 
@@ -383,15 +403,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       do_eval, do_ckpt = step % eval_every == 0 or is_last, step % ckpt_every == 0 or is_last
       if step % log_every == 0 or do_eval or do_ckpt:
         drain(keep_last=False)
-        dt = time.time() - t_window
-        scalars = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-        scalars["steps_per_sec"] = steps_window / max(dt, 1e-9)
+        scalars = window_scalars(window, steps_window, time.time() - t_window)
         writer.write(step, scalars, prefix="train/")
-        if is_main and not sys.stderr.isatty():  # no progress bar: one line per log interval
-          sec = 1.0 / max(scalars["steps_per_sec"], 1e-9)
-          val = f"{last_eval['val_dice']:.4f}" if last_eval else "n/a"
-          logging.info("step %d/%d: loss %.4f, val Dice %s, %.2f s/step, ETA %s", step,
-                       total_steps, scalars["loss"], val, sec, _eta(sec * (total_steps - step)))
+        if is_main:
+          log_progress(step, total_steps, scalars, last_eval)
         summary.setdefault("losses", []).append((step, scalars["loss"]))
         window.clear()
         t_window, steps_window = time.time(), 0

@@ -27,7 +27,6 @@ Every deviation from SPEC §3 is listed in the ``configs/gms.py`` docstring.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any, Callable
@@ -401,12 +400,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     while len(pending) > (1 if keep_last else 0):
       s, m = pending.pop(0)
       m = jax.device_get(m)
-      if not math.isfinite(float(m["loss"])):
-        where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}"
-                 if last_saved is not None else "no checkpoint had been saved yet")
-        raise train_lib.NonFiniteLossError(
-            f"non-finite training loss {float(m['loss'])} at step {s} (rec={float(m['rec'])}, "
-            f"dice={float(m['dice'])}); training stopped; {where}. Lower the learning rate.")
+      train_lib.check_finite(s, m, workdir, last_saved)
       window.append(m)
 
   try:
@@ -428,11 +422,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       do_eval, do_ckpt = step % eval_every == 0 or is_last, step % ckpt_every == 0 or is_last
       if step % log_every == 0 or do_eval or do_ckpt:
         drain(keep_last=False)
-        dt = time.time() - t_window
-        scalars = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-        scalars["steps_per_sec"] = steps_window / max(dt, 1e-9)
+        scalars = train_lib.window_scalars(window, steps_window, time.time() - t_window)
         scalars["dice_phase"] = float(dice)
         writer.write(step, scalars, prefix="train/")
+        if is_main:
+          train_lib.log_progress(step, total_steps, scalars, last_eval)
         summary.setdefault("losses", []).append((step, scalars["loss"]))
         window.clear()
         t_window, steps_window = time.time(), 0
