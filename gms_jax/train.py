@@ -243,19 +243,26 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return "new"
 
 
+# What a run writes into its workdir before its first step (config, logs, checkpoints, bank).
+RUN_ENTRIES = (ckpt_lib.CONFIG_FILE, "metrics.jsonl", "tensorboard", ckpt_lib.CHECKPOINT_SUBDIR,
+               "bank")
+
+
 def release_workdir(workdir: str, created: list[str]) -> None:
   """Undoes :func:`claim_workdir` for a run that never reached its first step: removes the
-  folder if this run created it, else only what this run put in the (then empty) folder."""
+  entries a run writes (:data:`RUN_ENTRIES`), then the folder itself if this run created it and
+  it is empty; anything else (a file someone put there meanwhile) is left alone."""
   import shutil  # pylint: disable=import-outside-toplevel
-  if workdir in created:
-    shutil.rmtree(workdir, ignore_errors=True)
+  if not os.path.isdir(workdir):
     return
-  for name in os.listdir(workdir) if os.path.isdir(workdir) else []:
+  for name in RUN_ENTRIES:
     path = os.path.join(workdir, name)
     if os.path.isdir(path) and not os.path.islink(path):
       shutil.rmtree(path, ignore_errors=True)
-    else:
+    elif os.path.lexists(path):
       os.remove(path)
+  if workdir in created and not os.listdir(workdir):
+    os.rmdir(workdir)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

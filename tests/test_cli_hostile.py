@@ -254,6 +254,27 @@ def test_failed_train_leaves_no_workdir(tmp_path):
   assert os.listdir(empty) == []
 
 
+def test_release_workdir_removes_only_what_a_run_writes(tmp_path):
+  """A run that fails before its first step removes its own entries and nothing else: a file
+  that appeared meanwhile survives byte-identical, in a created folder and in a pre-existing one."""
+  from gms_jax import train  # pylint: disable=import-outside-toplevel
+  for name, created in (("created", True), ("existing", False)):
+    workdir = tmp_path / name
+    (workdir / "checkpoints" / "0").mkdir(parents=True)
+    (workdir / "tensorboard").mkdir()
+    for f in ("config.json", "metrics.jsonl", "tensorboard/events"):
+      (workdir / f).write_text("run")
+    (workdir / "notes.txt").write_text("user")
+    train.release_workdir(str(workdir), [str(workdir)] if created else [])
+    assert os.listdir(workdir) == ["notes.txt"]
+    assert (workdir / "notes.txt").read_text() == "user"
+  fresh = tmp_path / "fresh"
+  (fresh / "checkpoints").mkdir(parents=True)
+  (fresh / "config.json").write_text("run")
+  train.release_workdir(str(fresh), [str(fresh)])
+  assert not fresh.exists()
+
+
 # ----------------------------------------------------------------------------- 7. config errors
 
 
