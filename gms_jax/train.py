@@ -426,6 +426,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if do_ckpt:
         ckpt.save(step, state, train_iter, metrics=last_eval if do_eval else None)
         last_saved = step
+      if do_eval or do_ckpt:  # steps/s and the ETA count training steps only
+        t_window = time.time()
       writer.flush()
   finally:
     bar.close()

@@ -442,6 +442,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt.save(step, state, metrics=last_eval if do_eval else None)
         last_saved = step
         seconds["checkpoint"] += time.time() - t0
+      if do_eval or do_ckpt:  # steps/s and the ETA count training steps only
+        t_window = time.time()
       writer.flush()
     seconds["train"] = time.time() - t_loop - seconds["validation"] - seconds["checkpoint"]
   finally:
