@@ -36,6 +36,10 @@ DATA_ITER = "data_iter"
 BEST_METRIC = "val_dice"
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.json"
+# The rest of a workdir's layout (one place for every module that reads or writes it).
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_SUBDIR = "tensorboard"
+BANK_SUBDIR = "bank"  # the fast recipe's latent bank, unless config.bank.dir names another
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -72,8 +72,8 @@ class _Writer:
     self._jsonl = None
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      self._tb = SummaryWriter(os.path.join(workdir, ckpt_lib.TENSORBOARD_SUBDIR))
+      self._jsonl = open(os.path.join(workdir, ckpt_lib.METRICS_FILE), "a", buffering=1)
 
   def write(self, step: int, scalars: dict[str, float], *, prefix: str = "") -> None:
     if not self._enabled:
@@ -244,8 +244,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 # What a run writes into its workdir before its first step (config, logs, checkpoints, bank).
-RUN_ENTRIES = (ckpt_lib.CONFIG_FILE, "metrics.jsonl", "tensorboard", ckpt_lib.CHECKPOINT_SUBDIR,
-               "bank")
+RUN_ENTRIES = (ckpt_lib.CONFIG_FILE, ckpt_lib.METRICS_FILE, ckpt_lib.TENSORBOARD_SUBDIR,
+               ckpt_lib.CHECKPOINT_SUBDIR, ckpt_lib.BANK_SUBDIR)
 
 
 def release_workdir(workdir: str, created: list[str]) -> None:

@@ -181,7 +181,7 @@ def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
   f = tok.downsample
   if size % f:
     raise ValueError(f"config.data.image_size={size} is not a multiple of {f}")
-  bank_dir = os.path.abspath(str(config.bank.dir) or os.path.join(workdir, "bank"))
+  bank_dir = os.path.abspath(str(config.bank.dir) or os.path.join(workdir, ckpt_lib.BANK_SUBDIR))
   k = int(config.bank.num_views)
   if k < 1:
     raise ValueError(f"config.bank.num_views must be >= 1, got {k}")
