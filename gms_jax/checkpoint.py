@@ -34,12 +34,9 @@ from orbax.checkpoint import checkpoint_managers as ocm
 STATE = "state"
 DATA_ITER = "data_iter"
 BEST_METRIC = "val_dice"
-CHECKPOINT_SUBDIR = "checkpoints"
-CONFIG_FILE = "config.json"
-# The rest of a workdir's layout (one place for every module that reads or writes it).
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_SUBDIR = "tensorboard"
-BANK_SUBDIR = "bank"  # the fast recipe's latent bank, unless config.bank.dir names another
+# The workdir's layout lives in gms_jax.layout (importable without jax); re-exported here.
+from gms_jax.layout import (  # pylint: disable=wrong-import-position,unused-import
+    BANK_SUBDIR, CHECKPOINT_SUBDIR, CONFIG_FILE, METRICS_FILE, TENSORBOARD_SUBDIR)
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from gms_jax import checkpoint as ckpt_lib
 from gms_jax import errors
+from gms_jax import layout
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
@@ -32,7 +32,7 @@ class PlotError(errors.GmsError, ValueError):
 def read_curve(workdir: str | os.PathLike, metric: str = "eval/val_dice"
                ) -> list[tuple[float, float]]:
   """``[(minutes, value)]`` of ``metric`` in ``WORKDIR/metrics.jsonl`` (see the module doc)."""
-  path = Path(workdir) / ckpt_lib.METRICS_FILE
+  path = Path(workdir) / layout.METRICS_FILE
   if not path.is_file():
     raise PlotError(f"{path}: no such file (not a gms-jax training workdir?)")
   points, offset, origin, last_t, timed = [], 0.0, None, None, False
