@@ -14,6 +14,10 @@ nothing else (see :mod:`gms_jax.outputs`), any other non-empty folder is refused
     <out>/overlays/<name>.png  image with ground-truth (green) and predicted (red) contours
     <out>/overlays_montage.png the first ``--montage`` overlays in one grid (for reports)
 
+``--tta flip|d4`` (off by default; not part of SPEC §4) averages the probability maps of the
+image's left-right flip, or of all 8 flips/90° rotations, mapped back (:func:`gms_jax.inference.tta_probs`),
+before the threshold; its default output folder is ``<dataset>-<split>-tta-<views>``.
+
 The checkpoint is the best on the *validation* split by default (selected during training); the
 test split is only ever evaluated, never used for selection.
 """
@@ -33,7 +37,7 @@ from gms_jax import inference
 from gms_jax import metrics
 from gms_jax import outputs
 from gms_jax.data.checks import DataError
-from gms_jax.predict import Segmenter, check_workdir, parse_checkpoint, resize_probs
+from gms_jax.predict import TTA_CHOICES, TTA_HELP, Segmenter, check_workdir, parse_checkpoint, resize_probs
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
@@ -179,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--checkpoint", default="best", help="'best' (validation Dice), 'latest' or a step")
   parser.add_argument("--out", default=None,
                       help="a new or empty folder, or an earlier evaluate output to replace "
-                           "(default: <workdir>/eval/<dataset>-<split>)")
+                           "(default: <workdir>/eval/<dataset>-<split>, + '-tta-<views>' with --tta)")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--max-overlays", type=int, default=64)
   parser.add_argument("--montage", type=int, default=8,
                       help="overlays of the first N images in one grid, overlays_montage.png (0: none)")
+  parser.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
   args = parser.parse_args(argv)
   args.split = SPLIT_ALIASES.get(args.split, args.split)
   if args.batch_size < 1:
@@ -197,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
   from gms_jax.data import builder, pipeline  # pylint: disable=import-outside-toplevel
   check_workdir(args.workdir)
   data = _data_cfg(checkpoint.load_config(args.workdir), args.dataset, args.root, args.split_file)
-  out = args.out or os.path.join(args.workdir, "eval", f"{data.name}-{args.split}")
+  suffix = "" if args.tta == "none" else f"-tta-{args.tta}"  # never replaces the SPEC §4 evaluation
+  out = args.out or os.path.join(args.workdir, "eval", f"{data.name}-{args.split}{suffix}")
   outputs.check_owned(os.path.abspath(out), "evaluate")  # refuse before any work
-  seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size)
+  seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size, tta=args.tta)
   try:
     sources = builder.prepare(data)
   except (FileNotFoundError, ValueError) as e:
@@ -212,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
   summary = evaluate(seg, examples(), out, max_overlays=args.max_overlays, montage_n=args.montage,
                      meta={"dataset": data.name, "root": str(data.root), "split": args.split,
-                           "workdir": os.path.abspath(args.workdir)})
-  print(f"{data.name}/{args.split}: n={summary['n']} step={summary['checkpoint_step']}  "
+                           "workdir": os.path.abspath(args.workdir), "tta": args.tta})
+  print(f"{data.name}/{args.split}{suffix}: n={summary['n']} step={summary['checkpoint_step']}  "
         + "  ".join(f"{k}={summary[k]['mean']:.4f}±{summary[k]['std']:.4f}"
                     for k in ("dsc", "iou", "hd95", "dsc_native", "iou_native", "hd95_native")))
   print(f"wrote {out}/metrics.csv, summary.json, masks/, overlays/")

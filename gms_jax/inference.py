@@ -47,3 +47,40 @@ def in_fixed_batches(run: Callable[[np.ndarray], Any], images01: np.ndarray, bat
   if not out:
     return np.zeros(images01.shape[:3], np.float32)
   return np.concatenate(out)
+
+
+# Test-time augmentation (off by default: SPEC §4 predicts once). The views are elements of the
+# dihedral group D4 of the square image — the flips and 90° rotations SPEC §3 trains with — as
+# (k, flip): rotate k·90° counter-clockwise in the (H, W) plane, then flip left-right if ``flip``.
+# Probabilities of the views are mapped back and averaged, then thresholded as usual.
+TTA_VIEWS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "none": ((0, False),),
+    "flip": ((0, False), (0, True)),
+    "d4": tuple((k, f) for f in (False, True) for k in range(4)),
+}
+
+
+def dihedral(x: np.ndarray, k: int, flip: bool) -> np.ndarray:
+  """View (k, flip) of (N, S, S, ...) arrays: ``rot90`` by k in axes (1, 2), then left-right flip."""
+  x = np.rot90(x, k, axes=(1, 2))
+  return np.flip(x, axis=2) if flip else x
+
+
+def undo_dihedral(y: np.ndarray, k: int, flip: bool) -> np.ndarray:
+  """The inverse of :func:`dihedral` (flip first, then rotate by -k)."""
+  if flip:
+    y = np.flip(y, axis=2)
+  return np.rot90(y, -k, axes=(1, 2))
+
+
+def tta_probs(probs_fn: Callable[[np.ndarray], np.ndarray], images01: np.ndarray, tta: str) -> np.ndarray:
+  """Mean of ``probs_fn`` ((N,S,S,3) -> (N,S,S)) over the views of :data:`TTA_VIEWS` ``[tta]``,
+  each mapped back to the input's orientation."""
+  if tta not in TTA_VIEWS:
+    raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_VIEWS)}")
+  views = TTA_VIEWS[tta]
+  total = None
+  for k, flip in views:
+    p = undo_dihedral(np.asarray(probs_fn(np.ascontiguousarray(dihedral(images01, k, flip)))), k, flip)
+    total = p.astype(np.float32) if total is None else total + p
+  return np.ascontiguousarray(total / np.float32(len(views)))

@@ -21,6 +21,10 @@ from gms_jax import errors
 from gms_jax import outputs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# The names of inference.TTA_VIEWS, here so the CLIs' --help does not import jax (a test checks they agree).
+TTA_CHOICES = ("none", "flip", "d4")
+TTA_HELP = ("test-time augmentation: 'none' (SPEC §4, default), 'flip' (+ left-right flip, 2 passes) or "
+            "'d4' (all flips and 90° rotations, 8 passes); the views' probabilities are averaged")
 
 
 def resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -54,7 +58,7 @@ class Segmenter:
   """A trained GMS model (frozen tokenizer + latent mapper) ready for inference."""
 
   def __init__(self, mapper, tokenizer, *, image_size: int, batch_size: int = 8, step: int | None = None,
-               config=None):
+               config=None, tta: str = "none"):
     import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
     from gms_jax import inference  # pylint: disable=import-outside-toplevel
@@ -63,6 +67,9 @@ class Segmenter:
     self.batch_size = int(batch_size)
     self.step = step
     self.config = config
+    if tta not in inference.TTA_VIEWS:
+      raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(inference.TTA_VIEWS)}")
+    self.tta = tta  # "none" (SPEC §4), "flip" or "d4": see inference.TTA_VIEWS
     self._graphdef, self._params = nnx.split(mapper, nnx.Param)
     tok = tokenizer
 
@@ -73,18 +80,20 @@ class Segmenter:
 
   # ------------------------------------------------------------------ constructors
   @classmethod
-  def from_workdir(cls, workdir: str, which: str | int = "best", *, batch_size: int = 8) -> "Segmenter":
+  def from_workdir(cls, workdir: str, which: str | int = "best", *, batch_size: int = 8,
+                   tta: str = "none") -> "Segmenter":
     """Loads the checkpoint ``which`` ("best" on validation Dice, "latest", or a step)."""
     from gms_jax import checkpoint, tokenizers  # pylint: disable=import-outside-toplevel
     check_workdir(workdir)
     with _quiet_absl_warnings():  # orbax warns that a read-only manager does not save
       mapper, config, step = checkpoint.restore_mapper(workdir, which)
     tok = tokenizers.from_config(config)
-    return cls(mapper, tok, image_size=config.data.image_size, batch_size=batch_size, step=step, config=config)
+    return cls(mapper, tok, image_size=config.data.image_size, batch_size=batch_size, step=step, config=config,
+               tta=tta)
 
   @classmethod
   def from_pretrained(cls, mapper: str, tokenizer, *, image_size: int = 224,
-                      family: str | None = None, batch_size: int = 8) -> "Segmenter":
+                      family: str | None = None, batch_size: int = 8, tta: str = "none") -> "Segmenter":
     """Without a workdir: ``mapper`` = official ``best_model.pth``, a ``gms-jax convert`` output or
     a workdir; ``tokenizer`` = a loaded :class:`gms_jax.tokenizers.Tokenizer`, or its weights (a
     path or ``hf:`` id; ``""`` = the packaged TAEF2) of tokenizer ``family`` (default: ``"tae"``
@@ -100,21 +109,22 @@ class Segmenter:
     weights = pretrained.read_mapper(mapper)
     weights.check_channels(tokenizer.latent_channels, tokenizer.family)
     return cls(pretrained.to_mapper(weights), tokenizer, image_size=image_size, batch_size=batch_size,
-               step=weights.step)
+               step=weights.step, tta=tta)
 
   # ------------------------------------------------------------------ inference
   def predict_probs(self, images01: np.ndarray) -> np.ndarray:
     """(N, S, S, 3) float images in [0,1] at the model resolution -> (N, S, S) probabilities.
 
-    Runs in fixed-size batches (the last one padded) so only one shape is ever compiled.
+    Runs in fixed-size batches (the last one padded) so only one shape is ever compiled; with
+    ``tta`` other than ``"none"``, once per view, averaged (:func:`gms_jax.inference.tta_probs`).
     """
     images01 = np.asarray(images01, np.float32)
     if images01.ndim != 4 or images01.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"expected (N, {self.image_size}, {self.image_size}, 3) images, got {images01.shape}")
     from gms_jax import inference  # pylint: disable=import-outside-toplevel
-    return inference.in_fixed_batches(
-        lambda chunk: self._probs(self._params, self.tokenizer.params, chunk), images01,
-        self.batch_size)
+    once = lambda x: inference.in_fixed_batches(  # noqa: E731
+        lambda chunk: self._probs(self._params, self.tokenizer.params, chunk), x, self.batch_size)
+    return once(images01) if self.tta == "none" else inference.tta_probs(once, images01, self.tta)
 
   def predict(self, images: Sequence[str | np.ndarray], threshold: float = 0.5) -> list[np.ndarray]:  # SPEC §4
     """Paths or uint8 arrays (any size, L/RGB/RGBA) -> bool masks at each native size."""
@@ -228,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                            "relative paths; a new or empty folder, or an earlier predict output")
   parser.add_argument("--checkpoint", default="best", help="'best' (validation Dice), 'latest' or a step")
   parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
   args = parser.parse_args(argv)
   if args.batch_size < 1:
     raise errors.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -240,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
   outputs.check_owned(out, "predict")
   check_workdir(args.workdir)
   names = output_names(files)
-  seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size)
+  seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size, tta=args.tta)
 
   from gms_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   previous = outputs.read_manifest(out) or {"files": []}

@@ -144,3 +144,65 @@ def test_predict_cli_reports_bad_inputs(tmp_path, capsys):
   assert cli.main(args) == 2
   err = capsys.readouterr().err
   assert "missing.png" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- test-time augmentation
+def test_dihedral_views_by_hand():
+  from gms_jax import inference
+  x = np.array([[1, 2], [3, 4]])[None]  # (1, 2, 2): rows (1 2), (3 4)
+  rot = inference.dihedral(x, 1, False)[0]
+  np.testing.assert_array_equal(rot, [[2, 4], [1, 3]])  # 90° counter-clockwise
+  np.testing.assert_array_equal(inference.dihedral(x, 0, True)[0], [[2, 1], [4, 3]])  # left-right
+  np.testing.assert_array_equal(inference.dihedral(x, 1, True)[0], [[4, 2], [3, 1]])  # rotate, then flip
+  img = np.arange(2 * 5 * 5 * 3).reshape(2, 5, 5, 3)  # no symmetry: the 8 views are 8 arrays
+  views = inference.TTA_VIEWS["d4"]
+  assert len({inference.dihedral(img, k, f).tobytes() for k, f in views}) == 8
+  for k, f in views:
+    np.testing.assert_array_equal(inference.undo_dihedral(inference.dihedral(img, k, f), k, f), img)
+  assert tuple(inference.TTA_VIEWS) == predict.TTA_CHOICES
+
+
+def test_tta_averages_views_mapped_back():
+  """A position-dependent stand-in model: p(x) = x[..., 0] * ramp over columns."""
+  from gms_jax import inference
+  rng = np.random.default_rng(0)
+  x = rng.random((3, 6, 6, 3)).astype(np.float32)
+  ramp = np.linspace(0, 1, 6, dtype=np.float32)
+  fn = lambda imgs: imgs[..., 0] * ramp  # noqa: E731
+  np.testing.assert_allclose(inference.tta_probs(fn, x, "none"), x[..., 0] * ramp, rtol=0, atol=0)
+  # flip view: the flipped image's column j holds column 5-j, weighted ramp[j]; mapped back -> ramp[5-j]
+  np.testing.assert_allclose(inference.tta_probs(fn, x, "flip"), x[..., 0] * (ramp + ramp[::-1]) / 2,
+                             rtol=0, atol=1e-7)
+  # d4: every pixel sees the column weight of each of its 8 images, i.e. ramp[i], ramp[5-i], ramp[j], ramp[5-j], twice
+  i, j = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
+  w = (ramp[i] + ramp[5 - i] + ramp[j] + ramp[5 - j]) / 4
+  np.testing.assert_allclose(inference.tta_probs(fn, x, "d4"), x[..., 0] * w, rtol=0, atol=1e-6)
+  with pytest.raises(ValueError, match="unknown test-time augmentation 'bogus'"):
+    inference.tta_probs(fn, x, "bogus")
+
+
+def test_segmenter_tta_is_equivariant(segmenter):
+  """With all of D4 the averaged prediction of a flipped/rotated image is the flipped/rotated
+  prediction; the random mapper alone is not (so the test can fail)."""
+  rng = np.random.default_rng(3)
+  x = rng.random((4, 32, 32, 3)).astype(np.float32)
+  plain = segmenter.predict_probs(x)
+  flipped = lambda a: np.ascontiguousarray(a[:, :, ::-1])  # noqa: E731
+  rotated = lambda a: np.ascontiguousarray(np.rot90(a, 1, axes=(1, 2)))  # noqa: E731
+  assert np.abs(segmenter.predict_probs(flipped(x)) - flipped(plain)).max() > 1e-3
+  seg_flip = _with_tta(segmenter, "flip")
+  seg_d4 = _with_tta(segmenter, "d4")
+  p_flip = seg_flip.predict_probs(x)
+  np.testing.assert_allclose(p_flip, (plain + flipped(segmenter.predict_probs(flipped(x)))) / 2, atol=1e-6)
+  np.testing.assert_allclose(seg_flip.predict_probs(flipped(x)), flipped(p_flip), atol=1e-6)
+  p_d4 = seg_d4.predict_probs(x)
+  np.testing.assert_allclose(seg_d4.predict_probs(flipped(x)), flipped(p_d4), atol=1e-6)
+  np.testing.assert_allclose(seg_d4.predict_probs(rotated(x)), rotated(p_d4), atol=1e-6)
+  assert p_d4.shape == (4, 32, 32) and 0 <= p_d4.min() and p_d4.max() <= 1
+  with pytest.raises(ValueError, match="unknown test-time augmentation"):
+    _with_tta(segmenter, "rot")
+
+
+def _with_tta(seg, tta):
+  mapper = nnx.merge(seg._graphdef, seg._params)  # pylint: disable=protected-access
+  return predict.Segmenter(mapper, seg.tokenizer, image_size=seg.image_size, batch_size=seg.batch_size, tta=tta)

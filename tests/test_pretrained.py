@@ -309,3 +309,18 @@ def test_every_mapper_source_reads_the_same_weights(root, official, imported):
     assert sorted(got.flat) == sorted(ref.flat)
     assert all(np.array_equal(got.flat[k], ref.flat[k]) for k in ref.flat), src
   assert ref.sha256 == hashlib.sha256(open(official[1], "rb").read()).hexdigest()
+
+
+def test_evaluate_tta_writes_beside_the_plain_evaluation(imported, capsys):
+  """--tta goes to its own default folder (eval/<dataset>-<split>-tta-<views>): the SPEC §4
+  evaluation of the same workdir is never replaced."""
+  plain = os.path.join(imported, "eval", "sample-test")
+  assert evaluate.main(["--workdir", imported, "--montage", "0", "--max-overlays", "0"]) == 0
+  before = open(os.path.join(plain, "summary.json")).read()
+  assert evaluate.main(["--workdir", imported, "--montage", "0", "--max-overlays", "0", "--tta", "flip"]) == 0
+  assert open(os.path.join(plain, "summary.json")).read() == before
+  with open(os.path.join(imported, "eval", "sample-test-tta-flip", "summary.json")) as f:
+    tta = json.load(f)
+  assert tta["tta"] == "flip" and json.loads(before)["tta"] == "none"
+  assert tta["n"] == json.loads(before)["n"]
+  assert "sample/test-tta-flip: n=" in capsys.readouterr().out
