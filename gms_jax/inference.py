@@ -73,12 +73,17 @@ def undo_dihedral(y: np.ndarray, k: int, flip: bool) -> np.ndarray:
   return np.rot90(y, -k, axes=(1, 2))
 
 
+def check_tta(tta: str) -> str:
+  """``tta`` if it names :data:`TTA_VIEWS`, else a one-line ValueError."""
+  if tta not in TTA_VIEWS:
+    raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_VIEWS)}")
+  return tta
+
+
 def tta_probs(probs_fn: Callable[[np.ndarray], np.ndarray], images01: np.ndarray, tta: str) -> np.ndarray:
   """Mean of ``probs_fn`` ((N,S,S,3) -> (N,S,S)) over the views of :data:`TTA_VIEWS` ``[tta]``,
   each mapped back to the input's orientation."""
-  if tta not in TTA_VIEWS:
-    raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_VIEWS)}")
-  views = TTA_VIEWS[tta]
+  views = TTA_VIEWS[check_tta(tta)]
   total = None
   for k, flip in views:
     p = undo_dihedral(np.asarray(probs_fn(np.ascontiguousarray(dihedral(images01, k, flip)))), k, flip)

@@ -67,9 +67,7 @@ class Segmenter:
     self.batch_size = int(batch_size)
     self.step = step
     self.config = config
-    if tta not in inference.TTA_VIEWS:
-      raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(inference.TTA_VIEWS)}")
-    self.tta = tta  # "none" (SPEC §4), "flip" or "d4": see inference.TTA_VIEWS
+    self.tta = inference.check_tta(tta)  # "none" (SPEC §4), "flip" or "d4": see inference.TTA_VIEWS
     self._graphdef, self._params = nnx.split(mapper, nnx.Param)
     tok = tokenizer
 
