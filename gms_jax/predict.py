@@ -122,7 +122,7 @@ class Segmenter:
     from gms_jax import inference  # pylint: disable=import-outside-toplevel
     once = lambda x: inference.in_fixed_batches(  # noqa: E731
         lambda chunk: self._probs(self._params, self.tokenizer.params, chunk), x, self.batch_size)
-    return once(images01) if self.tta == "none" else inference.tta_probs(once, images01, self.tta)
+    return inference.tta_probs(once, images01, self.tta)  # "none" = the one identity view
 
   def predict(self, images: Sequence[str | np.ndarray], threshold: float = 0.5) -> list[np.ndarray]:  # SPEC §4
     """Paths or uint8 arrays (any size, L/RGB/RGBA) -> bool masks at each native size."""
