@@ -140,6 +140,9 @@ def get_config(arg="sample"):
   c.bank.seed = 2333  # view k of record i is drawn from (seed, i, k)
   c.bank.shard_size = 64  # records per shard (the unit of atomic writes and of resumption)
   c.bank.encode_batch_size = 8  # images (and masks) per encoder call while building
+  # Not SPEC §3: stronger image-only brightness/contrast/gamma in the banked views, for other
+  # scanners (gms_jax/data/augment.py INTENSITY_*); recorded in the bank manifest.
+  c.bank.intensity_augment = False
 
   # ---------------------------------------------------------------- fast recipe
   c.fast = ml_collections.ConfigDict()

@@ -79,6 +79,15 @@ ROTATE_LIMIT = 20
 SHIFT_SCALE_ROTATE_P = 0.4
 BORDER_MODE = cv2.BORDER_REFLECT_101  # albumentations 1.x ShiftScaleRotate default
 
+# Optional, NOT in SPEC §3 (fast recipe's ``bank.intensity_augment``, off by default): stronger
+# brightness / contrast / gamma changes of the image only, for other scanners (BUS-BRA's images
+# have ~0.73x BUSI's grey-level contrast). Fixed ranges; the bank manifest names them (v1).
+INTENSITY_BRIGHTNESS = 0.3
+INTENSITY_CONTRAST = 0.4
+INTENSITY_BC_P = 0.8
+INTENSITY_GAMMA = (70, 150)
+INTENSITY_GAMMA_P = 0.5
+
 
 def shift_scale_rotate(p: float = SHIFT_SCALE_ROTATE_P) -> A.Affine:
     """albumentations 1.x ``ShiftScaleRotate(0.15, 0.1, 20)`` expressed as a 2.x ``Affine``."""
@@ -96,14 +105,27 @@ def shift_scale_rotate(p: float = SHIFT_SCALE_ROTATE_P) -> A.Affine:
     )
 
 
-def train_transform(image_size: int, **compose_kwargs) -> A.Compose:
-    """The GMS train-time Compose (input: float32 [0,1] RGB image and uint8 0/255 mask)."""
+def intensity_transforms() -> list:
+    """The optional image-only intensity changes (not SPEC §3; see INTENSITY_*)."""
+    return [
+        A.RandomBrightnessContrast(brightness_limit=INTENSITY_BRIGHTNESS,
+                                   contrast_limit=INTENSITY_CONTRAST, p=INTENSITY_BC_P),
+        A.RandomGamma(gamma_limit=INTENSITY_GAMMA, p=INTENSITY_GAMMA_P),
+    ]
+
+
+def train_transform(image_size: int, intensity: bool = False, **compose_kwargs) -> A.Compose:
+    """The GMS train-time Compose (input: float32 [0,1] RGB image and uint8 0/255 mask).
+
+    ``intensity=True`` adds :func:`intensity_transforms` after the colour jitter (not SPEC §3).
+    """
     return A.Compose(
         [
             A.HorizontalFlip(p=HFLIP_P),
             A.VerticalFlip(p=VFLIP_P),
             A.RandomRotate90(p=ROT90_P),
             A.ColorJitter(**COLOR_JITTER, p=COLOR_JITTER_P),
+            *(intensity_transforms() if intensity else []),
             shift_scale_rotate(),
             A.Resize(image_size, image_size),  # image bilinear, mask nearest (albumentations defaults)
         ],
@@ -132,22 +154,27 @@ class Augmenter:
     Returns image float32 (S, S, 3) in [0, 1] and mask float32 (S, S) in {0, 1}.
     """
 
-    def __init__(self, image_size: int, augment: bool = True):
+    def __init__(self, image_size: int, augment: bool = True, intensity: bool = False):
         self.image_size = int(image_size)
         self.augment = bool(augment)
+        self.intensity = bool(intensity)
         self._local = threading.local()
 
     def __getstate__(self):
-        return {"image_size": self.image_size, "augment": self.augment}
+        return {"image_size": self.image_size, "augment": self.augment,
+                "intensity": self.intensity}
 
     def __setstate__(self, state):
-        self.__init__(state["image_size"], state["augment"])
+        self.__init__(state["image_size"], state["augment"], state.get("intensity", False))
 
     def _compose(self) -> A.Compose:
         compose = getattr(self._local, "compose", None)
         if compose is None:
-            make = train_transform if self.augment else eval_transform
-            compose = self._local.compose = make(self.image_size)
+            if self.augment:
+                compose = train_transform(self.image_size, intensity=self.intensity)
+            else:
+                compose = eval_transform(self.image_size)
+            self._local.compose = compose
         return compose
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
