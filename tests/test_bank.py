@@ -90,13 +90,13 @@ def test_bank_layout_and_manifest(reference, source):
       got["mask"], bank_lib.unpack_masks(arrays["mask_bits"][views * n + records], S))
 
 
-def _view(source, seed, i, k):
-  """View k of record i written out from the definition: the SPEC §3 Augmenter drawing from
-  default_rng(SeedSequence([seed, i, k]))."""
+def _view(source, seed, i, k, intensity=False):
+  """View k of record i written out from the definition: the SPEC §3 Augmenter (with the
+  optional intensity transforms) drawing from default_rng(SeedSequence([seed, i, k]))."""
   from gms_jax.data import augment  # pylint: disable=import-outside-toplevel
   rec = source[i]
   rng = np.random.default_rng(np.random.SeedSequence([seed, i, k]))
-  return augment.Augmenter(S, augment=True)(rec["image"], rec["mask"], rng)
+  return augment.Augmenter(S, augment=True, intensity=intensity)(rec["image"], rec["mask"], rng)
 
 
 def test_views_reproducible_and_seeded(dirs, reference, source):
@@ -179,6 +179,7 @@ def test_mismatched_bank_refused_with_one_line(dirs, reference, source):
       "image_size": dict(good, image_size=32),
       "split.names_sha256": dict(good, split=dict(good["split"], names_sha256="0" * 64)),
       "seed": dict(good, seed=8),
+      "augmentation": BH.manifest_for(_spec(dirs, "x", intensity=True), source, tok),
   }
   for key, expected in cases.items():
     with pytest.raises(bank_lib.BankMismatchError) as e:
@@ -195,6 +196,31 @@ def test_mismatched_bank_refused_with_one_line(dirs, reference, source):
   # more views than built: accepted (views are independent), and the manifest records K
   grown = bank_lib.prepare_manifest(reference, dict(good, num_views=K + 1), write=False)
   assert grown["num_views"] == K + 1
+
+
+def test_intensity_bank_holds_the_intensity_views(dirs, reference, source):
+  """bank.intensity_augment: the manifest names it, and view k of image i is the encoding of
+  the Augmenter(intensity=True) view drawn from (seed, i, k), not the SPEC §3 one."""
+  from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
+  spec = _spec(dirs, "intensity", intensity=True)
+  rc, out = _build_subprocess(dirs, spec)
+  assert rc == 0, out[-4000:]
+  b, a = _arrays(spec["bank_dir"])
+  assert b.manifest["augmentation"] == bank_lib.AUGMENTATION + bank_lib.INTENSITY_SUFFIX
+  assert bank_lib.Bank(reference).manifest["augmentation"] == bank_lib.AUGMENTATION
+  n = len(source)
+  entries = [(0, 0), (5, 1), (n - 1, 1), (12, 0)]
+  imgs, masks = zip(*[_view(source, 7, i, k, intensity=True) for i, k in entries])
+  plain = [_view(source, 7, i, k)[0] for i, k in entries]
+  assert any(not np.allclose(x, y) for x, y in zip(imgs, plain))
+  enc = train_fast.make_encode_fn(H.tiny_tokenizer(0), jax.local_devices()[:1])(
+      np.stack(imgs), np.stack(masks))
+  rows = [k * n + i for i, k in entries]
+  for key in ("z_image", "std_image", "z_mask"):
+    np.testing.assert_allclose(a[key][rows], enc[key], rtol=0, atol=1e-5, err_msg=key)
+  np.testing.assert_array_equal(bank_lib.unpack_masks(a["mask_bits"][rows], S), np.stack(masks))
+  _, ref = _arrays(reference)
+  assert not np.allclose(a["z_image"], ref["z_image"])
 
 
 def test_banked_loss_equals_exact_loss_on_the_same_views(reference, source):
