@@ -39,6 +39,10 @@ mapper trains on the stored latents. Every deviation from SPEC §3:
    ``fast.eval_every_epochs`` epochs; validation images are encoded once (same values).
 5. Optional (off by default): ``fast.ema_decay > 0`` keeps an exponential moving average of the
    mapper weights; it is what validation selects and what the checkpoints' ``params`` hold.
+6. Optional (off by default): ``bank.intensity_augment = True`` adds image-only brightness /
+   contrast (+-0.3 / +-0.4, p 0.8) and gamma (0.7-1.5, p 0.5) changes to the banked views
+   (``gms_jax/data/augment.py`` ``INTENSITY_*``), aimed at other scanners; the bank manifest's
+   ``augmentation`` names it, so a bank of the other kind is refused.
 """
 
 import ml_collections
