@@ -11,19 +11,15 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image
 
-from gms_jax.data.augment import resize_mask
+from lcc_postprocess import pred_and_truth  # same folder: python puts the script's folder first
 
 
 def main(ev, root):
   rows = list(csv.DictReader(open(os.path.join(ev, "metrics.csv"))))
   ratio, dsc = [], []
   for r in rows:
-    pred = np.asarray(Image.open(os.path.join(ev, "masks", r["name"] + ".png"))) > 127
-    m = np.asarray(Image.open(os.path.join(root, "masks", r["name"] + ".png")))
-    m = m[..., 0] if m.ndim == 3 else m
-    gt = resize_mask(m.astype(np.float32) / 255.0, pred.shape[0]) >= 0.5
+    pred, gt = pred_and_truth(ev, root, r["name"])
     if gt.sum() == 0:
       continue
     ratio.append(pred.sum() / gt.sum())

@@ -23,14 +23,19 @@ def largest_component(pred):
   return lab == 1 + int(np.argmax(ndimage.sum(pred, lab, range(1, n + 1))))
 
 
+def pred_and_truth(ev, root, name):
+  """The saved predicted mask of ``name`` and its ground truth (SPEC §4), both bool at that size."""
+  pred = np.asarray(Image.open(os.path.join(ev, "masks", name + ".png"))) > 127
+  m = np.asarray(Image.open(os.path.join(root, "masks", name + ".png")))
+  m = m[..., 0] if m.ndim == 3 else m
+  return pred, resize_mask(m.astype(np.float32) / 255.0, pred.shape[0]) >= 0.5
+
+
 def main(ev, root):
   rows = list(csv.DictReader(open(os.path.join(ev, "metrics.csv"))))
   raw, lcc = [], []
   for r in rows:
-    pred = np.asarray(Image.open(os.path.join(ev, "masks", r["name"] + ".png"))) > 127
-    m = np.asarray(Image.open(os.path.join(root, "masks", r["name"] + ".png")))
-    m = m[..., 0] if m.ndim == 3 else m
-    gt = resize_mask(m.astype(np.float32) / 255.0, pred.shape[0]) >= 0.5
+    pred, gt = pred_and_truth(ev, root, r["name"])
     raw.append(float(metrics.dice_iou(pred, gt)[0]))
     lcc.append(float(metrics.dice_iou(largest_component(pred), gt)[0]))
   print(f"{ev}: n={len(rows)} max|raw - metrics.csv|={max(abs(a - float(r['dsc'])) for a, r in zip(raw, rows)):.2g}")
