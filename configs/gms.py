@@ -43,6 +43,10 @@ mapper trains on the stored latents. Every deviation from SPEC §3:
    contrast (+-0.3 / +-0.4, p 0.8) and gamma (0.7-1.5, p 0.5) changes to the banked views
    (``gms_jax/data/augment.py`` ``INTENSITY_*``), aimed at other scanners; the bank manifest's
    ``augmentation`` names it, so a bank of the other kind is refused.
+7. Optional (off by default): ``bank.scanner_augment = True`` adds image-only changes of the
+   scanner's look after the resize: blur (sigma 0.3-1.2) or sharpening (p 0.4), elementwise
+   multiplicative speckle 0.8-1.2 (p 0.4), a random tone curve (scale 0.2, p 0.4) and Gaussian
+   noise (std 0.01-0.05, p 0.2) (``gms_jax/data/augment.py`` ``SCANNER_*``); the manifest names it.
 """
 
 import ml_collections
@@ -147,6 +151,9 @@ def get_config(arg="sample"):
   # Not SPEC §3: stronger image-only brightness/contrast/gamma in the banked views, for other
   # scanners (gms_jax/data/augment.py INTENSITY_*); recorded in the bank manifest.
   c.bank.intensity_augment = False
+  # Not SPEC §3: image-only blur/sharpen, speckle, tone curve and noise after the resize
+  # (gms_jax/data/augment.py SCANNER_*); recorded in the bank manifest.
+  c.bank.scanner_augment = False
 
   # ---------------------------------------------------------------- fast recipe
   c.fast = ml_collections.ConfigDict()

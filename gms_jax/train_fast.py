@@ -193,7 +193,8 @@ def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
       shard_size=int(config.bank.shard_size), has_std=tok.has_posterior,
       latent_shape=(size // f, size // f, tok.latent_channels),
       augment=bool(config.data.augment),
-      intensity=bool(config.bank.get("intensity_augment", False)))
+      intensity=bool(config.bank.get("intensity_augment", False)),
+      scanner=bool(config.bank.get("scanner_augment", False)))
   if jax.process_index() == 0:
     manifest = bank_lib.prepare_manifest(bank_dir, expected, write=True)
   _sync("gms_bank_manifest")

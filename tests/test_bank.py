@@ -90,13 +90,14 @@ def test_bank_layout_and_manifest(reference, source):
       got["mask"], bank_lib.unpack_masks(arrays["mask_bits"][views * n + records], S))
 
 
-def _view(source, seed, i, k, intensity=False):
+def _view(source, seed, i, k, intensity=False, scanner=False):
   """View k of record i written out from the definition: the SPEC §3 Augmenter (with the
   optional intensity transforms) drawing from default_rng(SeedSequence([seed, i, k]))."""
   from gms_jax.data import augment  # pylint: disable=import-outside-toplevel
   rec = source[i]
   rng = np.random.default_rng(np.random.SeedSequence([seed, i, k]))
-  return augment.Augmenter(S, augment=True, intensity=intensity)(rec["image"], rec["mask"], rng)
+  return augment.Augmenter(S, augment=True, intensity=intensity, scanner=scanner)(
+      rec["image"], rec["mask"], rng)
 
 
 def test_views_reproducible_and_seeded(dirs, reference, source):
@@ -181,7 +182,8 @@ def test_mismatched_bank_refused_with_one_line(dirs, reference, source):
       "seed": dict(good, seed=8),
       "augmentation": BH.manifest_for(_spec(dirs, "x", intensity=True), source, tok),
   }
-  for key, expected in cases.items():
+  scanner = BH.manifest_for(_spec(dirs, "x", intensity=True, scanner=True), source, tok)
+  for key, expected in [*cases.items(), ("augmentation", scanner)]:
     with pytest.raises(bank_lib.BankMismatchError) as e:
       bank_lib.prepare_manifest(reference, expected)
     msg = str(e.value)
@@ -198,19 +200,24 @@ def test_mismatched_bank_refused_with_one_line(dirs, reference, source):
   assert grown["num_views"] == K + 1
 
 
-def test_intensity_bank_holds_the_intensity_views(dirs, reference, source):
-  """bank.intensity_augment: the manifest names it, and view k of image i is the encoding of
-  the Augmenter(intensity=True) view drawn from (seed, i, k), not the SPEC §3 one."""
+@pytest.mark.parametrize("scanner", [False, True], ids=["intensity", "intensity+scanner"])
+def test_intensity_bank_holds_the_intensity_views(dirs, reference, source, scanner):
+  """bank.intensity_augment (and bank.scanner_augment): the manifest names them, and view k of
+  image i is the encoding of the Augmenter(intensity=True, scanner=...) view drawn from
+  (seed, i, k), not the SPEC §3 one."""
   from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
-  spec = _spec(dirs, "intensity", intensity=True)
+  spec = _spec(dirs, "intensity" + ("-scanner" if scanner else ""), intensity=True,
+               scanner=scanner)
   rc, out = _build_subprocess(dirs, spec)
   assert rc == 0, out[-4000:]
   b, a = _arrays(spec["bank_dir"])
-  assert b.manifest["augmentation"] == bank_lib.AUGMENTATION + bank_lib.INTENSITY_SUFFIX
+  assert b.manifest["augmentation"] == (bank_lib.AUGMENTATION + bank_lib.INTENSITY_SUFFIX
+                                        + (bank_lib.SCANNER_SUFFIX if scanner else ""))
   assert bank_lib.Bank(reference).manifest["augmentation"] == bank_lib.AUGMENTATION
   n = len(source)
   entries = [(0, 0), (5, 1), (n - 1, 1), (12, 0)]
-  imgs, masks = zip(*[_view(source, 7, i, k, intensity=True) for i, k in entries])
+  imgs, masks = zip(*[_view(source, 7, i, k, intensity=True, scanner=scanner)
+                      for i, k in entries])
   plain = [_view(source, 7, i, k)[0] for i, k in entries]
   assert any(not np.allclose(x, y) for x, y in zip(imgs, plain))
   enc = train_fast.make_encode_fn(H.tiny_tokenizer(0), jax.local_devices()[:1])(

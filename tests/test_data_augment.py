@@ -146,3 +146,39 @@ def test_intensity_option_adds_image_only_changes_and_leaves_spec_default():
     # picklable with the option (grain workers)
     import pickle  # pylint: disable=import-outside-toplevel
     assert pickle.loads(pickle.dumps(strong)).intensity
+
+
+def test_scanner_option_changes_the_look_only_after_the_resize():
+    """``scanner=True`` (fast recipe's bank.scanner_augment, not SPEC §3) appends blur/sharpen,
+    speckle, tone curve and noise after the resize: the geometry (hence the mask) of a view is the
+    one drawn without it from the same generator, grey images stay grey, values stay in [0, 1],
+    and a flat image gets texture (speckle / noise) that SPEC §3 never adds."""
+    names = [type(t).__name__ for t in
+             augment.train_transform(32, intensity=True, scanner=True).transforms]
+    assert names == ["HorizontalFlip", "VerticalFlip", "RandomRotate90", "ColorJitter",
+                     "RandomBrightnessContrast", "RandomGamma", "Affine", "Resize",
+                     "OneOf", "MultiplicativeNoise", "RandomToneCurve", "GaussNoise"]
+    image, mask = _shape_image()
+    grey_shape = np.repeat(image.mean(-1, keepdims=True).astype(np.uint8), 3, axis=-1)
+    with_s, without = (augment.Augmenter(96, intensity=True, scanner=True),
+                       augment.Augmenter(96, intensity=True))
+    changed = 0
+    for seed in range(30):
+        img, m = with_s(grey_shape, mask, np.random.default_rng(seed))
+        ref, m_ref = without(grey_shape, mask, np.random.default_rng(seed))
+        np.testing.assert_array_equal(m, m_ref)
+        assert img.dtype == np.float32 and 0.0 <= img.min() and img.max() <= 1.0
+        np.testing.assert_array_equal(img[..., 0], img[..., 1])
+        np.testing.assert_array_equal(img[..., 0], img[..., 2])
+        changed += not np.allclose(img, ref, atol=1e-6)
+    assert changed >= 15, changed  # 1 - 0.6 * 0.6 * 0.6 * 0.8 = 83 % of views change
+    # texture on a flat mid-grey image: none with SPEC §3 alone, often with the scanner option
+    grey = np.full((40, 40, 3), 128, np.uint8)
+    flat = np.zeros((40, 40), np.uint8)
+    plain, scan = augment.Augmenter(40), augment.Augmenter(40, scanner=True)
+    tex_plain = [plain(grey, flat, np.random.default_rng(s))[0].std() for s in range(100)]
+    tex_scan = [scan(grey, flat, np.random.default_rng(s))[0].std() for s in range(100)]
+    assert max(tex_plain) < 1e-3, max(tex_plain)
+    assert np.mean(np.array(tex_scan) > 0.01) > 0.3, np.mean(np.array(tex_scan) > 0.01)
+    import pickle  # pylint: disable=import-outside-toplevel
+    assert pickle.loads(pickle.dumps(scan)).scanner

@@ -88,6 +88,21 @@ INTENSITY_BC_P = 0.8
 INTENSITY_GAMMA = (70, 150)
 INTENSITY_GAMMA_P = 0.5
 
+# Optional, NOT in SPEC §3 (fast recipe's ``bank.scanner_augment``, off by default): image-only
+# changes of the scanner's look, applied at the model's input size after the resize: blur or
+# sharpening (probe/processing resolution), multiplicative speckle, a random tone (gain) curve,
+# and additive noise. Aimed at BUS-BRA's failures (small lesions missed entirely). The bank
+# manifest names them (v1).
+SCANNER_BLUR_SIGMA = (0.3, 1.2)
+SCANNER_SHARPEN_ALPHA = (0.1, 0.4)
+SCANNER_BLUR_SHARPEN_P = 0.4
+SCANNER_SPECKLE = (0.8, 1.2)  # elementwise multiplier, shared by the 3 channels
+SCANNER_SPECKLE_P = 0.4
+SCANNER_TONE_SCALE = 0.2
+SCANNER_TONE_P = 0.4
+SCANNER_NOISE_STD = (0.01, 0.05)  # of the [0, 1] range, shared by the 3 channels
+SCANNER_NOISE_P = 0.2
+
 
 def shift_scale_rotate(p: float = SHIFT_SCALE_ROTATE_P) -> A.Affine:
     """albumentations 1.x ``ShiftScaleRotate(0.15, 0.1, 20)`` expressed as a 2.x ``Affine``."""
@@ -114,10 +129,25 @@ def intensity_transforms() -> list:
     ]
 
 
-def train_transform(image_size: int, intensity: bool = False, **compose_kwargs) -> A.Compose:
+def scanner_transforms() -> list:
+    """The optional image-only scanner-look changes (not SPEC §3; see SCANNER_*)."""
+    return [
+        A.OneOf([A.GaussianBlur(blur_limit=0, sigma_limit=SCANNER_BLUR_SIGMA),
+                 A.Sharpen(alpha=SCANNER_SHARPEN_ALPHA, lightness=(1.0, 1.0))],
+                p=SCANNER_BLUR_SHARPEN_P),
+        A.MultiplicativeNoise(multiplier=SCANNER_SPECKLE, per_channel=False, elementwise=True,
+                              p=SCANNER_SPECKLE_P),
+        A.RandomToneCurve(scale=SCANNER_TONE_SCALE, per_channel=False, p=SCANNER_TONE_P),
+        A.GaussNoise(std_range=SCANNER_NOISE_STD, per_channel=False, p=SCANNER_NOISE_P),
+    ]
+
+
+def train_transform(image_size: int, intensity: bool = False, scanner: bool = False,
+                    **compose_kwargs) -> A.Compose:
     """The GMS train-time Compose (input: float32 [0,1] RGB image and uint8 0/255 mask).
 
-    ``intensity=True`` adds :func:`intensity_transforms` after the colour jitter (not SPEC §3).
+    ``intensity=True`` adds :func:`intensity_transforms` after the colour jitter, ``scanner=True``
+    adds :func:`scanner_transforms` after the resize (neither is SPEC §3).
     """
     return A.Compose(
         [
@@ -128,6 +158,7 @@ def train_transform(image_size: int, intensity: bool = False, **compose_kwargs) 
             *(intensity_transforms() if intensity else []),
             shift_scale_rotate(),
             A.Resize(image_size, image_size),  # image bilinear, mask nearest (albumentations defaults)
+            *(scanner_transforms() if scanner else []),
         ],
         **compose_kwargs,
     )
@@ -154,24 +185,28 @@ class Augmenter:
     Returns image float32 (S, S, 3) in [0, 1] and mask float32 (S, S) in {0, 1}.
     """
 
-    def __init__(self, image_size: int, augment: bool = True, intensity: bool = False):
+    def __init__(self, image_size: int, augment: bool = True, intensity: bool = False,
+                 scanner: bool = False):
         self.image_size = int(image_size)
         self.augment = bool(augment)
         self.intensity = bool(intensity)
+        self.scanner = bool(scanner)
         self._local = threading.local()
 
     def __getstate__(self):
         return {"image_size": self.image_size, "augment": self.augment,
-                "intensity": self.intensity}
+                "intensity": self.intensity, "scanner": self.scanner}
 
     def __setstate__(self, state):
-        self.__init__(state["image_size"], state["augment"], state.get("intensity", False))
+        self.__init__(state["image_size"], state["augment"], state.get("intensity", False),
+                      state.get("scanner", False))
 
     def _compose(self) -> A.Compose:
         compose = getattr(self._local, "compose", None)
         if compose is None:
             if self.augment:
-                compose = train_transform(self.image_size, intensity=self.intensity)
+                compose = train_transform(self.image_size, intensity=self.intensity,
+                                          scanner=self.scanner)
             else:
                 compose = eval_transform(self.image_size)
             self._local.compose = compose
