@@ -8,7 +8,9 @@ is a function handed to :func:`build`.
 
 Views. View ``k`` of training record ``i`` (records in the split's order, sorted by name) is the
 SPEC §3 train augmentation (:class:`gms_jax.data.augment.Augmenter`, the exact albumentations
-Compose of the exact recipe) drawn from ``np.random.default_rng(SeedSequence([seed, i, k]))``
+Compose of the exact recipe; plus, when the config asks for them, the image-only intensity and
+scanner-look transforms, named in the manifest's ``augmentation``) drawn from
+``np.random.default_rng(SeedSequence([seed, i, k]))``
 (:func:`view_rng`): a function of ``(seed, i, k)`` only, never of build order, process count or
 what was built before, so an interrupted and resumed build, a build on more processes and a
 rebuild all store the same views.
