@@ -2,7 +2,8 @@
 
 :func:`validate` checks types and ranges of every key training reads (no I/O beyond looking at
 ``tokenizer.path``); :func:`check_resume` compares a new config with the one saved in a workdir and
-refuses keys that change the model, the data or the schedule (:data:`HARMLESS_KEYS` may differ);
+refuses keys that change the model, the data or the schedule (:data:`HARMLESS_KEYS` may differ;
+a key of :data:`ADDED_LATER` missing from the saved config counts as its value there);
 :func:`suggest_key` turns an unknown ``--config.x`` into a "did you mean" line. All raise
 :class:`gms_jax.errors.ConfigError` with one line naming the key.
 """
@@ -29,6 +30,10 @@ HARMLESS_KEYS = (
     # encoded, how often it validates
     "bank.dir", "bank.encode_batch_size", "fast.eval_every_epochs",
 )
+
+# Keys added after workdirs were written: a saved config.json without one was made when the key
+# did not exist, i.e. with this value (so older runs resume with the new key at that value).
+ADDED_LATER = {"bank.intensity_augment": False, "bank.scanner_augment": False}
 
 PRECISIONS = ("float32", "bfloat16")
 RECIPES = ("exact", "fast")
@@ -67,7 +72,7 @@ def check_resume(saved: Mapping[str, Any], new: Any, workdir: str) -> None:
   for key in sorted(set(old_flat) | set(new_flat)):
     if _harmless(key):
       continue
-    a, b = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
+    a, b = old_flat.get(key, ADDED_LATER.get(key, "<unset>")), new_flat.get(key, "<unset>")
     if a != b:
       diffs.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")
   if diffs:

@@ -235,3 +235,23 @@ def test_fast_config_keys_are_validated():
   exact = H.load_config("sample")
   exact.bank.num_views = 0  # not read by the exact recipe
   configuration.validate(exact, check_tokenizer=False)
+
+
+def test_resume_check_reads_keys_added_later_as_their_old_value():
+  """A workdir's config.json written before bank.scanner_augment existed resumes with it off
+  (the only value it could have had) and is refused with it on, naming the key."""
+  from gms_jax import configuration, errors  # pylint: disable=import-outside-toplevel
+  config = H.load_config("sample,fast")
+  saved = configuration.to_plain(config)
+  del saved["bank"]["scanner_augment"], saved["bank"]["intensity_augment"]
+  configuration.check_resume(saved, config, "w")
+  for key in ("scanner_augment", "intensity_augment"):
+    c = H.load_config("sample,fast")
+    c.bank[key] = True
+    with pytest.raises(errors.ConfigError, match=f"bank.{key}: false -> true"):
+      configuration.check_resume(saved, c, "w")
+  # a key that is neither saved nor added later still counts as a difference
+  saved["bank"]["scanner_augment"] = False
+  del saved["bank"]["num_views"]
+  with pytest.raises(errors.ConfigError, match="bank.num_views: \"<unset>\" -> "):
+    configuration.check_resume(saved, config, "w")
