@@ -66,8 +66,6 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 TMP_PREFIX = ".tmp-"
 AUGMENTATION = "spec3-albumentations-v1"  # gms_jax/data/augment.py train_transform
-INTENSITY_SUFFIX = "+intensity-v1"  # augment.intensity_transforms (bank.intensity_augment)
-SCANNER_SUFFIX = "+scanner-v1"  # augment.scanner_transforms (bank.scanner_augment)
 LATENT_KEYS = ("z_image", "std_image", "z_mask")
 # Manifest keys that must match for a bank to be reused (num_views may grow, see module doc).
 IDENTITY_KEYS = ("format", "tokenizer.name", "tokenizer.family", "tokenizer.params_sha256",
@@ -92,10 +90,9 @@ class _View:
   """``map_with_index`` transform: (i, record) -> view ``k`` of record ``i`` (picklable)."""
 
   def __init__(self, image_size: int, seed: int, view: int, augment: bool,
-               intensity: bool = False, scanner: bool = False):
+               extras: Sequence[str] = ()):
     from gms_jax.data import augment as aug_lib  # pylint: disable=import-outside-toplevel
-    self._augmenter = aug_lib.Augmenter(image_size, augment=augment, intensity=intensity,
-                                        scanner=scanner)
+    self._augmenter = aug_lib.Augmenter(image_size, augment=augment, extras=extras)
     self._seed, self._view = int(seed), int(view)
 
   def __call__(self, index: int, record: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -106,9 +103,10 @@ class _View:
 
 def augmented_views(source, indices: Sequence[int], *, view: int, seed: int, image_size: int,
                     augment: bool = True, batch_size: int = 8, read_threads: int = 2,
-                    intensity: bool = False,
-                    scanner: bool = False) -> Iterable[dict[str, np.ndarray]]:
+                    extras: Sequence[str] = ()) -> Iterable[dict[str, np.ndarray]]:
   """Batches of view ``view`` of the records ``indices`` (a contiguous range), via grain.
+
+  ``extras``: optional image-only augmentations (names in ``gms_jax.data.augment.EXTRAS``).
 
   Yields ``{"image": (b,S,S,3) f32 [0,1], "mask": (b,S,S) f32 {0,1}, "index": (b,) int64}``.
   """
@@ -117,7 +115,7 @@ def augmented_views(source, indices: Sequence[int], *, view: int, seed: int, ima
   if list(indices) != list(range(lo, hi)):
     raise ValueError("augmented_views: indices must be a contiguous range")
   ds = grain.MapDataset.source(source).map_with_index(
-      _View(image_size, seed, view, augment, intensity, scanner))
+      _View(image_size, seed, view, augment, extras))
   ds = ds[lo:hi].batch(int(batch_size), drop_remainder=False)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2))
 
@@ -150,12 +148,19 @@ def params_sha256(params: Any) -> str:
   return h.hexdigest()
 
 
-def augmentation_name(augment: bool, intensity: bool = False, scanner: bool = False) -> str:
-  """The manifest's ``augmentation``: what :class:`_View` applies (parsed back by ``build``)."""
+def augmentation_name(augment: bool, extras: Sequence[str] = ()) -> str:
+  """The manifest's ``augmentation``: what :class:`_View` applies (parsed back by
+  :func:`augmentation_extras`), e.g. ``spec3-albumentations-v1+intensity-v1``."""
+  from gms_jax.data import augment as aug_lib  # pylint: disable=import-outside-toplevel
   if not augment:
     return "none"
-  return (AUGMENTATION + (INTENSITY_SUFFIX if intensity else "")
-          + (SCANNER_SUFFIX if scanner else ""))
+  return AUGMENTATION + "".join(aug_lib.EXTRAS[n].tag for n in aug_lib.check_extras(extras))
+
+
+def augmentation_extras(name: str) -> tuple[str, ...]:
+  """The extras a manifest's ``augmentation`` names (inverse of :func:`augmentation_name`)."""
+  from gms_jax.data import augment as aug_lib  # pylint: disable=import-outside-toplevel
+  return tuple(n for n, extra in aug_lib.EXTRAS.items() if extra.tag in name)
 
 
 def names_sha256(names: Sequence[str]) -> str:
@@ -165,7 +170,7 @@ def names_sha256(names: Sequence[str]) -> str:
 def make_manifest(*, tokenizer: dict[str, Any], precision: str, image_size: int, source,
                   seed: int, num_views: int, shard_size: int, has_std: bool,
                   latent_shape: Sequence[int], augment: bool = True,
-                  intensity: bool = False, scanner: bool = False) -> dict[str, Any]:
+                  extras: Sequence[str] = ()) -> dict[str, Any]:
   """The manifest a run expects; ``tokenizer`` = {name, path, family, latent_channels,
   params_sha256}. ``source`` is the training split (a :class:`builder.GmsSource`)."""
   names = source.names()
@@ -180,7 +185,7 @@ def make_manifest(*, tokenizer: dict[str, Any], precision: str, image_size: int,
                 # tfds config name: hashes the split files' names and the data files' contents
                 "data_config": Path(directory).parent.name if directory else ""},
       "seed": int(seed),
-      "augmentation": augmentation_name(augment, intensity, scanner),
+      "augmentation": augmentation_name(augment, extras),
       "num_views": int(num_views),
       "shard_size": int(shard_size),
       "has_std": bool(has_std),
@@ -318,8 +323,7 @@ def build(bank_dir: str | os.PathLike, source, manifest: dict[str, Any], encode_
   keys = ("z_image", "std_image", "z_mask") if manifest["has_std"] else ("z_image", "z_mask")
   size, seed = int(manifest["image_size"]), int(manifest["seed"])
   augment = manifest["augmentation"] != "none"
-  intensity = INTENSITY_SUFFIX in manifest["augmentation"]
-  scanner = SCANNER_SUFFIX in manifest["augmentation"]
+  extras = augmentation_extras(manifest["augmentation"])
   t_all = time.time()
   for n_done, shard in enumerate(todo, 1):
     t0 = time.time()
@@ -327,7 +331,7 @@ def build(bank_dir: str | os.PathLike, source, manifest: dict[str, Any], encode_
     for batch in augmented_views(source, range(shard.start, shard.stop), view=shard.view,
                                  seed=seed, image_size=size, augment=augment,
                                  batch_size=encode_batch_size, read_threads=read_threads,
-                                 intensity=intensity, scanner=scanner):
+                                 extras=extras):
       n = len(batch["index"])
       images, masks = batch["image"], batch["mask"]
       if n < encode_batch_size:

@@ -169,6 +169,13 @@ def make_encode_fn(tok: tokenizers.Tokenizer, devices: list[jax.Device]) -> Call
   return encode_fn
 
 
+def bank_extras(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The optional view extras a config turns on: ``bank.<name>_augment`` for each name in
+  ``gms_jax.data.augment.EXTRAS`` (absent keys, from configs older than the option, are off)."""
+  from gms_jax.data import augment as aug_lib  # pylint: disable=import-outside-toplevel
+  return tuple(n for n in aug_lib.EXTRAS if bool(config.bank.get(f"{n}_augment", False)))
+
+
 def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
                  tok: tokenizers.Tokenizer, local_devices: list[jax.Device], *,
                  progress: dict[str, bool] | None = None
@@ -193,8 +200,7 @@ def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
       shard_size=int(config.bank.shard_size), has_std=tok.has_posterior,
       latent_shape=(size // f, size // f, tok.latent_channels),
       augment=bool(config.data.augment),
-      intensity=bool(config.bank.get("intensity_augment", False)),
-      scanner=bool(config.bank.get("scanner_augment", False)))
+      extras=bank_extras(config))
   if jax.process_index() == 0:
     manifest = bank_lib.prepare_manifest(bank_dir, expected, write=True)
   _sync("gms_bank_manifest")

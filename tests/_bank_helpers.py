@@ -1,8 +1,8 @@
 """Builds a latent bank in a fresh process: ``python tests/_bank_helpers.py SPEC.json``.
 
 SPEC keys: ``tfds_dir``, ``bank_dir``, ``seed``, ``num_views``, ``shard_size``, ``image_size``,
-``tokenizer_seed``, ``encode_batch_size``, ``intensity`` / ``scanner`` (bank.intensity_augment / scanner_augment), ``process_index`` / ``process_count`` (this process
-builds its share of the shards, as on a pod); ``kill_at_save``: SIGKILL this process at that call of
+``tokenizer_seed``, ``encode_batch_size``, ``extras`` (list of view extras, e.g. ``["intensity"]``: bank.intensity_augment, ...),
+``process_index`` / ``process_count`` (this process builds its share of the shards, as on a pod); ``kill_at_save``: SIGKILL this process at that call of
 ``np.save`` (counted over the whole build: each shard saves ``index`` and then its arrays), i.e.
 in the middle of writing a shard.
 """
@@ -31,7 +31,7 @@ def manifest_for(spec: dict, source, tok):
       precision="float32", image_size=s, source=source, seed=int(spec["seed"]),
       num_views=int(spec["num_views"]), shard_size=int(spec["shard_size"]),
       has_std=tok.has_posterior, latent_shape=(s // f, s // f, tok.latent_channels),
-      intensity=bool(spec.get("intensity", False)), scanner=bool(spec.get("scanner", False)))
+      extras=tuple(spec.get("extras", ())))
 
 
 def build(spec: dict):

@@ -90,13 +90,13 @@ def test_bank_layout_and_manifest(reference, source):
       got["mask"], bank_lib.unpack_masks(arrays["mask_bits"][views * n + records], S))
 
 
-def _view(source, seed, i, k, intensity=False, scanner=False):
+def _view(source, seed, i, k, extras=()):
   """View k of record i written out from the definition: the SPEC §3 Augmenter (with the
-  optional intensity transforms) drawing from default_rng(SeedSequence([seed, i, k]))."""
+  optional extras) drawing from default_rng(SeedSequence([seed, i, k]))."""
   from gms_jax.data import augment  # pylint: disable=import-outside-toplevel
   rec = source[i]
   rng = np.random.default_rng(np.random.SeedSequence([seed, i, k]))
-  return augment.Augmenter(S, augment=True, intensity=intensity, scanner=scanner)(
+  return augment.Augmenter(S, augment=True, extras=extras)(
       rec["image"], rec["mask"], rng)
 
 
@@ -180,9 +180,9 @@ def test_mismatched_bank_refused_with_one_line(dirs, reference, source):
       "image_size": dict(good, image_size=32),
       "split.names_sha256": dict(good, split=dict(good["split"], names_sha256="0" * 64)),
       "seed": dict(good, seed=8),
-      "augmentation": BH.manifest_for(_spec(dirs, "x", intensity=True), source, tok),
+      "augmentation": BH.manifest_for(_spec(dirs, "x", extras=["intensity"]), source, tok),
   }
-  scanner = BH.manifest_for(_spec(dirs, "x", intensity=True, scanner=True), source, tok)
+  scanner = BH.manifest_for(_spec(dirs, "x", extras=["intensity", "scanner"]), source, tok)
   for key, expected in [*cases.items(), ("augmentation", scanner)]:
     with pytest.raises(bank_lib.BankMismatchError) as e:
       bank_lib.prepare_manifest(reference, expected)
@@ -203,20 +203,22 @@ def test_mismatched_bank_refused_with_one_line(dirs, reference, source):
 @pytest.mark.parametrize("scanner", [False, True], ids=["intensity", "intensity+scanner"])
 def test_intensity_bank_holds_the_intensity_views(dirs, reference, source, scanner):
   """bank.intensity_augment (and bank.scanner_augment): the manifest names them, and view k of
-  image i is the encoding of the Augmenter(intensity=True, scanner=...) view drawn from
+  image i is the encoding of the Augmenter(extras=("intensity", ["scanner"])) view drawn from
   (seed, i, k), not the SPEC §3 one."""
   from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
-  spec = _spec(dirs, "intensity" + ("-scanner" if scanner else ""), intensity=True,
-               scanner=scanner)
+  extras = ["intensity", "scanner"] if scanner else ["intensity"]
+  spec = _spec(dirs, "-".join(extras), extras=extras)
   rc, out = _build_subprocess(dirs, spec)
   assert rc == 0, out[-4000:]
   b, a = _arrays(spec["bank_dir"])
-  assert b.manifest["augmentation"] == (bank_lib.AUGMENTATION + bank_lib.INTENSITY_SUFFIX
-                                        + (bank_lib.SCANNER_SUFFIX if scanner else ""))
-  assert bank_lib.Bank(reference).manifest["augmentation"] == bank_lib.AUGMENTATION
+  # the manifest strings of banks built before the extras were a tuple (format kept)
+  assert b.manifest["augmentation"] == ("spec3-albumentations-v1+intensity-v1"
+                                        + ("+scanner-v1" if scanner else ""))
+  assert bank_lib.augmentation_extras(b.manifest["augmentation"]) == tuple(extras)
+  assert bank_lib.Bank(reference).manifest["augmentation"] == "spec3-albumentations-v1"
   n = len(source)
   entries = [(0, 0), (5, 1), (n - 1, 1), (12, 0)]
-  imgs, masks = zip(*[_view(source, 7, i, k, intensity=True, scanner=scanner)
+  imgs, masks = zip(*[_view(source, 7, i, k, extras=extras)
                       for i, k in entries])
   plain = [_view(source, 7, i, k)[0] for i, k in entries]
   assert any(not np.allclose(x, y) for x, y in zip(imgs, plain))

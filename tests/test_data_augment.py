@@ -115,15 +115,15 @@ def test_eval_transform_and_preprocess_agree():
 
 
 def test_intensity_option_adds_image_only_changes_and_leaves_spec_default():
-    """``intensity=True`` (fast recipe's bank.intensity_augment, not SPEC §3) inserts brightness /
+    """``extras=("intensity",)`` (fast recipe's bank.intensity_augment, not SPEC §3) inserts brightness /
     contrast and gamma after the colour jitter; the default Compose is the SPEC list above."""
-    names = [type(t).__name__ for t in augment.train_transform(32, intensity=True).transforms]
+    names = [type(t).__name__ for t in augment.train_transform(32, extras=("intensity",)).transforms]
     assert names == ["HorizontalFlip", "VerticalFlip", "RandomRotate90", "ColorJitter",
                      "RandomBrightnessContrast", "RandomGamma", "Affine", "Resize"]
     assert len(augment.train_transform(32).transforms) == 6
     # masks stay aligned with the image under the extra transforms (same check as above)
     image, mask = _shape_image()
-    aug = augment.Augmenter(96, intensity=True)
+    aug = augment.Augmenter(96, extras=("intensity",))
     for seed in range(20):
         img, m = aug(image, mask, np.random.default_rng(seed))
         assert set(np.unique(m)) <= {0.0, 1.0} and 0.0 <= img.min() and img.max() <= 1.0
@@ -135,7 +135,7 @@ def test_intensity_option_adds_image_only_changes_and_leaves_spec_default():
     grey = np.full((40, 40, 3), 128, np.uint8)
     ramp = np.tile(np.linspace(0, 255, 40, dtype=np.uint8)[:, None, None], (1, 40, 3))
     flat = np.zeros((40, 40), np.uint8)
-    plain, strong = augment.Augmenter(40), augment.Augmenter(40, intensity=True)
+    plain, strong = augment.Augmenter(40), augment.Augmenter(40, extras=("intensity",))
     spread = {}
     for name, a in (("plain", plain), ("strong", strong)):
         means = [a(grey, flat, np.random.default_rng(s))[0].mean() for s in range(200)]
@@ -145,23 +145,23 @@ def test_intensity_option_adds_image_only_changes_and_leaves_spec_default():
     assert spread["strong"][1] > 2 * spread["plain"][1], spread
     # picklable with the option (grain workers)
     import pickle  # pylint: disable=import-outside-toplevel
-    assert pickle.loads(pickle.dumps(strong)).intensity
+    assert pickle.loads(pickle.dumps(strong)).extras == ("intensity",)
 
 
 def test_scanner_option_changes_the_look_only_after_the_resize():
-    """``scanner=True`` (fast recipe's bank.scanner_augment, not SPEC §3) appends blur/sharpen,
+    """``extras=("scanner",)`` (fast recipe's bank.scanner_augment, not SPEC §3) appends blur/sharpen,
     speckle, tone curve and noise after the resize: the geometry (hence the mask) of a view is the
     one drawn without it from the same generator, grey images stay grey, values stay in [0, 1],
     and a flat image gets texture (speckle / noise) that SPEC §3 never adds."""
     names = [type(t).__name__ for t in
-             augment.train_transform(32, intensity=True, scanner=True).transforms]
+             augment.train_transform(32, extras=("scanner", "intensity")).transforms]
     assert names == ["HorizontalFlip", "VerticalFlip", "RandomRotate90", "ColorJitter",
                      "RandomBrightnessContrast", "RandomGamma", "Affine", "Resize",
                      "OneOf", "MultiplicativeNoise", "RandomToneCurve", "GaussNoise"]
     image, mask = _shape_image()
     grey_shape = np.repeat(image.mean(-1, keepdims=True).astype(np.uint8), 3, axis=-1)
-    with_s, without = (augment.Augmenter(96, intensity=True, scanner=True),
-                       augment.Augmenter(96, intensity=True))
+    with_s, without = (augment.Augmenter(96, extras=("intensity", "scanner")),
+                       augment.Augmenter(96, extras=("intensity",)))
     changed = 0
     for seed in range(30):
         img, m = with_s(grey_shape, mask, np.random.default_rng(seed))
@@ -175,10 +175,23 @@ def test_scanner_option_changes_the_look_only_after_the_resize():
     # texture on a flat mid-grey image: none with SPEC §3 alone, often with the scanner option
     grey = np.full((40, 40, 3), 128, np.uint8)
     flat = np.zeros((40, 40), np.uint8)
-    plain, scan = augment.Augmenter(40), augment.Augmenter(40, scanner=True)
+    plain, scan = augment.Augmenter(40), augment.Augmenter(40, extras=("scanner",))
     tex_plain = [plain(grey, flat, np.random.default_rng(s))[0].std() for s in range(100)]
     tex_scan = [scan(grey, flat, np.random.default_rng(s))[0].std() for s in range(100)]
     assert max(tex_plain) < 1e-3, max(tex_plain)
     assert np.mean(np.array(tex_scan) > 0.01) > 0.3, np.mean(np.array(tex_scan) > 0.01)
     import pickle  # pylint: disable=import-outside-toplevel
-    assert pickle.loads(pickle.dumps(scan)).scanner
+    assert pickle.loads(pickle.dumps(scan)).extras == ("scanner",)
+
+
+def test_extras_are_named_checked_and_ordered():
+    """Extras are applied (and named in a bank manifest) in one fixed order whatever order they
+    are given in; an unknown name is a one-line error naming it; none gives the SPEC Compose."""
+    assert augment.check_extras(["scanner", "intensity", "scanner"]) == ("intensity", "scanner")
+    assert augment.check_extras(()) == ()
+    with pytest.raises(ValueError, match="'blur'") as e:
+        augment.Augmenter(32, extras=("intensity", "blur"))
+    assert "\n" not in str(e.value)
+    spec = [type(t).__name__ for t in augment.train_transform(32).transforms]
+    assert spec == ["HorizontalFlip", "VerticalFlip", "RandomRotate90", "ColorJitter", "Affine",
+                    "Resize"]

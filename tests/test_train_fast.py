@@ -255,3 +255,15 @@ def test_resume_check_reads_keys_added_later_as_their_old_value():
   del saved["bank"]["num_views"]
   with pytest.raises(errors.ConfigError, match="bank.num_views: \"<unset>\" -> "):
     configuration.check_resume(saved, config, "w")
+
+
+def test_bank_extras_follow_the_config_switches():
+  """bank.<name>_augment switches map to the view extras the bank is built with (none by
+  default: the fast recipe's views are SPEC §3 unless asked)."""
+  from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
+  config = H.load_config("sample,fast")
+  assert train_fast.bank_extras(config) == ()
+  config.bank.scanner_augment = True
+  assert train_fast.bank_extras(config) == ("scanner",)
+  config.bank.intensity_augment = True
+  assert train_fast.bank_extras(config) == ("intensity", "scanner")

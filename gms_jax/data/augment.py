@@ -44,10 +44,12 @@ A Compose holds that state, so each thread gets its own Compose.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
 import threading
+from typing import Callable, Iterable
 
 import cv2
 import numpy as np
@@ -142,26 +144,58 @@ def scanner_transforms() -> list:
     ]
 
 
-def train_transform(image_size: int, intensity: bool = False, scanner: bool = False,
-                    **compose_kwargs) -> A.Compose:
+@dataclasses.dataclass(frozen=True)
+class Extra:
+    """An optional image-only addition to the SPEC §3 Compose (fast recipe only).
+
+    ``after``: the SPEC §3 transform it follows; ``make``: its transforms; ``tag``: its name in a
+    bank manifest's ``augmentation`` (bump the version when ``make`` changes what it draws).
+    """
+    after: str
+    make: Callable[[], list]
+    tag: str
+
+
+# The optional extras, in the order they are applied and named (config ``bank.<name>_augment``).
+EXTRAS: dict[str, Extra] = {
+    "intensity": Extra(after="ColorJitter", make=intensity_transforms, tag="+intensity-v1"),
+    "scanner": Extra(after="Resize", make=scanner_transforms, tag="+scanner-v1"),
+}
+
+
+def check_extras(extras: Iterable[str]) -> tuple[str, ...]:
+    """``extras`` as a tuple in :data:`EXTRAS` order; ValueError (one line) for an unknown name."""
+    names = set(extras)
+    unknown = sorted(names - set(EXTRAS))
+    if unknown:
+        raise ValueError(f"unknown augmentation extra(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(EXTRAS)}")
+    return tuple(name for name in EXTRAS if name in names)
+
+
+def train_transform(image_size: int, extras: Iterable[str] = (), **compose_kwargs) -> A.Compose:
     """The GMS train-time Compose (input: float32 [0,1] RGB image and uint8 0/255 mask).
 
-    ``intensity=True`` adds :func:`intensity_transforms` after the colour jitter, ``scanner=True``
-    adds :func:`scanner_transforms` after the resize (neither is SPEC §3).
+    ``extras`` (names in :data:`EXTRAS`, none by default) insert optional image-only transforms
+    that are not SPEC §3: ``"intensity"`` (:func:`intensity_transforms`) after the colour jitter,
+    ``"scanner"`` (:func:`scanner_transforms`) after the resize.
     """
-    return A.Compose(
-        [
-            A.HorizontalFlip(p=HFLIP_P),
-            A.VerticalFlip(p=VFLIP_P),
-            A.RandomRotate90(p=ROT90_P),
-            A.ColorJitter(**COLOR_JITTER, p=COLOR_JITTER_P),
-            *(intensity_transforms() if intensity else []),
-            shift_scale_rotate(),
-            A.Resize(image_size, image_size),  # image bilinear, mask nearest (albumentations defaults)
-            *(scanner_transforms() if scanner else []),
-        ],
-        **compose_kwargs,
-    )
+    chosen = check_extras(extras)
+    spec3 = [
+        A.HorizontalFlip(p=HFLIP_P),
+        A.VerticalFlip(p=VFLIP_P),
+        A.RandomRotate90(p=ROT90_P),
+        A.ColorJitter(**COLOR_JITTER, p=COLOR_JITTER_P),
+        shift_scale_rotate(),
+        A.Resize(image_size, image_size),  # image bilinear, mask nearest (albumentations defaults)
+    ]
+    transforms = []
+    for t in spec3:
+        transforms.append(t)
+        for name in chosen:
+            if EXTRAS[name].after == type(t).__name__:
+                transforms.extend(EXTRAS[name].make())
+    return A.Compose(transforms, **compose_kwargs)
 
 
 def eval_transform(image_size: int) -> A.Compose:
@@ -185,28 +219,23 @@ class Augmenter:
     Returns image float32 (S, S, 3) in [0, 1] and mask float32 (S, S) in {0, 1}.
     """
 
-    def __init__(self, image_size: int, augment: bool = True, intensity: bool = False,
-                 scanner: bool = False):
+    def __init__(self, image_size: int, augment: bool = True, extras: Iterable[str] = ()):
         self.image_size = int(image_size)
         self.augment = bool(augment)
-        self.intensity = bool(intensity)
-        self.scanner = bool(scanner)
+        self.extras = check_extras(extras)  # optional, not SPEC §3 (see EXTRAS)
         self._local = threading.local()
 
     def __getstate__(self):
-        return {"image_size": self.image_size, "augment": self.augment,
-                "intensity": self.intensity, "scanner": self.scanner}
+        return {"image_size": self.image_size, "augment": self.augment, "extras": self.extras}
 
     def __setstate__(self, state):
-        self.__init__(state["image_size"], state["augment"], state.get("intensity", False),
-                      state.get("scanner", False))
+        self.__init__(state["image_size"], state["augment"], state.get("extras", ()))
 
     def _compose(self) -> A.Compose:
         compose = getattr(self._local, "compose", None)
         if compose is None:
             if self.augment:
-                compose = train_transform(self.image_size, intensity=self.intensity,
-                                          scanner=self.scanner)
+                compose = train_transform(self.image_size, extras=self.extras)
             else:
                 compose = eval_transform(self.image_size)
             self._local.compose = compose
