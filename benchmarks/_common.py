@@ -120,19 +120,13 @@ def cpu_model() -> str:
 
 def cpu_peak_flops(n_cores: int) -> dict[str, Any]:
   """A rough fp32 peak for x86: cores x nominal MHz x FLOP/cycle (AVX-512: 64, AVX2+FMA: 32)."""
-  mhz, flags = 0.0, set()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("cpu MHz") and not mhz:
-          mhz = float(line.split(":", 1)[1])
-        elif line.startswith("flags") and not flags:
-          flags = set(line.split(":", 1)[1].split())
-  except OSError:
+  from gms_jax import run_metadata  # pylint: disable=import-outside-toplevel
+  info = run_metadata.cpu_info()
+  if not info["simd"]:
     return {}
-  per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16
-  return {"mhz": mhz, "flop_per_cycle_per_core": per_cycle,
-          "peak_flops": n_cores * mhz * 1e6 * per_cycle,
+  per_cycle = {"avx512": 64, "avx2": 32}.get(info["simd"], 16)
+  return {"mhz": info["mhz"], "simd": info["simd"], "flop_per_cycle_per_core": per_cycle,
+          "peak_flops": n_cores * info["mhz"] * 1e6 * per_cycle,
           "note": "nominal clock x 2 FMA pipes x SIMD width; an estimate"}
 
 

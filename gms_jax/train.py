@@ -272,6 +272,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---------------------------------------------------------------- logging
   is_main = jax.process_index() == 0
   writer = _Writer(workdir, enabled=is_main)
+  logging.info("host: %s", run_metadata.describe_host())
   logging.info("workdir %s; process %d/%d; local devices %s", workdir, jax.process_index(),
                jax.process_count(), jax.local_devices())
 

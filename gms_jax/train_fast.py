@@ -241,6 +241,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   # ---------------------------------------------------------------- logging
   is_main = jax.process_index() == 0
   writer = train_lib.MetricsWriter(workdir, enabled=is_main)
+  logging.info("host: %s", run_metadata.describe_host())
   logging.info("fast recipe (latent bank); workdir %s; process %d/%d; local devices %s", workdir,
                jax.process_index(), jax.process_count(), jax.local_devices())
 
