@@ -172,6 +172,11 @@ def get_config(arg="sample"):
 
   # Persistent XLA compilation cache ("" = off): a restarted job reuses its compiled step.
   c.compilation_cache_dir = ""
+  # CPU only, "" = XLA's defaults: ops XLA hands to its YNNPACK library fusions in every jit of
+  # training (comma list of dot, reduce, eltwise, individual_dot, individual_convolution;
+  # experimental in jaxlib 0.10.2). "dot,reduce": 1.4-1.6x faster banked steps and bank encodes
+  # on a 2-core AVX2 host (benchmarks/cpu_fusion.py, README). Ignored on GPU/TPU.
+  c.cpu_library_fusion = ""
 
   # ---------------------------------------------------------------- multi-host (main() only)
   c.distributed = ml_collections.ConfigDict()

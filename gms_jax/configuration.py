@@ -25,7 +25,7 @@ HARMLESS_KEYS = (
     "log_every_steps", "eval_every_steps", "eval_batch_size", "checkpoint_every_steps",
     "keep_checkpoints", "data.worker_count", "data.prefetch_buffer", "data.tfds_dir",
     "loss.batch_decode", "loss.batch_encode", "tokenizer.remat_decoder", "distributed.",
-    "compilation_cache_dir",
+    "compilation_cache_dir", "cpu_library_fusion",
     # the fast recipe: where its bank lives (the manifest checks it is the same bank), how it is
     # encoded, how often it validates
     "bank.dir", "bank.encode_batch_size", "fast.eval_every_epochs",
@@ -39,6 +39,8 @@ PRECISIONS = ("float32", "bfloat16")
 RECIPES = ("exact", "fast")
 TOKENIZER_NAMES = ("sd-vae", "sd_vae", "sd", "taef2", "tae", "taesd", "taesdxl", "taef1", "taesd3")
 HEADS = ("level3", "level2", "level1", "out")
+# config.cpu_library_fusion: XLA CPU's LibraryFusionType values, lower case, without the prefix
+CPU_LIBRARY_FUSIONS = ("dot", "reduce", "eltwise", "individual_dot", "individual_convolution")
 
 
 def to_plain(config: Any) -> dict:
@@ -197,6 +199,11 @@ def validate(config: Any, *, n_devices: int | None = None, n_processes: int = 1,
     if not isinstance(v, bool) and str(v).strip().lower() not in (
         "auto", "true", "false", "yes", "no", "on", "off", "1", "0"):
       raise ConfigError(f"config.{key} must be 'auto', true or false, got {v!r}")
+  fusion = flat.get("cpu_library_fusion", "")
+  names = [n.strip().lower() for n in str(fusion).split(",") if n.strip()]
+  if not isinstance(fusion, str) or any(n not in CPU_LIBRARY_FUSIONS for n in names):
+    raise ConfigError(f"config.cpu_library_fusion must be '' or a comma list of "
+                      f"{', '.join(CPU_LIBRARY_FUSIONS)}, got {fusion!r}")
 
   _float(flat, "optimizer.learning_rate", 0.0, lo_open=True)
   _float(flat, "optimizer.b1", 0.0, 1.0)

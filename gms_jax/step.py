@@ -41,6 +41,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from gms_jax import configuration
 from gms_jax import inference
 from gms_jax import loss as loss_lib
 from gms_jax import parallel
@@ -118,6 +119,33 @@ def resolve_batch_decode(value: Any, platform: str | None = None, *,
   if v in ("false", "no", "off", "0"):
     return False
   raise ValueError(f"config.loss.{name} must be 'auto', 'true' or 'false', got {value!r}")
+
+
+# config.cpu_library_fusion names -> XLA's LibraryFusionType (xla_cpu_experimental_ynn_fusion_type)
+CPU_LIBRARY_FUSIONS = {n: "LIBRARY_FUSION_TYPE_" + n.upper()
+                       for n in configuration.CPU_LIBRARY_FUSIONS}
+
+
+def cpu_compiler_options(fusion: str, platform: str | None = None) -> dict[str, str] | None:
+  """XLA options for a jit on ``platform`` (None = the host's): on CPU, ``fusion`` (e.g.
+  ``"dot,reduce"``, :data:`CPU_LIBRARY_FUSIONS`) hands those ops to XLA's YNNPACK library
+  fusions (``xla_cpu_experimental_ynn_fusion_type``, experimental in jaxlib 0.10.2; measured in
+  benchmarks/cpu_fusion.py); "" or another platform: None (XLA's defaults)."""
+  names = [n.strip().lower() for n in str(fusion or "").split(",") if n.strip()]
+  unknown = [n for n in names if n not in CPU_LIBRARY_FUSIONS]
+  if unknown:
+    raise ValueError(f"config.cpu_library_fusion: unknown {', '.join(map(repr, unknown))}; "
+                     f"use a comma list of {', '.join(CPU_LIBRARY_FUSIONS)} or ''")
+  if not names or (platform or jax.default_backend()) != "cpu":
+    return None
+  return {"xla_cpu_experimental_ynn_fusion_type": ",".join(CPU_LIBRARY_FUSIONS[n] for n in names)}
+
+
+def compiler_options(config: ml_collections.ConfigDict,
+                     platform: str | None = None) -> dict[str, str] | None:
+  """``compiler_options`` of every jit a trainer builds from ``config`` (see
+  :func:`cpu_compiler_options`; ``config.cpu_library_fusion``, "" by default)."""
+  return cpu_compiler_options(str(config.get("cpu_library_fusion", "") or ""), platform)
 
 
 def loss_kwargs(config: ml_collections.ConfigDict, platform: str | None = None) -> dict[str, Any]:
@@ -273,6 +301,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
 
   # ---------------------------------------------------------------- jitted functions
   init_jit = jax.jit(init_fn, out_shardings=state_sharding)
+  opts = compiler_options(config, platform)
 
   def init():
     # Non-partitionable threefry for the one-off init: same values, several times faster to
@@ -283,10 +312,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
   loss_kw = loss_kwargs(config, platform)
   train_step = jax.jit(make_train_step(graphdef, tok, tx, schedule, loss_kw),
                        in_shardings=(state_sharding, tok_sharding, data_sharding),
-                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
+                       out_shardings=(state_sharding, repl), donate_argnums=(0,),
+                       compiler_options=opts)
   predict = jax.jit(lambda p, t, x: inference.predict_probs(graphdef, p, tok, t, x),
                     in_shardings=(state_sharding["params"], tok_sharding, data_sharding),
-                    out_shardings=data_sharding)
+                    out_shardings=data_sharding, compiler_options=opts)
   return Step(config=config, mesh=mesh, platform=platform, tokenizer=tok, mapper_cfg=mcfg,
               graphdef=graphdef, dtype=dtype, global_batch_size=global_bs,
               image_size=image_size, peak_lr=peak_lr, loss_kw=loss_kw, schedule=schedule, tx=tx,

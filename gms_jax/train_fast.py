@@ -27,6 +27,7 @@ Every deviation from SPEC §3 is listed in the ``configs/gms.py`` docstring.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, Callable
@@ -147,15 +148,17 @@ def tokenizer_identity(config: ml_collections.ConfigDict, tok: tokenizers.Tokeni
           "params_sha256": bank_lib.params_sha256(tok.params)}
 
 
-def make_encode_fn(tok: tokenizers.Tokenizer, devices: list[jax.Device]) -> Callable:
+def make_encode_fn(tok: tokenizers.Tokenizer, devices: list[jax.Device],
+                   compiler_options: dict[str, str] | None = None) -> Callable:
   """A jitted ``(images, masks) -> {"z_image", "std_image", "z_mask"}`` (numpy) over ``devices``
-  (this process's devices: each process encodes its own shards)."""
+  (this process's devices: each process encodes its own shards); ``compiler_options``: XLA's
+  (:func:`gms_jax.step.compiler_options`)."""
   mesh = parallel.make_mesh(devices)
   shard = parallel.data_sharded(mesh)
   tok_params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), parallel.replicated(mesh)),
                             tok.params)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options)
   def encode(tp, images, masks):
     lat = tok.encode(tp, images)
     z_mask = tok.encode(tp, jnp.repeat(masks[..., None], 3, axis=-1)).z
@@ -210,7 +213,8 @@ def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
   if progress is not None:
     progress["started"] = True  # from here on the workdir holds work worth keeping
   t0 = time.time()
-  stats = bank_lib.build(bank_dir, train_source, manifest, make_encode_fn(tok, local_devices),
+  stats = bank_lib.build(bank_dir, train_source, manifest, make_encode_fn(
+      tok, local_devices, step_lib.compiler_options(config, local_devices[0].platform)),
                          encode_batch_size=ebs, process_index=jax.process_index(),
                          process_count=jax.process_count(),
                          log=lambda s: logging.info("%s", s))
@@ -247,6 +251,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---------------------------------------------------------------- mesh
   mesh = parallel.make_mesh(devices)
+  opts = step_lib.compiler_options(config, step_lib.mesh_platform(mesh))
+  if opts:
+    logging.info("XLA compiler options (config.cpu_library_fusion): %s", opts)
   global_bs = parallel.check_batch_size(int(config.batch_size), mesh)
   n_dev = mesh.devices.size
   eval_bs = -(-int(config.eval_batch_size) // n_dev) * n_dev
@@ -339,7 +346,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       fn = make_banked_step(graphdef, tok, tx, schedule, banked_loss_kwargs(config, dice=dice),
                             ema_decay=ema_decay)
       fn = jax.jit(fn, in_shardings=(state_sharding, tok_sharding, data_sharding),
-                   out_shardings=(state_sharding, repl), donate_argnums=(0,))
+                   out_shardings=(state_sharding, repl), donate_argnums=(0,),
+                   compiler_options=opts)
       shapes = banked_batch_shapes(global_bs, latent_shape, image_size, has_std=bank.has_std,
                                    dice=dice, sharding=data_sharding)
       compiled[dice] = fn.lower(abstract_state, tok_params, shapes).compile()
@@ -365,7 +373,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   val_masks = np.stack([e["mask"] for e in val]) >= 0.5
   rows = parallel.host_slice(eval_bs)
   encode_val = jax.jit(lambda t, x: tok.encode(t, x).z,
-                       in_shardings=(tok_sharding, data_sharding), out_shardings=data_sharding)
+                       in_shardings=(tok_sharding, data_sharding), out_shardings=data_sharding,
+                       compiler_options=opts)
   val_z = []  # encoded once: the tokenizer is frozen and validation has no noise
   for i in range(0, len(val_images), eval_bs):
     chunk = val_images[i:i + eval_bs]
@@ -379,7 +388,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     return tok.decode_mask(t, z_out)
 
   predict = jax.jit(_predict, in_shardings=(state_sharding["params"], tok_sharding, data_sharding),
-                    out_shardings=repl)
+                    out_shardings=repl, compiler_options=opts)
 
   def evaluate(params) -> dict[str, float]:
     probs = np.concatenate([np.asarray(predict(params, tok_params, z)) for z in val_z])

@@ -92,3 +92,13 @@ def test_fast_recipe_quick(tmp_path):
     assert recs[k]["median_s"] > 0 and recs[k]["flops"] > 0 and recs[k]["compile_s"] > 0
   # the banked steps leave out the encoder (phase 1 also the decoder): strictly less arithmetic
   assert recs["banked phase 1"]["flops"] < recs["banked phase 2"]["flops"] < recs["exact"]["flops"]
+
+
+def test_cpu_fusion_quick(tmp_path):
+  d = _run("cpu_fusion.py", tmp_path / "cpu_fusion.json")
+  _check_machine(d, "cpu_fusion")
+  got = {(r["what"].split(" (")[0], r["fusion"]) for r in d["records"]}
+  assert got == {(w, f) for w in ("encode", "banked phase 1") for f in ("", "dot,reduce")}
+  for r in d["records"]:
+    assert r["median_s"] > 0 and r["max_abs_diff_vs_first"] < 1e-3
+    assert (r["compiler_options"] is None) == (r["fusion"] == "")

@@ -174,3 +174,41 @@ def test_compile_smoke_for_tpu_v4_8(tmp_path):
   assert not any(rec["inference"]["collectives"].values())
   # The mapper's params, Adam's two moments and the tokenizer are replicated on every chip.
   assert rec["train"]["memory_bytes"]["argument"] > 3 * 4 * 1_000_000
+
+
+def test_cpu_library_fusion_reaches_the_compiled_step_and_keeps_its_values():
+  """config.cpu_library_fusion: the built train step is compiled with XLA's YNNPACK fusions for
+  those ops instead of XLA's default set (another count of library fusions in the optimized HLO;
+  jaxlib 0.10.2's default already fuses some ops, differently), one step from
+  the same state and batch gives the same loss and parameters (float32 rounding), another
+  platform gets no CPU options, and an unknown name is refused with one line."""
+  config = H.load_config("smoke")
+  mesh = parallel.make_mesh(jax.devices("cpu")[:1])
+  tok = H.tiny_tokenizer()
+  rng = np.random.default_rng(0)
+  results = {}
+  for fusion in ("", "dot,reduce"):
+    config.cpu_library_fusion = fusion
+    built = step_lib.build(config, mesh, tokenizer=tok)
+    s = built.image_size
+    batch = {"image": rng.random((built.global_batch_size, s, s, 3), np.float32),
+             "mask": (rng.random((built.global_batch_size, s, s)) > 0.5).astype(np.float32)}
+    rng = np.random.default_rng(0)  # the same batch for both settings
+    compiled = built.lower_train().compile()
+    state, metrics = compiled(built.init(), tok.params, batch)
+    results[fusion] = (compiled.as_text().count('"__ynn_fusion"'), float(metrics["loss"]),
+                       jax.tree.map(np.asarray, state["params"]))
+  (n_default, loss_default, p_default), (n_fused, loss_fused, p_fused) = results.values()
+  assert n_fused != n_default, (n_default, n_fused)
+  np.testing.assert_allclose(loss_fused, loss_default, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), p_fused,
+               p_default)
+  assert step_lib.cpu_compiler_options("dot,reduce", "tpu") is None
+  assert step_lib.cpu_compiler_options("", "cpu") is None
+  with pytest.raises(ValueError, match="'conv'") as e:
+    step_lib.cpu_compiler_options("dot,conv", "cpu")
+  assert "\n" not in str(e.value)
+  from gms_jax import configuration, errors  # pylint: disable=import-outside-toplevel
+  config.cpu_library_fusion = "dot,conv"
+  with pytest.raises(errors.ConfigError, match="cpu_library_fusion"):
+    configuration.validate(config, check_tokenizer=False)
