@@ -31,11 +31,15 @@ def section(path: str) -> str:
   load = m.get("loadavg_at_start")
   kinds = sorted({(r.get("backend") or {}).get("device_kind") or r.get("device")
                   for r in d.get("records", []) if isinstance(r, dict)} - {None})
+  peak = m.get("cpu_peak_estimate") or {}
+  # widest SIMD (timings on CPU depend on it); older records only hold FLOP/cycle/core
+  simd = peak.get("simd") or {64: "avx512", 32: "avx2"}.get(peak.get("flop_per_cycle_per_core"))
   lines = [
       f"### `{os.path.relpath(path, HERE)}` — {d.get('benchmark', '?')}",
       "",
       f"- machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, "
-      f"{m.get('mem_gib') or 0:.0f} GiB" + (f"; backend: {', '.join(kinds)}" if kinds else ""),
+      f"{m.get('mem_gib') or 0:.0f} GiB" + (f", {simd}" if simd else "")
+      + (f"; backend: {', '.join(kinds)}" if kinds else ""),
       f"- date {m.get('date', '?')}, commit `{(m.get('commit') or '?')[:10]}`"
       + (" (uncommitted changes)" if m.get("dirty") else "")
       + (f", load average at start {load[0]:.2f}" if load else ""),
