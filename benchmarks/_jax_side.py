@@ -21,6 +21,61 @@ def product_config(size: int, dtype: str):
   return config
 
 
+def fast_args(parser, argv, **quick):
+  """Parses the fast-recipe benchmarks' arguments: one tokenizer (``--quick``: the tiny random
+  SD-VAE at 32², batch 2, 1 repeat, no warm-up, plus ``quick``'s own settings)."""
+  args = parser.parse_args(argv)
+  if args.tokenizer is None:
+    args.tokenizer = "sd-vae" if args.quick else "taef2"
+  if args.quick:
+    args.size, args.repeats, args.warmup, args.batch = 32, 1, 0, 2
+    for key, value in quick.items():
+      setattr(args, key, value)
+  if args.tokenizer == "both":
+    parser.error("--tokenizer: one of sd-vae, taef2")
+  return args
+
+
+def fast_setup(args):
+  """What fast_recipe.py and cpu_fusion.py time: the ``sample,fast`` config at ``args.size``² and
+  batch ``args.batch``, the tokenizer (shipped TAEF2, or a random SD-VAE for ``--quick`` /
+  ``--tokenizer sd-vae``: speed does not depend on the values), a fresh mapper's train state and
+  one deterministic batch. Returns a namespace with ``tok, config, graphdef, tx, schedule,
+  state0, images, masks``."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
+  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS  # pylint: disable=C0415
+  import _common as C  # pylint: disable=import-outside-toplevel
+  import _weights as W  # pylint: disable=import-outside-toplevel
+  if args.tokenizer == "taef2" and not args.quick:
+    tok = tokenizers.load("taef2", tokenizers.packaged_path("taef2"))  # the shipped conversion
+  else:
+    from gms_jax.models.sd_vae import AutoencoderKL  # pylint: disable=import-outside-toplevel
+    tok = tokenizers.from_model("sd-vae", AutoencoderKL(W.sd_config(args.quick), rngs=nnx.Rngs(0)))
+  mod_spec = importlib.util.spec_from_file_location("gms_bench_config",
+                                                    REPO / "configs" / "gms.py")
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  config = mod.get_config("sample,fast")
+  config.data.image_size, config.batch_size = args.size, args.batch
+  schedule = step_lib.make_schedule(config, 100)
+  tx = step_lib.make_optimizer(config, schedule)
+  mapper = ResAttnUNet_DS(MapperConfig(in_channels=tok.latent_channels,
+                                       out_channels=tok.latent_channels), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(mapper, nnx.Param)
+  pure = nnx.to_pure_dict(params)
+  state0 = {"step": jnp.zeros((), jnp.int32), "params": pure, "opt_state": tx.init(pure),
+            "rng": jax.random.PRNGKey(0)}
+  images, masks = C.make_batch(args.batch, args.size)
+  return types.SimpleNamespace(tok=tok, config=config, graphdef=graphdef, tx=tx,
+                               schedule=schedule, state0=state0, images=images, masks=masks)
+
+
 def jax_backend() -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
   d = jax.devices()[0]

@@ -26,17 +26,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # pylint: disable=wrong-import-position
-import _weights as W  # pylint: disable=wrong-import-position
+import _jax_side as J  # pylint: disable=wrong-import-position
 
 NAME = "cpu_fusion"
-
-
-def _config():
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("gms_bench_config", C.REPO / "configs" / "gms.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config("sample,fast")
 
 
 def main(argv=None) -> int:
@@ -46,41 +38,19 @@ def main(argv=None) -> int:
                  help="config.cpu_library_fusion values; the first is the reference")
   p.add_argument("--slow-repeats", type=int, default=2,
                  help="timed rounds of phase 2 and exact (~20 s a step here)")
-  args = p.parse_args(argv)
-  if args.tokenizer is None:
-    args.tokenizer = "sd-vae" if args.quick else "taef2"
-  if args.quick:
-    args.size, args.repeats, args.warmup, args.batch, args.slow_repeats = 32, 1, 0, 2, 1
-  if args.tokenizer == "both":
-    p.error("--tokenizer: one of sd-vae, taef2")
+  args = J.fast_args(p, argv, slow_repeats=1)
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
   from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
   from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
-  from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS  # pylint: disable=C0415
 
   machine = C.machine_info()
-  if args.tokenizer == "taef2" and not args.quick:
-    tok = tokenizers.load("taef2", tokenizers.packaged_path("taef2"))  # the shipped conversion
-  else:  # random weights: speed does not depend on the values
-    from gms_jax.models.sd_vae import AutoencoderKL  # pylint: disable=import-outside-toplevel
-    tok = tokenizers.from_model("sd-vae", AutoencoderKL(W.sd_config(args.quick), rngs=nnx.Rngs(0)))
   b, s = args.batch, args.size
-  config = _config()
-  config.data.image_size, config.batch_size = s, b
-  schedule = step_lib.make_schedule(config, 100)
-  tx = step_lib.make_optimizer(config, schedule)
-  mapper = ResAttnUNet_DS(MapperConfig(in_channels=tok.latent_channels,
-                                       out_channels=tok.latent_channels), rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(mapper, nnx.Param)
-  pure = nnx.to_pure_dict(params)
-  state0 = {"step": jnp.zeros((), jnp.int32), "params": pure, "opt_state": tx.init(pure),
-            "rng": jax.random.PRNGKey(0)}
-  images, masks = C.make_batch(b, s)
+  st = J.fast_setup(args)
+  tok, config, graphdef, tx, schedule = st.tok, st.config, st.graphdef, st.tx, st.schedule
+  state0, images, masks = st.state0, st.images, st.masks
   settings = [str(f) for f in args.fusions]
   opts = {f: step_lib.cpu_compiler_options(f, "cpu") for f in settings}
 

@@ -30,17 +30,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # pylint: disable=wrong-import-position
 import _jax_side as J  # pylint: disable=wrong-import-position
-import _weights as W  # pylint: disable=wrong-import-position
 
 NAME = "fast_recipe"
-
-
-def _config(quick: bool):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("gms_bench_config", C.REPO / "configs" / "gms.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config("sample,fast")
 
 
 def main(argv=None) -> int:
@@ -48,41 +39,18 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--exact-repeats", type=int, default=2,
                  help="timed exact steps (0: compile and FLOPs only)")
-  args = p.parse_args(argv)
-  if args.tokenizer is None:
-    args.tokenizer = "sd-vae" if args.quick else "taef2"
-  if args.quick:
-    args.size, args.repeats, args.warmup, args.batch, args.exact_repeats = 32, 1, 0, 2, 1
-  if args.tokenizer == "both":
-    p.error("--tokenizer: one of sd-vae, taef2")
+  args = J.fast_args(p, argv, exact_repeats=1)
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
   from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
   from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
-  from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS  # pylint: disable=C0415
 
   machine = C.machine_info()
-  if args.tokenizer == "taef2" and not args.quick:
-    tok = tokenizers.load("taef2", tokenizers.packaged_path("taef2"))  # the shipped conversion
-  else:  # random weights: speed does not depend on the values
-    from gms_jax.models.sd_vae import AutoencoderKL  # pylint: disable=import-outside-toplevel
-    tok = tokenizers.from_model("sd-vae", AutoencoderKL(W.sd_config(args.quick), rngs=nnx.Rngs(0)))
   b, s = args.batch, args.size
-  config = _config(args.quick)
-  config.data.image_size = s
-  config.batch_size = b
-  schedule = step_lib.make_schedule(config, 100)
-  tx = step_lib.make_optimizer(config, schedule)
-  mapper = ResAttnUNet_DS(MapperConfig(in_channels=tok.latent_channels,
-                                       out_channels=tok.latent_channels), rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(mapper, nnx.Param)
-  pure = nnx.to_pure_dict(params)
-  state0 = {"step": jnp.zeros((), jnp.int32), "params": pure, "opt_state": tx.init(pure),
-            "rng": jax.random.PRNGKey(0)}
-  images, masks = C.make_batch(b, s)
+  st = J.fast_setup(args)
+  tok, config, graphdef, tx, schedule = st.tok, st.config, st.graphdef, st.tx, st.schedule
+  state0, images, masks = st.state0, st.images, st.masks
 
   # ---------------------------------------------------------------- encode (the bank build)
   encode_fn = train_fast.make_encode_fn(tok, jax.local_devices()[:1])
