@@ -108,14 +108,8 @@ def _git(*cmd) -> str:
 
 
 def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+  from gms_jax import run_metadata  # pylint: disable=import-outside-toplevel
+  return run_metadata.cpu_info()["model"] or platform.processor() or platform.machine()
 
 
 def cpu_peak_flops(n_cores: int) -> dict[str, Any]:

@@ -43,6 +43,20 @@ HEADS = ("level3", "level2", "level1", "out")
 CPU_LIBRARY_FUSIONS = ("dot", "reduce", "eltwise", "individual_dot", "individual_convolution")
 
 
+def cpu_library_fusions(value: Any) -> tuple[str, ...]:
+  """``config.cpu_library_fusion`` ("" or a comma list) as names of :data:`CPU_LIBRARY_FUSIONS`;
+  ConfigError (one line) naming what is not one."""
+  if not isinstance(value, str):
+    raise ConfigError(f"config.cpu_library_fusion must be '' or a comma list of "
+                      f"{', '.join(CPU_LIBRARY_FUSIONS)}, got {value!r}")
+  names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
+  unknown = [n for n in names if n not in CPU_LIBRARY_FUSIONS]
+  if unknown:
+    raise ConfigError(f"config.cpu_library_fusion: unknown {', '.join(map(repr, unknown))}; "
+                      f"use a comma list of {', '.join(CPU_LIBRARY_FUSIONS)} or ''")
+  return names
+
+
 def to_plain(config: Any) -> dict:
   """A ConfigDict (or dict) as plain JSON values (tuples become lists), as ``config.json`` holds it."""
   if hasattr(config, "to_json_best_effort"):
@@ -199,11 +213,7 @@ def validate(config: Any, *, n_devices: int | None = None, n_processes: int = 1,
     if not isinstance(v, bool) and str(v).strip().lower() not in (
         "auto", "true", "false", "yes", "no", "on", "off", "1", "0"):
       raise ConfigError(f"config.{key} must be 'auto', true or false, got {v!r}")
-  fusion = flat.get("cpu_library_fusion", "")
-  names = [n.strip().lower() for n in str(fusion).split(",") if n.strip()]
-  if not isinstance(fusion, str) or any(n not in CPU_LIBRARY_FUSIONS for n in names):
-    raise ConfigError(f"config.cpu_library_fusion must be '' or a comma list of "
-                      f"{', '.join(CPU_LIBRARY_FUSIONS)}, got {fusion!r}")
+  cpu_library_fusions(flat.get("cpu_library_fusion", ""))
 
   _float(flat, "optimizer.learning_rate", 0.0, lo_open=True)
   _float(flat, "optimizer.b1", 0.0, 1.0)

@@ -131,11 +131,7 @@ def cpu_compiler_options(fusion: str, platform: str | None = None) -> dict[str, 
   ``"dot,reduce"``, :data:`CPU_LIBRARY_FUSIONS`) hands those ops to XLA's YNNPACK library
   fusions (``xla_cpu_experimental_ynn_fusion_type``, experimental in jaxlib 0.10.2; measured in
   benchmarks/cpu_fusion.py); "" or another platform: None (XLA's defaults)."""
-  names = [n.strip().lower() for n in str(fusion or "").split(",") if n.strip()]
-  unknown = [n for n in names if n not in CPU_LIBRARY_FUSIONS]
-  if unknown:
-    raise ValueError(f"config.cpu_library_fusion: unknown {', '.join(map(repr, unknown))}; "
-                     f"use a comma list of {', '.join(CPU_LIBRARY_FUSIONS)} or ''")
+  names = configuration.cpu_library_fusions(fusion or "")
   if not names or (platform or jax.default_backend()) != "cpu":
     return None
   return {"xla_cpu_experimental_ynn_fusion_type": ",".join(CPU_LIBRARY_FUSIONS[n] for n in names)}

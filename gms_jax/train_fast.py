@@ -181,9 +181,11 @@ def bank_extras(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
                  tok: tokenizers.Tokenizer, local_devices: list[jax.Device], *,
-                 progress: dict[str, bool] | None = None
+                 progress: dict[str, bool] | None = None,
+                 compiler_options: dict[str, str] | None = None
                  ) -> tuple[bank_lib.Bank, dict[str, Any]]:
-  """Checks or writes the manifest, builds the missing shards (this process's), opens the bank.
+  """Checks or writes the manifest, builds the missing shards (this process's), opens the bank
+  (the encoder compiled with ``compiler_options``: the run's :func:`gms_jax.step.compiler_options`).
 
   A bank built for another tokenizer, image size, split or seed raises
   :class:`gms_jax.bank.BankMismatchError` (one line) before anything is written."""
@@ -214,7 +216,7 @@ def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
     progress["started"] = True  # from here on the workdir holds work worth keeping
   t0 = time.time()
   stats = bank_lib.build(bank_dir, train_source, manifest, make_encode_fn(
-      tok, local_devices, step_lib.compiler_options(config, local_devices[0].platform)),
+      tok, local_devices, compiler_options),
                          encode_batch_size=ebs, process_index=jax.process_index(),
                          process_count=jax.process_count(),
                          log=lambda s: logging.info("%s", s))
@@ -298,7 +300,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---------------------------------------------------------------- latent bank
   bank, bank_info = prepare_bank(config, workdir, sources["train"], tok, local_devices,
-                                 progress=progress)
+                                 progress=progress, compiler_options=opts)
   tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
   tok_sharding = parallel.replicate_tree(tok_params, mesh)
 
