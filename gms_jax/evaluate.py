@@ -37,7 +37,8 @@ from gms_jax import inference
 from gms_jax import metrics
 from gms_jax import outputs
 from gms_jax.data.checks import DataError
-from gms_jax.predict import TTA_CHOICES, TTA_HELP, Segmenter, check_workdir, parse_checkpoint, resize_probs
+from gms_jax.predict import (FUSION_HELP, TTA_CHOICES, TTA_HELP, Segmenter, check_workdir, parse_checkpoint,
+                             parse_fusion, resize_probs)
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--montage", type=int, default=8,
                       help="overlays of the first N images in one grid, overlays_montage.png (0: none)")
   parser.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
+  parser.add_argument("--cpu-library-fusion", default=None, help=FUSION_HELP)
   args = parser.parse_args(argv)
   args.split = SPLIT_ALIASES.get(args.split, args.split)
   if args.batch_size < 1:
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if v < 0:
       raise errors.UsageError(f"{flag} must be >= 0, got {v}")
   which = parse_checkpoint(args.checkpoint)
+  if args.cpu_library_fusion is not None:
+    parse_fusion(args.cpu_library_fusion)  # refuse before any work
 
   from gms_jax import checkpoint  # pylint: disable=import-outside-toplevel
   from gms_jax.data import builder, pipeline  # pylint: disable=import-outside-toplevel
@@ -205,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
   suffix = "" if args.tta == "none" else f"-tta-{args.tta}"  # never replaces the SPEC §4 evaluation
   out = args.out or os.path.join(args.workdir, "eval", f"{data.name}-{args.split}{suffix}")
   outputs.check_owned(os.path.abspath(out), "evaluate")  # refuse before any work
-  seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size, tta=args.tta)
+  seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size, tta=args.tta,
+                               cpu_library_fusion=args.cpu_library_fusion)
   try:
     sources = builder.prepare(data)
   except (FileNotFoundError, ValueError) as e:
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
   summary = evaluate(seg, examples(), out, max_overlays=args.max_overlays, montage_n=args.montage,
                      meta={"dataset": data.name, "root": str(data.root), "split": args.split,
-                           "workdir": os.path.abspath(args.workdir), "tta": args.tta})
+                           "workdir": os.path.abspath(args.workdir), "tta": args.tta,
+                           "cpu_library_fusion": seg.cpu_library_fusion})
   print(f"{data.name}/{args.split}{suffix}: n={summary['n']} step={summary['checkpoint_step']}  "
         + "  ".join(f"{k}={summary[k]['mean']:.4f}±{summary[k]['std']:.4f}"
                     for k in ("dsc", "iou", "hd95", "dsc_native", "iou_native", "hd95_native")))

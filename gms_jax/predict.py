@@ -25,6 +25,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 TTA_CHOICES = ("none", "flip", "d4")
 TTA_HELP = ("test-time augmentation: 'none' (SPEC §4, default), 'flip' (+ left-right flip, 2 passes) or "
             "'d4' (all flips and 90° rotations, 8 passes); the views' probabilities are averaged")
+FUSION_HELP = ("CPU only: XLA library fusions for the inference jit, '' (XLA's defaults) or a comma list "
+               "such as 'dot,reduce' (1.5x faster encodes on an AVX2 host, benchmarks/cpu_fusion.py); "
+               "default: the workdir's config.cpu_library_fusion")
 
 
 def resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -58,40 +61,45 @@ class Segmenter:
   """A trained GMS model (frozen tokenizer + latent mapper) ready for inference."""
 
   def __init__(self, mapper, tokenizer, *, image_size: int, batch_size: int = 8, step: int | None = None,
-               config=None, tta: str = "none"):
+               config=None, tta: str = "none", cpu_library_fusion: str = ""):
     import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
-    from gms_jax import inference  # pylint: disable=import-outside-toplevel
+    from gms_jax import inference, step as step_lib  # pylint: disable=import-outside-toplevel
     self.tokenizer = tokenizer
     self.image_size = int(image_size)
     self.batch_size = int(batch_size)
     self.step = step
     self.config = config
     self.tta = inference.check_tta(tta)  # "none" (SPEC §4), "flip" or "d4": see inference.TTA_VIEWS
+    self.cpu_library_fusion = ",".join(parse_fusion(cpu_library_fusion))  # as the trainers' jits
     self._graphdef, self._params = nnx.split(mapper, nnx.Param)
     tok = tokenizer
 
     def _probs(mapper_params, tok_params, images01):
       return inference.predict_probs(self._graphdef, mapper_params, tok, tok_params, images01)
 
-    self._probs = jax.jit(_probs)
+    self._probs = jax.jit(_probs, compiler_options=step_lib.cpu_compiler_options(self.cpu_library_fusion))
 
   # ------------------------------------------------------------------ constructors
   @classmethod
   def from_workdir(cls, workdir: str, which: str | int = "best", *, batch_size: int = 8,
-                   tta: str = "none") -> "Segmenter":
-    """Loads the checkpoint ``which`` ("best" on validation Dice, "latest", or a step)."""
+                   tta: str = "none", cpu_library_fusion: str | None = None) -> "Segmenter":
+    """Loads the checkpoint ``which`` ("best" on validation Dice, "latest", or a step);
+    ``cpu_library_fusion`` None = the workdir's ``config.cpu_library_fusion``."""
     from gms_jax import checkpoint, tokenizers  # pylint: disable=import-outside-toplevel
     check_workdir(workdir)
     with _quiet_absl_warnings():  # orbax warns that a read-only manager does not save
       mapper, config, step = checkpoint.restore_mapper(workdir, which)
     tok = tokenizers.from_config(config)
+    if cpu_library_fusion is None:
+      cpu_library_fusion = str(config.get("cpu_library_fusion", "") or "")
     return cls(mapper, tok, image_size=config.data.image_size, batch_size=batch_size, step=step, config=config,
-               tta=tta)
+               tta=tta, cpu_library_fusion=cpu_library_fusion)
 
   @classmethod
   def from_pretrained(cls, mapper: str, tokenizer, *, image_size: int = 224,
-                      family: str | None = None, batch_size: int = 8, tta: str = "none") -> "Segmenter":
+                      family: str | None = None, batch_size: int = 8, tta: str = "none",
+                      cpu_library_fusion: str = "") -> "Segmenter":
     """Without a workdir: ``mapper`` = official ``best_model.pth``, a ``gms-jax convert`` output or
     a workdir; ``tokenizer`` = a loaded :class:`gms_jax.tokenizers.Tokenizer`, or its weights (a
     path or ``hf:`` id; ``""`` = the packaged TAEF2) of tokenizer ``family`` (default: ``"tae"``
@@ -107,7 +115,7 @@ class Segmenter:
     weights = pretrained.read_mapper(mapper)
     weights.check_channels(tokenizer.latent_channels, tokenizer.family)
     return cls(pretrained.to_mapper(weights), tokenizer, image_size=image_size, batch_size=batch_size,
-               step=weights.step, tta=tta)
+               step=weights.step, tta=tta, cpu_library_fusion=cpu_library_fusion)
 
   # ------------------------------------------------------------------ inference
   def predict_probs(self, images01: np.ndarray) -> np.ndarray:
@@ -188,6 +196,16 @@ def parse_checkpoint(value: str) -> str | int:
   raise errors.UsageError(f"--checkpoint must be 'best', 'latest' or a step number, got {value!r}")
 
 
+def parse_fusion(value: str | None) -> tuple[str, ...]:
+  """``--cpu-library-fusion`` / ``cpu_library_fusion``: names of ``configuration.CPU_LIBRARY_FUSIONS``;
+  UsageError (one line) naming what is not one."""
+  from gms_jax import configuration  # pylint: disable=import-outside-toplevel
+  try:
+    return configuration.cpu_library_fusions(value or "")
+  except errors.ConfigError as e:
+    raise errors.UsageError(str(e).replace("config.cpu_library_fusion", "--cpu-library-fusion", 1)) from None
+
+
 def collect_images(inputs: Iterable[str]) -> list[str]:
   """Image files named directly or found (recursively, sorted) in the named folders."""
   files = []
@@ -237,10 +255,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--checkpoint", default="best", help="'best' (validation Dice), 'latest' or a step")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
+  parser.add_argument("--cpu-library-fusion", default=None, help=FUSION_HELP)
   args = parser.parse_args(argv)
   if args.batch_size < 1:
     raise errors.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
   which = parse_checkpoint(args.checkpoint)
+  if args.cpu_library_fusion is not None:
+    parse_fusion(args.cpu_library_fusion)  # refuse before any work
   out = os.path.abspath(args.out)
   files = collect_images(args.inputs)
   if not files:
@@ -249,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
   outputs.check_owned(out, "predict")
   check_workdir(args.workdir)
   names = output_names(files)
-  seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size, tta=args.tta)
+  seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size, tta=args.tta,
+                               cpu_library_fusion=args.cpu_library_fusion)
 
   from gms_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   previous = outputs.read_manifest(out) or {"files": []}

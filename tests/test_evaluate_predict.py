@@ -206,3 +206,39 @@ def test_segmenter_tta_is_equivariant(segmenter):
 def _with_tta(seg, tta):
   mapper = nnx.merge(seg._graphdef, seg._params)  # pylint: disable=protected-access
   return predict.Segmenter(mapper, seg.tokenizer, image_size=seg.image_size, batch_size=seg.batch_size, tta=tta)
+
+
+# ----------------------------------------------------------------------------- CPU library fusion
+def test_segmenter_cpu_library_fusion_compiles_otherwise_and_keeps_the_probabilities(segmenter):
+  """cpu_library_fusion reaches the inference jit (another count of YNNPACK library fusions in the
+  optimized HLO) and changes the probabilities by float32 rounding only; unknown names are refused
+  in one line that names the flag."""
+  mapper = nnx.merge(segmenter._graphdef, segmenter._params)  # pylint: disable=protected-access
+  fused = predict.Segmenter(mapper, segmenter.tokenizer, image_size=32, batch_size=3,
+                            cpu_library_fusion=" DOT, reduce")
+  assert fused.cpu_library_fusion == "dot,reduce" and segmenter.cpu_library_fusion == ""
+  x = np.random.default_rng(5).random((4, 32, 32, 3)).astype(np.float32)
+
+  def count(seg):
+    lowered = seg._probs.lower(seg._params, seg.tokenizer.params, x[:3])  # pylint: disable=protected-access
+    return lowered.compile().as_text().count('"__ynn_fusion"')
+
+  assert count(fused) != count(segmenter)
+  np.testing.assert_allclose(fused.predict_probs(x), segmenter.predict_probs(x), rtol=0, atol=1e-4)
+  from gms_jax import errors  # pylint: disable=import-outside-toplevel
+  with pytest.raises(errors.UsageError, match="--cpu-library-fusion") as e:
+    predict.parse_fusion("dot,conv")
+  assert "'conv'" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_cli_refuses_an_unknown_cpu_library_fusion_before_any_work(tmp_path, capsys, command):
+  from gms_jax import cli  # pylint: disable=import-outside-toplevel
+  image = tmp_path / "x.png"
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+  out = tmp_path / "o"
+  args = [command, "--workdir", str(tmp_path / "nowhere"), "--out", str(out), "--cpu-library-fusion", "dot,conv"]
+  assert cli.main(args + ([str(image)] if command == "predict" else [])) == 2
+  err = capsys.readouterr().err
+  assert "--cpu-library-fusion" in err and "'conv'" in err and len(err.strip().splitlines()) == 1
+  assert not out.exists()

@@ -107,7 +107,33 @@ def test_import_then_evaluate_on_sample(imported, capsys):
   with open(H.REPO / "data" / "sample" / "split.json") as f:
     n_test = len(json.load(f)["test"])
   assert summary["checkpoint_step"] == 0 and summary["n"] == n_test
+  assert summary["cpu_library_fusion"] == ""  # the workdir's config.cpu_library_fusion (off)
   assert "sample/test: n=" in capsys.readouterr().out
+
+
+def test_inference_takes_the_workdirs_cpu_library_fusion_unless_told(imported, tmp_path, monkeypatch):
+  """Segmenter.from_workdir / evaluate: default = the run config's cpu_library_fusion, the flag
+  overrides it; the probabilities agree to float32 rounding either way."""
+  plain = Segmenter.from_workdir(imported)
+  restore = checkpoint.restore_mapper
+
+  def restore_fused(*args, **kwargs):  # the same workdir, as if trained with the option
+    mapper, config, step = restore(*args, **kwargs)
+    config.cpu_library_fusion = "dot,reduce"
+    return mapper, config, step
+
+  monkeypatch.setattr(checkpoint, "restore_mapper", restore_fused)
+  fused = Segmenter.from_workdir(imported)
+  assert (plain.cpu_library_fusion, fused.cpu_library_fusion) == ("", "dot,reduce")
+  assert Segmenter.from_workdir(imported, cpu_library_fusion="").cpu_library_fusion == ""
+  monkeypatch.undo()
+  images = np.random.default_rng(1).uniform(size=(3, 16, 16, 3)).astype(np.float32)
+  np.testing.assert_allclose(fused.predict_probs(images), plain.predict_probs(images), rtol=0, atol=1e-4)
+  out = str(tmp_path / "eval")
+  assert evaluate.main(["--workdir", imported, "--montage", "0", "--max-overlays", "0", "--out", out,
+                        "--cpu-library-fusion", "reduce,dot"]) == 0
+  with open(os.path.join(out, "summary.json")) as f:
+    assert json.load(f)["cpu_library_fusion"] == "reduce,dot"
 
 
 def test_export_gives_back_the_official_tensors(imported, official, root):
@@ -322,5 +348,6 @@ def test_evaluate_tta_writes_beside_the_plain_evaluation(imported, capsys):
   with open(os.path.join(imported, "eval", "sample-test-tta-flip", "summary.json")) as f:
     tta = json.load(f)
   assert tta["tta"] == "flip" and json.loads(before)["tta"] == "none"
+  assert tta["cpu_library_fusion"] == "" and json.loads(before)["cpu_library_fusion"] == ""
   assert tta["n"] == json.loads(before)["n"]
   assert "sample/test-tta-flip: n=" in capsys.readouterr().out
