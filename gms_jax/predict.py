@@ -64,14 +64,15 @@ class Segmenter:
                config=None, tta: str = "none", cpu_library_fusion: str = ""):
     import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
-    from gms_jax import inference, step as step_lib  # pylint: disable=import-outside-toplevel
+    from gms_jax import configuration, inference, step as step_lib  # pylint: disable=import-outside-toplevel
     self.tokenizer = tokenizer
     self.image_size = int(image_size)
     self.batch_size = int(batch_size)
     self.step = step
     self.config = config
     self.tta = inference.check_tta(tta)  # "none" (SPEC §4), "flip" or "d4": see inference.TTA_VIEWS
-    self.cpu_library_fusion = ",".join(parse_fusion(cpu_library_fusion))  # as the trainers' jits
+    # A value from a config or the API: the error names config.cpu_library_fusion (the CLIs check their flag first).
+    self.cpu_library_fusion = ",".join(configuration.cpu_library_fusions(cpu_library_fusion or ""))
     self._graphdef, self._params = nnx.split(mapper, nnx.Param)
     tok = tokenizer
 
@@ -197,8 +198,8 @@ def parse_checkpoint(value: str) -> str | int:
 
 
 def parse_fusion(value: str | None) -> tuple[str, ...]:
-  """``--cpu-library-fusion`` / ``cpu_library_fusion``: names of ``configuration.CPU_LIBRARY_FUSIONS``;
-  UsageError (one line) naming what is not one."""
+  """``--cpu-library-fusion`` (the CLIs' flag): names of ``configuration.CPU_LIBRARY_FUSIONS``;
+  UsageError (one line) naming the flag and what is not one."""
   from gms_jax import configuration  # pylint: disable=import-outside-toplevel
   try:
     return configuration.cpu_library_fusions(value or "")

@@ -229,6 +229,10 @@ def test_segmenter_cpu_library_fusion_compiles_otherwise_and_keeps_the_probabili
   with pytest.raises(errors.UsageError, match="--cpu-library-fusion") as e:
     predict.parse_fusion("dot,conv")
   assert "'conv'" in str(e.value) and "\n" not in str(e.value)
+  # From a config or the Python API (not the flag): the one-line error names the config key.
+  with pytest.raises(errors.ConfigError, match=r"^config\.cpu_library_fusion: unknown 'conv'") as e:
+    predict.Segmenter(mapper, segmenter.tokenizer, image_size=32, cpu_library_fusion="dot,conv")
+  assert "--cpu-library-fusion" not in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
