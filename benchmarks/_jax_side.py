@@ -83,8 +83,8 @@ def jax_backend() -> dict[str, Any]:
 
 
 def jax_dtype(name: str):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  return None if name == "float32" else jnp.bfloat16
+  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
+  return tokenizers.compute_dtype(name)
 
 
 def jax_load(spec: dict[str, Any], *, remat: bool = False):

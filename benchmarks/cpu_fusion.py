@@ -5,7 +5,7 @@ The trainers pass ``gms_jax.step.compiler_options(config)`` to every jit; this s
 same four programs with each setting, in one process, and times them interleaved (round r runs
 every setting once), so the ratios are side by side on one machine state:
 
-* **encode**: ``train_fast.make_encode_fn`` (the bank build: image and mask through the encoder);
+* **encode**: ``recipes.make_encode_fn`` (the bank build: image and mask through the encoder);
 * **banked phase 1 / phase 2**: ``train_fast.make_banked_step`` without / with the decoder Dice;
 * **exact**: ``step.make_train_step`` (SPEC §3).
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
-  from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
+  from gms_jax import recipes  # pylint: disable=import-outside-toplevel
 
   machine = C.machine_info()
   b, s = args.batch, args.size
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
   ref_enc = None
   encoders, enc_diff, compile_s = {}, {}, {}
   for f in settings:
-    fn = train_fast.make_encode_fn(tok, jax.local_devices()[:1], opts[f])
+    fn = recipes.make_encode_fn(tok, jax.local_devices()[:1], opts[f])
     t0 = time.perf_counter()
     out = fn(images, masks)
     compile_s[("encode", f)] = time.perf_counter() - t0
@@ -69,11 +69,11 @@ def main(argv=None) -> int:
   if tok.has_posterior:
     bank_batch["std_image"] = ref_enc["std_image"]
   programs = {
-      "banked phase 1 (latent MSE)": (train_fast.make_banked_step(
-          graphdef, tok, tx, schedule, train_fast.banked_loss_kwargs(config, dice=False)),
+      "banked phase 1 (latent MSE)": (step_lib.make_train_step(
+          graphdef, tok, tx, schedule, step_lib.banked_loss_kwargs(config, dice=False), banked=True),
           bank_batch, args.repeats),
-      "banked phase 2 (+ decoder Dice)": (train_fast.make_banked_step(
-          graphdef, tok, tx, schedule, train_fast.banked_loss_kwargs(config, dice=True)),
+      "banked phase 2 (+ decoder Dice)": (step_lib.make_train_step(
+          graphdef, tok, tx, schedule, step_lib.banked_loss_kwargs(config, dice=True), banked=True),
           dict(bank_batch, mask=masks), args.slow_repeats),
       "exact (SPEC §3)": (step_lib.make_train_step(
           graphdef, tok, tx, schedule, step_lib.loss_kwargs(config, "cpu")),

@@ -3,10 +3,10 @@
 
 In one process, on the same tokenizer, batch and image size:
 
-* **encode**: ``gms_jax.train_fast.make_encode_fn`` (what the bank build runs: image and mask of
+* **encode**: ``gms_jax.recipes.make_encode_fn`` (what the bank build runs: image and mask of
   a view through the frozen encoder), seconds per view (augmentation and disk not included; the
   trainer logs the real build's s/view);
-* **banked phase 1**: ``gms_jax.train_fast.make_banked_step`` with the latent term only (mapper
+* **banked phase 1**: ``gms_jax.make_banked_step`` with the latent term only (mapper
   forward/backward + AdamW; the tokenizer never runs);
 * **banked phase 2**: the same with the decoder Dice term (3 heads decoded, backprop through the
   frozen decoder; no encoder);
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
-  from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
+  from gms_jax import recipes  # pylint: disable=import-outside-toplevel
 
   machine = C.machine_info()
   b, s = args.batch, args.size
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
   state0, images, masks = st.state0, st.images, st.masks
 
   # ---------------------------------------------------------------- encode (the bank build)
-  encode_fn = train_fast.make_encode_fn(tok, jax.local_devices()[:1])
+  encode_fn = recipes.make_encode_fn(tok, jax.local_devices()[:1])
   t0 = time.perf_counter()
   enc = encode_fn(images, masks)
   encode_compile_s = time.perf_counter() - t0
@@ -89,14 +89,14 @@ def main(argv=None) -> int:
           f"{(rec['flops'] or 0) / 1e9:.1f} GFLOP, compile {compile_s:.1f}s", flush=True)
     return rec
 
-  kw1 = train_fast.banked_loss_kwargs(config, dice=False)
-  kw2 = train_fast.banked_loss_kwargs(config, dice=True)
+  kw1 = step_lib.banked_loss_kwargs(config, dice=False)
+  kw2 = step_lib.banked_loss_kwargs(config, dice=True)
   records = [encode,
              measure("banked phase 1 (latent MSE)",
-                     train_fast.make_banked_step(graphdef, tok, tx, schedule, kw1), bank_batch,
+                     step_lib.make_train_step(graphdef, tok, tx, schedule, kw1, banked=True), bank_batch,
                      args.repeats),
              measure("banked phase 2 (+ decoder Dice)",
-                     train_fast.make_banked_step(graphdef, tok, tx, schedule, kw2),
+                     step_lib.make_train_step(graphdef, tok, tx, schedule, kw2, banked=True),
                      bank_batch_dice, args.repeats),
              measure("exact (SPEC §3)",
                      step_lib.make_train_step(graphdef, tok, tx, schedule,

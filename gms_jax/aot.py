@@ -234,20 +234,28 @@ def program_facts(compiled, *, images: int, chip: Chip, dtype_name: str, n_devic
   }
 
 
-def _host_cost(config, built, *, train: bool, per_device: int) -> dict[str, float]:
-  """FLOPs of the per-device program lowered for one host CPU device (GPU targets)."""
+def _host_cost(config, built, *, program: str, per_device: int) -> dict[str, float]:
+  """FLOPs of the per-device program lowered for one host CPU device (GPU targets): ``program`` is
+  a train step name, ``"predict"`` or ``"bank_encode"``."""
   import jax  # pylint: disable=import-outside-toplevel
   from gms_jax import parallel  # pylint: disable=import-outside-toplevel
   from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
   host = step_lib.build(config, parallel.make_mesh(jax.devices("cpu")[:1]),
                         tokenizer=built.tokenizer, global_batch=per_device,
                         platform=built.platform)
-  return _cost(host.lower_train() if train else host.lower_predict(per_device))
+  if program == "predict":
+    return _cost(host.lower_predict(per_device))
+  if program == "bank_encode":
+    return _cost(host.lower_bank_encode(per_device))
+  return _cost(host.lower_train(program))
 
 
 def compile_for(config, target: str, *, num_slices: int = 1, inference_batch: int = 64,
-                log=print) -> dict[str, Any]:
-  """AOT-compiles train step and inference of ``config`` for ``target``; returns the record."""
+                train_examples: int = 0, log=print) -> dict[str, Any]:
+  """AOT-compiles every program ``gms-jax train`` runs for ``config`` (the train step(s) of its
+  recipe, the bank encoder of the fast recipe) and inference for ``target``; returns the record.
+  ``train_examples > 0`` sizes the schedule (steps per epoch, steps per phase, bank views) for
+  :func:`schedule_estimate`."""
   import jax  # pylint: disable=import-outside-toplevel
   from gms_jax import parallel  # pylint: disable=import-outside-toplevel
   from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
@@ -257,39 +265,67 @@ def compile_for(config, target: str, *, num_slices: int = 1, inference_batch: in
   mesh = parallel.make_mesh(devices)
   n = len(devices)
   step_lib.enable_compilation_cache(config)
-  built = step_lib.build(config, mesh)
+  global_bs = step_lib.global_batch_size(config, n)
+  spe = max(int(train_examples) // global_bs, 1) if train_examples > 0 else 1
+  built = step_lib.build(config, mesh, steps_per_epoch=spe)
   dtype_name = str(config.precision)
   per_device = built.global_batch_size // n
   rec: dict[str, Any] = {
       "target": target, "num_slices": num_slices, "devices": n, "platform": built.platform,
+      "recipe": built.recipe, "steps_per_epoch_assumed": built.steps_per_epoch,
       "device_kind": str(devices[0].device_kind), "chip": dataclasses.asdict(chip),
       "tokenizer": built.tokenizer.family, "image_size": built.image_size,
       "precision": dtype_name, "remat_decoder": bool(built.tokenizer.remat_decoder),
       "global_batch": built.global_batch_size, "per_device_batch": per_device,
-      "peak_lr": built.peak_lr, "loss": {k: v for k, v in built.loss_kw.items() if k != "heads"},
+      "peak_lr": built.peak_lr,
+      "loss": {k: v for k, v in built.loss_kw.items() if k != "heads"},  # config.loss resolved
+      "step_losses": {name: {k: v for k, v in kw.items() if k != "heads"}
+                      for name, kw in built.loss_kws.items()},
       "jax": jax.__version__,
   }
   log(f"# {target}: {n} x {devices[0].device_kind}; {built.tokenizer.family} "
-      f"{built.image_size}², {dtype_name}, batch {per_device}/device (global "
-      f"{built.global_batch_size}); compiling the train step ...")
-  t0 = time.time()
-  compiled = built.lower_train().compile()
-  rec["train"] = program_facts(
-      compiled, images=built.global_batch_size, chip=chip, dtype_name=dtype_name, n_devices=n,
-      compile_s=time.time() - t0,
-      fallback_cost=(_host_cost(config, built, train=True, per_device=per_device)
-                     if t.platform == "gpu" else None))
-  del compiled
+      f"{built.image_size}², {dtype_name}, recipe {built.recipe}, batch {per_device}/device "
+      f"(global {built.global_batch_size}), peak LR {built.peak_lr:g}")
+  gpu = t.platform == "gpu"
+
+  def facts(what: str, lowered, images: int, host_program: str, host_batch: int):
+    log(f"# compiling {what} ...")
+    t0 = time.time()
+    compiled = lowered.compile()
+    out = program_facts(
+        compiled, images=images, chip=chip, dtype_name=dtype_name, n_devices=n,
+        compile_s=time.time() - t0,
+        fallback_cost=(_host_cost(config, built, program=host_program, per_device=host_batch)
+                       if gpu else None))
+    del compiled
+    if out.get("flops_per_device"):
+      out["flops_per_image"] = out["flops_per_device"] * n / images
+    return out
+
+  # Every train step the recipe runs: "exact", or the banked "phase1" (+ "phase2").
+  rec["steps"] = {name: facts(f"the train step {name!r}", built.lower_train(name),
+                              built.global_batch_size, name, per_device)
+                  for name in built.step_names}
+  rec["train"] = rec["steps"][built.step_names[0]]  # the step most of the schedule runs
+  rec["train"]["step"] = built.step_names[0]
+  if built.recipe == "fast":  # what builds the latent bank: image + mask through the encoder
+    n_enc = int(config.bank.encode_batch_size) * n
+    rec["bank_encode"] = facts(f"the bank encoder at {config.bank.encode_batch_size}/device",
+                               built.lower_bank_encode(n_enc), n_enc, "bank_encode",
+                               int(config.bank.encode_batch_size))
+    rec["bank_encode"]["per_device_batch"] = int(config.bank.encode_batch_size)
   n_inf = inference_batch * n
-  log(f"# compiling inference at {inference_batch}/device ...")
-  t0 = time.time()
-  compiled = built.lower_predict(n_inf).compile()
-  rec["inference"] = program_facts(
-      compiled, images=n_inf, chip=chip, dtype_name=dtype_name, n_devices=n,
-      compile_s=time.time() - t0,
-      fallback_cost=(_host_cost(config, built, train=False, per_device=inference_batch)
-                     if t.platform == "gpu" else None))
+  rec["inference"] = facts(f"inference at {inference_batch}/device", built.lower_predict(n_inf),
+                           n_inf, "predict", inference_batch)
   rec["inference"]["per_device_batch"] = inference_batch
+  if train_examples > 0:
+    steps = {"exact": built.total_steps} if built.recipe == "exact" else {
+        "phase1": built.phase1_steps, "phase2": built.total_steps - built.phase1_steps}
+    rec["schedule"] = {"train_examples": int(train_examples), "steps_per_epoch": spe,
+                       "steps": steps,
+                       "bank_views": (int(train_examples) * int(config.bank.num_views)
+                                      if built.recipe == "fast" else 0)}
+    rec["schedule_estimate_s"] = schedule_estimate(rec)
   return rec
 
 
@@ -308,9 +344,20 @@ def _num(x, spec):
   return "-" if x is None else format(x, spec)
 
 
+def programs(rec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+  """``(column name, facts)`` of every program in a record: each train step the recipe runs,
+  the bank encoder (fast recipe) and inference. Records written before the fast recipe was
+  compiled hold only ``train`` and ``inference``."""
+  steps = rec.get("steps") or {"train step": rec["train"]}
+  out = [(name if name == "train step" else f"step {name}", p) for name, p in steps.items()]
+  if rec.get("bank_encode"):
+    out.append(("bank encode", rec["bank_encode"]))
+  return out + [("inference", rec["inference"])]
+
+
 def format_table(rec: dict[str, Any]) -> str:
-  """The record as a two-column (train step, inference) markdown table."""
-  tr, inf = rec["train"], rec["inference"]
+  """The record as a markdown table: one column per compiled program."""
+  cols = programs(rec)
 
   def fit(p):
     if p["fits"] is None:
@@ -320,47 +367,73 @@ def format_table(rec: dict[str, Any]) -> str:
   def coll(p):
     return ", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v) or "none"
 
-  rows = [
-      ("batch per device", str(rec["per_device_batch"]), str(inf["per_device_batch"])),
-      ("arguments GiB / device", _gib(tr["memory_bytes"].get("argument")),
-       _gib(inf["memory_bytes"].get("argument"))),
-      ("temp GiB / device", _gib(tr["memory_bytes"].get("temp")),
-       _gib(inf["memory_bytes"].get("temp"))),
-      ("output GiB / device", _gib(tr["memory_bytes"].get("output")),
-       _gib(inf["memory_bytes"].get("output"))),
-      ("peak GiB / device", _gib(tr["memory_bytes"].get("peak")),
-       _gib(inf["memory_bytes"].get("peak"))),
-      (f"HBM {_gib(tr['hbm_bytes'])} GiB", fit(tr), fit(inf)),
-      ("GFLOP / device", _num(tr["flops_per_device"] and tr["flops_per_device"] / 1e9, ".1f"),
-       _num(inf["flops_per_device"] and inf["flops_per_device"] / 1e9, ".1f")),
-      ("GB accessed / device",
-       _num(tr["bytes_accessed_per_device"] and tr["bytes_accessed_per_device"] / 1e9, ".2f"),
-       _num(inf["bytes_accessed_per_device"] and inf["bytes_accessed_per_device"] / 1e9, ".2f")),
-      ("XLA estimate ms", _num(tr["xla_estimate_s"] and tr["xla_estimate_s"] * 1e3, ".1f"),
-       _num(inf["xla_estimate_s"] and inf["xla_estimate_s"] * 1e3, ".1f")),
-      ("roofline ms (estimate)", _num(tr["roofline_s"] and tr["roofline_s"] * 1e3, ".1f")
-       + f" ({tr['bound']})", _num(inf["roofline_s"] and inf["roofline_s"] * 1e3, ".1f")
-       + f" ({inf['bound']})"),
-      ("img/s bound (all chips)", _num(tr["images_per_s"], ".0f"), _num(inf["images_per_s"], ".0f")),
-      ("img/s bound per chip", _num(tr["images_per_s_per_chip"], ".1f"),
-       _num(inf["images_per_s_per_chip"], ".1f")),
-      ("MFU bound", _pct(tr["mfu_bound"]), _pct(inf["mfu_bound"])),
-      ("collectives (optimized HLO)", coll(tr), coll(inf)),
-      ("compile s", _num(tr["compile_s"], ".1f"), _num(inf["compile_s"], ".1f")),
+  def batch(name, p):
+    return str(p.get("per_device_batch", rec["per_device_batch"]))
+
+  def mem(key):
+    return lambda name, p: _gib(p["memory_bytes"].get(key))
+
+  def per(x, scale, spec):
+    return _num(x and x / scale, spec)
+
+  rows_spec = [
+      ("batch per device", batch),
+      ("arguments GiB / device", mem("argument")),
+      ("temp GiB / device", mem("temp")),
+      ("output GiB / device", mem("output")),
+      ("peak GiB / device", mem("peak")),
+      (f"HBM {_gib(rec['train']['hbm_bytes'])} GiB", lambda n, p: fit(p)),
+      ("GFLOP / device", lambda n, p: per(p["flops_per_device"], 1e9, ".1f")),
+      ("GFLOP / image", lambda n, p: per(p.get("flops_per_image"), 1e9, ".2f")),
+      ("GB accessed / device", lambda n, p: per(p["bytes_accessed_per_device"], 1e9, ".2f")),
+      ("XLA estimate ms", lambda n, p: per(p["xla_estimate_s"], 1e-3, ".1f")),
+      ("roofline ms (estimate)",
+       lambda n, p: per(p["roofline_s"], 1e-3, ".1f") + f" ({p['bound']})"),
+      ("img/s bound (all chips)", lambda n, p: _num(p["images_per_s"], ".0f")),
+      ("img/s bound per chip", lambda n, p: _num(p["images_per_s_per_chip"], ".1f")),
+      ("MFU bound", lambda n, p: _pct(p["mfu_bound"])),
+      ("collectives (optimized HLO)", lambda n, p: coll(p)),
+      ("compile s", lambda n, p: _num(p["compile_s"], ".1f")),
   ]
-  w0 = max(len(r[0]) for r in rows)
-  w1 = max(len(r[1]) for r in rows + [("", "train step")])
-  w2 = max(len(r[2]) for r in rows + [("", "", "inference")])
-  line = lambda a, b, c: f"| {a.ljust(w0)} | {b.ljust(w1)} | {c.ljust(w2)} |"  # noqa: E731
+  rows = [[label] + [f(name, p) for name, p in cols] for label, f in rows_spec]
+  header = [""] + [name for name, _ in cols]
+  widths = [max(len(r[c]) for r in rows + [header]) for c in range(len(header))]
+  line = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
   chip = rec["chip"]
   head = (f"{rec['target']} ({rec['devices']} x {rec['device_kind']}), {rec['tokenizer']} "
           f"{rec['image_size']}², {rec['precision']}, remat {'on' if rec['remat_decoder'] else 'off'}"
-          f", global batch {rec['global_batch']}; compiled for the target on this host: times, "
-          f"img/s and MFU are estimates (peak {chip['peak_flops'][rec['precision']] / 1e12:.1f} "
-          f"TFLOP/s and {chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM per chip)")
-  return "\n".join([head, "", line("", "train step", "inference"),
-                    f"|{'-' * (w0 + 2)}|{'-' * (w1 + 2)}|{'-' * (w2 + 2)}|"]
-                   + [line(*r) for r in rows])
+          f", recipe {rec.get('recipe', 'exact')}, global batch {rec['global_batch']}, peak LR "
+          f"{rec['peak_lr']:g}; compiled for the target on this host: times, img/s and MFU are "
+          f"estimates (peak {chip['peak_flops'][rec['precision']] / 1e12:.1f} TFLOP/s and "
+          f"{chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM per chip)")
+  out = [head, "", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+  out += [line(r) for r in rows]
+  est = schedule_estimate(rec)
+  if est:
+    out += ["", "whole schedule (estimate from the roofline bounds): " + ", ".join(
+        f"{k} {v / 60:.1f} min" for k, v in est.items() if k.endswith("_s")).replace("_s ", " ")]
+  return "\n".join(out)
+
+
+def schedule_estimate(rec: dict[str, Any]) -> dict[str, float]:
+  """Seconds the whole schedule of ``rec["schedule"]`` (steps per phase, bank views) would take
+  at the roofline bounds of the record's programs: an estimate, a lower bound on wall time
+  (no input pipeline, no validation, no host overhead). Empty without a schedule."""
+  sched = rec.get("schedule")
+  steps = rec.get("steps") or {}
+  if not sched:
+    return {}
+  out: dict[str, float] = {}
+  for name, n in sched.get("steps", {}).items():
+    t = steps.get(name, {}).get("roofline_s")
+    if t and n:
+      out[f"{name}_s"] = n * t
+  enc = rec.get("bank_encode")
+  if enc and enc.get("roofline_s") and sched.get("bank_views"):
+    out["bank_build_s"] = sched["bank_views"] / enc["images_per_s"]
+  if out:
+    out["total_s"] = sum(out.values())
+  return out
 
 
 SUMMARY_HEADERS = ("target", "tokenizer", "dtype", "remat", "batch/chip", "peak GiB / HBM",
@@ -398,8 +471,11 @@ _SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices (multi-slice data pa
 _INF_BATCH = flags.DEFINE_integer("inference_batch", 64, "Inference images per device",
                                   flag_values=_FLAGS)
 _JSON = flags.DEFINE_string("json", "", "Write the record as JSON here", flag_values=_FLAGS)
+_TRAIN_EXAMPLES = flags.DEFINE_integer(
+    "train_examples", 0, "Training examples of the dataset (> 0: steps per epoch and the whole "
+    "schedule's cost, estimated; e.g. 517 for BUSI's GMS split less validation)", flag_values=_FLAGS)
 USAGE = ("usage: gms-jax compile --config configs/gms.py:NAME --target TARGET [--num-slices N] "
-         "[--inference-batch 64] [--json OUT] [--config.key=value ...]")
+         "[--inference-batch 64] [--train-examples N] [--json OUT] [--config.key=value ...]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{USAGE}\n\nTARGET: {', '.join(TARGETS)}\n\n{__doc__.split(chr(10) * 2, 2)[2]}")
     return 0
   argv = [a.replace("--num-slices", "--num_slices").replace("--inference-batch",
-                                                            "--inference_batch") for a in argv]
+                                                            "--inference_batch").replace(
+              "--train-examples", "--train_examples") for a in argv]
   try:
     extra = _FLAGS(["gms-jax compile"] + argv)
   except Exception as e:  # pylint: disable=broad-except  (absl/ml_collections raise many types)
@@ -426,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
   if _JSON.value:
     _check_json_out(_JSON.value)
   rec = compile_for(config, _TARGET.value, num_slices=_SLICES.value,
-                    inference_batch=_INF_BATCH.value,
+                    inference_batch=_INF_BATCH.value, train_examples=_TRAIN_EXAMPLES.value,
                     log=lambda m: print(m, file=sys.stderr, flush=True))
   print(format_table(rec))
   if _JSON.value:

@@ -181,11 +181,3 @@ def restore_mapper(workdir: str, which: str | int = "best"):
   """``(mapper, config, step)`` of a workdir: see :func:`gms_jax.run_metadata.restore_mapper`."""
   from gms_jax import run_metadata  # pylint: disable=import-outside-toplevel
   return run_metadata.restore_mapper(workdir, which)
-
-
-def compute_dtype(precision: str):
-  """``config.precision`` ("float32" / "bfloat16") -> the models' compute dtype (None = float32)."""
-  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
-  if str(precision) not in tokenizers.PRECISIONS:
-    raise ValueError(f"precision must be one of {sorted(tokenizers.PRECISIONS)}, got {precision!r}")
-  return tokenizers.PRECISIONS[str(precision)]

@@ -20,15 +20,15 @@ def predict_probs(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_
                   images01: jax.Array) -> jax.Array:
   """(N,S,S,3) images in [0,1] -> (N,S,S) float32 mask probabilities in [0,1]."""
   lat = tokenizer.encode(tok_params, jnp.asarray(images01, jnp.float32))
+  return probs_from_latents(mapper_graphdef, mapper_params, tokenizer, tok_params, lat.z)
+
+
+def probs_from_latents(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
+                       z_image: jax.Array) -> jax.Array:
+  """:func:`predict_probs` after the encoder: (N,h,w,C) image latents -> (N,S,S) probabilities."""
   mapper = nnx.merge(mapper_graphdef, mapper_params)
-  z = mapper(lat.z)["out"].astype(jnp.float32)
+  z = mapper(z_image)["out"].astype(jnp.float32)
   return tokenizer.decode_mask(tok_params, z)
-
-
-def predict_masks(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
-                  images01: jax.Array) -> jax.Array:
-  """(N,S,S,3) images in [0,1] -> (N,S,S) bool masks (probabilities > 0.5)."""
-  return predict_probs(mapper_graphdef, mapper_params, tokenizer, tok_params, images01) > THRESHOLD
 
 
 def in_fixed_batches(run: Callable[[np.ndarray], Any], images01: np.ndarray, batch_size: int

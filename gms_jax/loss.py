@@ -175,10 +175,8 @@ def banked_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_pa
   if dice_weight:
     tok_params = jax.lax.stop_gradient(tok_params)
     grey = jnp.asarray(batch["mask"], jnp.float32)
-    b = z_img.shape[0]
-    if batch_decode:
-      decoded = tokenizer.decode_mask(tok_params, jnp.concatenate(preds, axis=0))
-      decoded = [decoded[i * b:(i + 1) * b] for i in range(len(preds))]
+    if batch_decode:  # interleaved, as gms_loss: each device decodes only its own rows
+      decoded = deinterleave(tokenizer.decode_mask(tok_params, interleave(preds)), len(preds))
     else:
       decoded = [tokenizer.decode_mask(tok_params, p) for p in preds]
     dice = sum(dice_loss(d, grey) for d in decoded)

@@ -106,13 +106,14 @@ def restore_mapper(workdir: str, which: str | int = "best"):
   # pylint: disable-next=import-outside-toplevel
   import jax
   from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
   from gms_jax.models import latent_mapper  # pylint: disable=import-outside-toplevel
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True, async_save=False)
   try:
     meta = RunMetadata.read(ckpt)
     config = meta.run_config
     step = ckpt_lib.resolve_step(ckpt, which)
-    dtype = ckpt_lib.compute_dtype(config.get("precision", "float32"))
+    dtype = tokenizers.compute_dtype(config.get("precision", "float32"))
     graphdef, abstract_state = nnx.split(latent_mapper.abstract(meta.mapper, dtype), nnx.Param)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract_params = jax.tree.map(

@@ -155,34 +155,132 @@ def loss_kwargs(config: ml_collections.ConfigDict, platform: str | None = None) 
 
 def make_train_step(graphdef: Any, tokenizer: tokenizers.Tokenizer,
                     tx: optax.GradientTransformation, schedule: Callable,
-                    loss_kw: dict[str, Any]) -> Callable:
-  """The (un-jitted) step ``(state, tok_params, batch) -> (state, metrics)``.
+                    loss_kw: dict[str, Any], *, banked: bool = False,
+                    ema_decay: float = 0.0) -> Callable:
+  """The (un-jitted) step ``(state, tok_params, batch) -> (state, metrics)`` of either recipe.
 
-  ``state`` = ``{"step", "params" (pure dict of mapper params), "opt_state", "rng"}``; only
-  ``params`` is differentiated; step ``s`` draws its latent noise from ``fold_in(rng, s)``.
+  ``state`` (:func:`make_state_fn`) = ``{"step", "params" (pure dict of mapper params),
+  "opt_state", "rng"}`` (+ ``"train_params"`` with EMA); step ``s`` draws its latent noise from
+  ``fold_in(rng, s)``. ``banked=False``: :func:`gms_jax.loss.train_loss` on an image batch (the
+  exact recipe); ``True``: :func:`gms_jax.loss.banked_train_loss` on a banked latent batch (the
+  fast recipe; ``loss_kw`` from :func:`banked_loss_kwargs`). With ``ema_decay > 0`` the
+  optimizer's weights are ``state["train_params"]`` and ``state["params"]`` is their exponential
+  moving average (what validation selects and ``gms-jax evaluate`` / ``predict`` load). Only the
+  mapper's weights are differentiated; the tokenizer gets input-gradients only.
   """
+  ema = float(ema_decay) > 0.0
+  loss_impl = loss_lib.banked_train_loss if banked else loss_lib.train_loss
 
   def train_step(state, tok_params, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
+    weights = state["train_params"] if ema else state["params"]
 
     def loss_fn(params):
-      return loss_lib.train_loss(graphdef, params, tokenizer, tok_params, batch, rng, **loss_kw)
+      return loss_impl(graphdef, params, tokenizer, tok_params, batch, rng, **loss_kw)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(weights)
+    updates, opt_state = tx.update(grads, state["opt_state"], weights)
+    weights = optax.apply_updates(weights, updates)
+    new_state = {"step": state["step"] + 1, "params": weights, "opt_state": opt_state,
                  "rng": state["rng"]}
+    if ema:
+      d = ema_decay_at(ema_decay, state["step"])
+      new_state["train_params"] = weights
+      new_state["params"] = jax.tree.map(lambda e, w: d * e + (1.0 - d) * w, state["params"],
+                                         weights)
     metrics = {"loss": loss, **terms, "lr": schedule(state["step"]),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return train_step
 
 
+def ema_decay_at(decay: float, step):
+  """The EMA decay at optimizer step ``step`` (0-based): ``min(decay, (1 + s) / (10 + s))``, so
+  the average forgets the random init quickly."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def banked_loss_kwargs(config: ml_collections.ConfigDict, *, dice: bool,
+                       platform: str | None = None) -> dict[str, Any]:
+  """``config.loss`` as :func:`gms_jax.loss.banked_train_loss` keywords; ``dice=False`` = phase 1
+  (latent term only: the decoder is not in the program)."""
+  kw = loss_kwargs(config, platform)
+  kw.pop("batch_encode")
+  kw["dice_weight"] = kw["dice_weight"] if dice else 0.0
+  return kw
+
+
+def make_fast_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                       phase1_steps: int, peak_lr: float | None = None) -> Callable:
+  """The fast recipe's LR: phase 1 is :func:`make_schedule` (warm-up + cosine to 0 at
+  ``num_epochs``, peaking at ``peak_lr``); from step ``phase1_steps`` on (phase 2) the constant
+  ``fast.dice_learning_rate``, scaled by the same rule as the peak (:func:`learning_rate`)."""
+  base = make_schedule(config, steps_per_epoch, peak_lr)
+  scale = 1.0 if peak_lr is None else peak_lr / float(config.optimizer.learning_rate)
+  dice_lr = float(config.fast.dice_learning_rate) * scale
+
+  def schedule(count):
+    count = jnp.asarray(count)
+    return jnp.where(count < phase1_steps, base(count), jnp.float32(dice_lr))
+
+  return schedule
+
+
+def recipe(config: ml_collections.ConfigDict) -> str:
+  name = str(config.get("recipe", "exact"))
+  if name not in RECIPES:
+    raise ValueError(f"config.recipe must be one of {RECIPES}, got {name!r}")
+  return name
+
+
+RECIPES = ("exact", "fast")
+
+
+def phase_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
+  """``(phase1_steps, total_steps)`` of a run: phase 1 is ``num_train_steps`` (> 0) or
+  ``num_epochs * steps_per_epoch``; the fast recipe adds ``fast.dice_steps`` (phase 2)."""
+  n = int(config.num_train_steps)
+  phase1 = n if n > 0 else int(config.num_epochs) * int(steps_per_epoch)
+  extra = max(int(config.fast.dice_steps), 0) if recipe(config) == "fast" else 0
+  return phase1, phase1 + extra
+
+
 def mapper_config(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) -> MapperConfig:
+  """The one construction of a run's :class:`MapperConfig` (channels from the tokenizer)."""
   return MapperConfig(in_channels=tok.latent_channels, out_channels=tok.latent_channels,
                       ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
+
+
+def make_state_fn(mcfg: MapperConfig, dtype: Any, tx: optax.GradientTransformation, seed: int,
+                  *, ema: bool = False) -> Callable[[], dict[str, Any]]:
+  """The one train-state constructor: ``() -> {"step", "params", "opt_state", "rng"}`` (+
+  ``"train_params"``, a copy of the weights the optimizer moves, when ``ema``). Keys:
+  ``fold_in(PRNGKey(seed), 0)`` initialises the mapper, ``fold_in(..., 1)`` is the noise key.
+  ``jax.eval_shape`` of it is the abstract state; jitted, the concrete one."""
+
+  def init_fn():
+    root = jax.random.PRNGKey(seed)
+    init_key, noise_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+    model = latent_mapper.create(mcfg, init_key, dtype=dtype)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "rng": noise_key}
+    if ema:  # "params" = the moving average, "train_params" = the optimizer's weights
+      state["train_params"] = jax.tree.map(jnp.copy, params)
+    return state
+
+  return init_fn
+
+
+def with_weights(state: dict[str, Any], weights: Any) -> dict[str, Any]:
+  """``state`` starting from ``weights`` (``config.mapper.init``, ``gms-jax import``): the params
+  (and the EMA's train_params) replaced; AdamW's fresh state does not depend on their values."""
+  state = dict(state, params=weights)
+  if "train_params" in state:
+    state["train_params"] = jax.tree.map(jnp.copy, weights)
+  return state
 
 
 def _with_sharding(tree: Any, shardings: Any) -> Any:
@@ -190,23 +288,47 @@ def _with_sharding(tree: Any, shardings: Any) -> Any:
                       shardings)
 
 
+def bank_encode_fn(tok: tokenizers.Tokenizer) -> Callable:
+  """``(tok_params, images01, masks01) -> {"z_image", "std_image", "z_mask"}``: what the latent
+  bank stores for a batch of views (the image's latent and posterior std, the mask's latent)."""
+
+  def encode(tp, images, masks):
+    lat = tok.encode(tp, images)
+    z_mask = tok.encode(tp, jnp.repeat(masks[..., None], 3, axis=-1)).z
+    return {"z_image": lat.z, "std_image": lat.std, "z_mask": z_mask}
+
+  return encode
+
+
 # ----------------------------------------------------------------------------- the builder
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Step:
-  """What :func:`build` returns; every array field is a ``jax.ShapeDtypeStruct`` with sharding."""
+  """What :func:`build` returns; every array field is a ``jax.ShapeDtypeStruct`` with sharding.
+
+  ``train_steps`` maps a step name to its jitted ``(state, tok_params, batch) -> (state,
+  metrics)`` (state donated): ``"exact"`` for the exact recipe; ``"phase1"`` (latent term, no
+  decoder) and ``"phase2"`` (+ decoder Dice) for the fast recipe. ``batch_shapes[name]`` is the
+  global batch each takes; :meth:`step_name` says which one step ``s`` runs."""
   config: ml_collections.ConfigDict
   mesh: Mesh
   platform: str  # the mesh's: "cpu" / "gpu" / "tpu"
+  recipe: str  # "exact" / "fast"
   tokenizer: tokenizers.Tokenizer
   mapper_cfg: MapperConfig
   graphdef: Any  # the mapper's NNX graphdef
   dtype: Any  # compute dtype (None = float32)
   global_batch_size: int
   image_size: int
+  latent_shape: tuple[int, int, int]
   peak_lr: float
-  loss_kw: dict[str, Any]
+  steps_per_epoch: int
+  phase1_steps: int
+  total_steps: int
+  loss_kw: dict[str, Any]  # the exact loss's; banked: loss_kws
+  loss_kws: dict[str, dict[str, Any]]  # per step name
+  compiler_options: dict[str, str] | None
   schedule: Callable
   tx: optax.GradientTransformation
   replicated: NamedSharding
@@ -215,14 +337,39 @@ class Step:
   abstract_state: Any
   tok_sharding: Any
   abstract_tok_params: Any
-  batch_shapes: dict[str, jax.ShapeDtypeStruct]
+  batch_shapes: dict[str, dict[str, jax.ShapeDtypeStruct]]
   init: Callable  # () -> state, created sharded
-  train_step: Any  # jitted (state, tok_params, batch) -> (state, metrics); state donated
+  train_steps: dict[str, Any]
   predict: Any  # jitted (params, tok_params, images01) -> probs, batch-sharded in and out
+  predict_latents: Any  # jitted (params, tok_params, z_image) -> probs (validation on latents)
+  encode_images: Any  # jitted (tok_params, images01) -> z_image
+  bank_encode: Any  # jitted (tok_params, images01, masks01) -> bank entries (bank_encode_fn)
 
   @property
   def n_devices(self) -> int:
     return int(self.mesh.devices.size)
+
+  @property
+  def train_step(self) -> Any:
+    """The step of the first phase (the exact step, or the banked phase-1 step)."""
+    return self.train_steps[self.step_names[0]]
+
+  @property
+  def step_names(self) -> tuple[str, ...]:
+    if self.recipe == "exact":
+      return ("exact",)
+    phases = []
+    if self.phase1_steps > 0:
+      phases.append("phase1")
+    if self.total_steps > self.phase1_steps:
+      phases.append("phase2")
+    return tuple(phases) or ("phase1",)
+
+  def step_name(self, step: int) -> str:
+    """The step that optimizer step ``step`` (0-based) runs."""
+    if self.recipe == "exact":
+      return "exact"
+    return "phase1" if step < self.phase1_steps else "phase2"
 
   def images_shape(self, n: int) -> jax.ShapeDtypeStruct:
     """(n, S, S, 3) float32 images, batch-sharded (``n`` must divide over the devices)."""
@@ -230,18 +377,46 @@ class Step:
     return jax.ShapeDtypeStruct((n, self.image_size, self.image_size, 3), jnp.float32,
                                 sharding=self.data_sharding)
 
-  def lower_train(self):
-    return self.train_step.lower(self.abstract_state, self.abstract_tok_params, self.batch_shapes)
+  def lower_train(self, name: str | None = None):
+    name = name or self.step_names[0]
+    return self.train_steps[name].lower(self.abstract_state, self.abstract_tok_params,
+                                        self.batch_shapes[name])
 
   def lower_predict(self, n: int):
     return self.predict.lower(self.abstract_state["params"], self.abstract_tok_params,
                               self.images_shape(n))
 
+  def lower_bank_encode(self, n: int):
+    images = self.images_shape(n)
+    masks = jax.ShapeDtypeStruct(images.shape[:3], jnp.float32, sharding=self.data_sharding)
+    return self.bank_encode.lower(self.abstract_tok_params, images, masks)
+
+
+def batch_shapes(recipe_name: str, global_bs: int, image_size: int, latent_shape, *,
+                 has_std: bool, sharding=None) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+  """The global batch of each step of a recipe: images and masks (exact), or what
+  :meth:`gms_jax.bank.Bank.gather` returns (banked: latents, the std where the tokenizer has a
+  posterior, and the full-resolution mask in phase 2)."""
+  def s(shape):
+    return jax.ShapeDtypeStruct((global_bs, *shape), jnp.float32, sharding=sharding)
+  if recipe_name == "exact":
+    return {"exact": {"image": s((image_size, image_size, 3)), "mask": s((image_size, image_size))}}
+  out = {}
+  for name, dice in (("phase1", False), ("phase2", True)):
+    b = {"z_image": s(latent_shape), "z_mask": s(latent_shape)}
+    if has_std:
+      b["std_image"] = s(latent_shape)
+    if dice:
+      b["mask"] = s((image_size, image_size))
+    out[name] = b
+  return out
+
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
           tokenizer: tokenizers.Tokenizer | None = None, steps_per_epoch: int = 1,
           global_batch: int | None = None, platform: str | None = None) -> Step:
-  """The train step and inference function of ``config`` on ``mesh`` (module docstring).
+  """Every program of ``config``'s recipe on ``mesh`` (module docstring): the train step(s),
+  inference and (fast recipe) the bank encoder.
 
   Args:
     config: see ``configs/gms.py``.
@@ -249,38 +424,39 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
       devices; its platform resolves ``"auto"`` settings.
     tokenizer: a real or abstract (:func:`gms_jax.tokenizers.abstract`) tokenizer; default: the
       config's architecture, abstract (no weights are read).
-    steps_per_epoch: for the LR schedule (a constant in the program; shapes do not depend on it).
+    steps_per_epoch: for the LR schedule and the phases (constants in the programs; shapes do not
+      depend on them).
     global_batch: overrides :func:`global_batch_size`.
     platform: resolves ``"auto"`` settings instead of the mesh's platform (e.g. the per-device
       program of a GPU target lowered on a CPU host for its FLOP count).
   """
   platform = platform or mesh_platform(mesh)
+  rname = recipe(config)
   tok = tokenizer if tokenizer is not None else tokenizers.abstract_from_config(config)
   global_bs = parallel.check_batch_size(
       int(global_batch) if global_batch else global_batch_size(config, mesh.devices.size), mesh)
   image_size = int(config.data.image_size)
+  if image_size % tok.downsample:
+    raise ValueError(f"config.data.image_size={image_size} is not a multiple of "
+                     f"{tok.downsample} (the tokenizer's downsampling)")
+  f = tok.downsample
+  latent_shape = (image_size // f, image_size // f, int(tok.latent_channels))
   repl, data_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
 
-  # ---------------------------------------------------------------- model, optimizer
-  precision = str(config.get("precision", "float32"))
-  if precision not in tokenizers.PRECISIONS:
-    raise ValueError(f"config.precision must be one of {sorted(tokenizers.PRECISIONS)}, "
-                     f"got {precision!r}")
-  dtype = tokenizers.PRECISIONS[precision]
+  # ---------------------------------------------------------------- model, schedule, optimizer
+  dtype = tokenizers.compute_dtype(str(config.get("precision", "float32")))
   mcfg = mapper_config(config, tok)
   graphdef, _ = nnx.split(latent_mapper.abstract(mcfg, dtype), nnx.Param)
   peak_lr = learning_rate(config, global_bs)
-  schedule = make_schedule(config, steps_per_epoch, peak_lr)
+  phase1, total = phase_steps(config, steps_per_epoch)
+  if rname == "fast":
+    schedule = make_fast_schedule(config, steps_per_epoch, phase1, peak_lr)
+    ema_decay = float(config.fast.ema_decay)
+  else:
+    schedule = make_schedule(config, steps_per_epoch, peak_lr)
+    ema_decay = 0.0
   tx = make_optimizer(config, schedule)
-  seed = int(config.seed)
-
-  def init_fn():
-    root = jax.random.PRNGKey(seed)
-    init_key, noise_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-    model = latent_mapper.create(mcfg, init_key, dtype=dtype)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": noise_key}
+  init_fn = make_state_fn(mcfg, dtype, tx, int(config.seed), ema=ema_decay > 0)
 
   # ---------------------------------------------------------------- shapes, shardings
   abstract_state = jax.eval_shape(init_fn)
@@ -289,11 +465,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
   tok_shapes = tokenizers.shapes(tok)
   tok_sharding = parallel.replicate_tree(tok_shapes, mesh)
   abstract_tok = _with_sharding(tok_shapes, tok_sharding)
-  batch_shapes = {
-      "image": jax.ShapeDtypeStruct((global_bs, image_size, image_size, 3), jnp.float32,
-                                    sharding=data_sharding),
-      "mask": jax.ShapeDtypeStruct((global_bs, image_size, image_size), jnp.float32,
-                                   sharding=data_sharding)}
+  shapes = batch_shapes(rname, global_bs, image_size, latent_shape,
+                        has_std=tok.has_posterior, sharding=data_sharding)
 
   # ---------------------------------------------------------------- jitted functions
   init_jit = jax.jit(init_fn, out_shardings=state_sharding)
@@ -306,20 +479,43 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
       return init_jit()
 
   loss_kw = loss_kwargs(config, platform)
-  train_step = jax.jit(make_train_step(graphdef, tok, tx, schedule, loss_kw),
-                       in_shardings=(state_sharding, tok_sharding, data_sharding),
-                       out_shardings=(state_sharding, repl), donate_argnums=(0,),
-                       compiler_options=opts)
+  if rname == "exact":
+    loss_kws = {"exact": loss_kw}
+  else:
+    loss_kws = {"phase1": banked_loss_kwargs(config, dice=False, platform=platform),
+                "phase2": banked_loss_kwargs(config, dice=True, platform=platform)}
+  train_steps = {
+      name: jax.jit(make_train_step(graphdef, tok, tx, schedule, kw, banked=rname == "fast",
+                                    ema_decay=ema_decay),
+                    in_shardings=(state_sharding, tok_sharding, data_sharding),
+                    out_shardings=(state_sharding, repl), donate_argnums=(0,),
+                    compiler_options=opts)
+      for name, kw in loss_kws.items()}
+  params_sharding = state_sharding["params"]
   predict = jax.jit(lambda p, t, x: inference.predict_probs(graphdef, p, tok, t, x),
-                    in_shardings=(state_sharding["params"], tok_sharding, data_sharding),
+                    in_shardings=(params_sharding, tok_sharding, data_sharding),
                     out_shardings=data_sharding, compiler_options=opts)
-  return Step(config=config, mesh=mesh, platform=platform, tokenizer=tok, mapper_cfg=mcfg,
-              graphdef=graphdef, dtype=dtype, global_batch_size=global_bs,
-              image_size=image_size, peak_lr=peak_lr, loss_kw=loss_kw, schedule=schedule, tx=tx,
-              replicated=repl, data_sharding=data_sharding, state_sharding=state_sharding,
-              abstract_state=abstract_state, tok_sharding=tok_sharding,
-              abstract_tok_params=abstract_tok, batch_shapes=batch_shapes, init=init,
-              train_step=train_step, predict=predict)
+  predict_latents = jax.jit(lambda p, t, z: inference.probs_from_latents(graphdef, p, tok, t, z),
+                            in_shardings=(params_sharding, tok_sharding, data_sharding),
+                            out_shardings=data_sharding, compiler_options=opts)
+  encode_images = jax.jit(lambda t, x: tok.encode(t, x).z,
+                          in_shardings=(tok_sharding, data_sharding), out_shardings=data_sharding,
+                          compiler_options=opts)
+  bank_encode = jax.jit(bank_encode_fn(tok), in_shardings=(tok_sharding, data_sharding,
+                                                           data_sharding),
+                        out_shardings=data_sharding, compiler_options=opts)
+  return Step(config=config, mesh=mesh, platform=platform, recipe=rname, tokenizer=tok,
+              mapper_cfg=mcfg, graphdef=graphdef, dtype=dtype, global_batch_size=global_bs,
+              image_size=image_size, latent_shape=latent_shape, peak_lr=peak_lr,
+              steps_per_epoch=int(steps_per_epoch), phase1_steps=phase1, total_steps=total,
+              loss_kw=loss_kw, loss_kws=loss_kws, compiler_options=opts, schedule=schedule,
+              tx=tx, replicated=repl, data_sharding=data_sharding,
+              state_sharding=state_sharding, abstract_state=abstract_state,
+              tok_sharding=tok_sharding, abstract_tok_params=abstract_tok, batch_shapes=shapes,
+              init=init, train_steps=train_steps, predict=predict,
+              predict_latents=predict_latents, encode_images=encode_images,
+              bank_encode=bank_encode)
+
 
 
 # ----------------------------------------------------------------------------- compiled-program facts
@@ -351,7 +547,3 @@ def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
   if path:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
-def n_params(tree: Any) -> int:
-  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))

@@ -282,7 +282,14 @@ def packaged_path(family: str) -> str:
   return os.fspath(p)
 
 
-PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
+PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}  # the one precision -> dtype table
+
+
+def compute_dtype(precision: str):
+  """``config.precision`` ("float32" / "bfloat16") -> the models' compute dtype (None = float32)."""
+  if str(precision) not in PRECISIONS:
+    raise ValueError(f"config.precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+  return PRECISIONS[str(precision)]
 
 
 def from_config(config) -> Tokenizer:
@@ -291,10 +298,8 @@ def from_config(config) -> Tokenizer:
   An empty path means the packaged weights (TAEF2 only)."""
   t = config.tokenizer
   precision = str(config.get("precision", "float32"))
-  if precision not in PRECISIONS:
-    raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
   path = str(t.path) or packaged_path(str(t.name))
-  return load(str(t.name), path, dtype=PRECISIONS[precision],
+  return load(str(t.name), path, dtype=compute_dtype(precision),
               remat_decoder=bool(t.get("remat_decoder", False)),
               scaling_factor=float(t.get("scaling_factor", 0.0) or 0.0) or None)
 
@@ -304,8 +309,6 @@ def abstract_from_config(config) -> Tokenizer:
   file named by ``config.tokenizer.path`` (its metadata only), else the family's standard one."""
   t = config.tokenizer
   precision = str(config.get("precision", "float32"))
-  if precision not in PRECISIONS:
-    raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
   family, cfg, path = canonical_family(str(t.name)), None, str(t.path)
   if path and core.is_flax_params_file(path):
     from safetensors import safe_open  # pylint: disable=import-outside-toplevel
@@ -315,7 +318,7 @@ def abstract_from_config(config) -> Tokenizer:
       cfg = REGISTRY[family].config_cls().from_dict(json.loads(meta["config"]))
   elif family == "tae" and hasattr(REGISTRY[family].config_cls(), str(t.name).lower()):
     cfg = getattr(REGISTRY[family].config_cls(), str(t.name).lower())()  # e.g. TAEConfig.taesd()
-  tok = abstract(family, cfg, dtype=PRECISIONS[precision],
+  tok = abstract(family, cfg, dtype=compute_dtype(precision),
                  remat_decoder=bool(t.get("remat_decoder", False)))
   scale = float(t.get("scaling_factor", 0.0) or 0.0)
   if scale and hasattr(tok.config, "scaling_factor"):

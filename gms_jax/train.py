@@ -32,16 +32,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from gms_jax import checkpoint as ckpt_lib
 from gms_jax import configuration
 from gms_jax import errors
-from gms_jax import inference
-from gms_jax import metrics as metrics_lib
 from gms_jax import parallel
 from gms_jax import pretrained
+from gms_jax import recipes
 from gms_jax import run_metadata
 from gms_jax import step as step_lib
 from gms_jax import tokenizers
@@ -56,11 +54,7 @@ class NonFiniteLossError(FloatingPointError):
 # training, `gms-jax compile` and benchmarks/ share)
 
 
-def _every(value: int, default: int) -> int:
-  return default if value is None or int(value) <= 0 else int(value)
-
-
-class _Writer:
+class MetricsWriter:
   """Process 0 writes metrics to TensorBoard event files and ``WORKDIR/metrics.jsonl``.
 
   Every JSON line carries ``wall_time`` (seconds since the epoch) for wall-clock curves
@@ -97,9 +91,6 @@ class _Writer:
     if self._enabled:
       self._tb.close()
       self._jsonl.close()
-
-
-MetricsWriter = _Writer  # the public name (gms_jax.train_fast writes the same metrics.jsonl)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -192,12 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          n_processes=jax.process_count(), check_tokenizer=tokenizer is None)
   fresh = claim_workdir(config, workdir, write=is_main)
   progress = {"started": False}
-  run = _train_and_evaluate
-  if str(config.get("recipe", "exact")) == "fast":  # the latent-bank recipe
-    from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
-    run = train_fast.run
   try:
-    return run(config, workdir, tokenizer=tokenizer, devices=devices, progress=progress)
+    return _run(config, workdir, tokenizer=tokenizer, devices=devices, progress=progress)
   except BaseException:
     if fresh is not None and not progress["started"] and is_main:
       release_workdir(workdir, fresh)  # failed before its first step: leave no workdir behind
@@ -265,113 +252,114 @@ def release_workdir(workdir: str, created: list[str]) -> None:
     os.rmdir(workdir)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                        tokenizer: tokenizers.Tokenizer | None, devices: list[jax.Device] | None,
-                        progress: dict[str, bool]) -> dict[str, Any]:
+def _init_weights(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer, mapper_cfg):
+  """``config.mapper.init``: the weights to start from (checked against the run), or None."""
+  if not str(config.mapper.get("init", "") or ""):
+    return None
+  weights = pretrained.read_mapper(str(config.mapper.init))
+  weights.check_channels(tok.latent_channels, str(config.tokenizer.name))
+  weights.check_config(mapper_cfg)
+  return weights
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, *,
+         tokenizer: tokenizers.Tokenizer | None, devices: list[jax.Device] | None,
+         progress: dict[str, bool]) -> dict[str, Any]:
+  """Setup, then the one loop, for either recipe (:mod:`gms_jax.recipes`)."""
   t_launch = time.time()
   # ---------------------------------------------------------------- logging
   is_main = jax.process_index() == 0
-  writer = _Writer(workdir, enabled=is_main)
+  writer = MetricsWriter(workdir, enabled=is_main)
   logging.info("host: %s", run_metadata.describe_host())
-  logging.info("workdir %s; process %d/%d; local devices %s", workdir, jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  logging.info("recipe %s; workdir %s; process %d/%d; local devices %s",
+               step_lib.recipe(config), workdir, jax.process_index(), jax.process_count(),
+               jax.local_devices())
 
   # ---------------------------------------------------------------- mesh
   step_lib.enable_compilation_cache(config)
   mesh = parallel.make_mesh(devices)
-  global_bs = parallel.check_batch_size(step_lib.global_batch_size(config, mesh.devices.size), mesh)
   n_dev = mesh.devices.size
+  global_bs = parallel.check_batch_size(step_lib.global_batch_size(config, n_dev), mesh)
   eval_bs = -(-int(config.eval_batch_size) // n_dev) * n_dev
   parallel.check_batch_size(eval_bs, mesh, "eval_batch_size (rounded up to the device count)")
   logging.info("mesh %s over %d devices; global batch %d (%d per process)", dict(mesh.shape),
                n_dev, global_bs, parallel.local_batch_size(global_bs))
 
-  # ---------------------------------------------------------------- input
+  # ---------------------------------------------------------------- input (splits)
   from gms_jax.data import builder, pipeline  # pylint: disable=import-outside-toplevel
   sources = builder.prepare(config.data)
-  image_size = int(config.data.image_size)
   steps_per_epoch = pipeline.steps_per_epoch(len(sources["train"]), global_bs)
-  total_steps = (int(config.num_train_steps) if int(config.num_train_steps) > 0
-                 else int(config.num_epochs) * steps_per_epoch)
-  eval_every = _every(config.eval_every_steps, steps_per_epoch)
-  ckpt_every = _every(config.checkpoint_every_steps, eval_every)
-  log_every = _every(config.log_every_steps, 1)
-  train_iter = iter(pipeline.train_dataset(
-      sources["train"], global_batch_size=global_bs, image_size=image_size, seed=int(config.seed),
-      augment=bool(config.data.augment), worker_count=int(config.data.worker_count),
-      prefetch_buffer=int(config.data.prefetch_buffer)))
-  logging.info("data %s: train %d, validation %d, test %d (test is never used here); "
-               "%d steps/epoch, %d steps", config.data.name, len(sources["train"]),
-               len(sources["validation"]), len(sources["test"]), steps_per_epoch, total_steps)
 
   # ---------------------------------------------------------------- frozen tokenizer
   tok = tokenizer if tokenizer is not None else load_tokenizer(config)
   logging.info("%s", tokenizers.describe(tok))
 
-  # ---------------------------------------------------------------- model, optimizer, shapes,
-  # shardings: the step builder (gms_jax.step), shared with `gms-jax compile` and benchmarks/
+  # ---------------------------------------------------------------- every program: the builder
   built = step_lib.build(config, mesh, tokenizer=tok, steps_per_epoch=steps_per_epoch,
                          global_batch=global_bs)
-  mapper_cfg, abstract_state = built.mapper_cfg, built.abstract_state
-  data_sharding = built.data_sharding
-  logging.info("mapper %s: %s params, compute dtype %s; peak LR %g; loss %s", mapper_cfg,
-               f"{step_lib.n_params(abstract_state['params']):,}",
-               jnp.dtype(built.dtype or jnp.float32).name, built.peak_lr, built.loss_kw)
+  total_steps = built.total_steps
+  logging.info("mapper %s: %s params, compute dtype %s; peak LR %g; steps %s; XLA options %s",
+               built.mapper_cfg, f"{param_count(built.abstract_state['params']):,}",
+               jnp.dtype(built.dtype or jnp.float32).name, built.peak_lr,
+               ", ".join(built.step_names), built.compiler_options)
+  logging.info("data %s: train %d, validation %d, test %d (test is never used here); "
+               "%d steps/epoch, %d steps (%s)", config.data.name, len(sources["train"]),
+               len(sources["validation"]), len(sources["test"]), steps_per_epoch, total_steps,
+               ", ".join(f"{n}: {built.loss_kws[n]['dice_weight']:g} x Dice"
+                         for n in built.step_names))
+  init_weights = _init_weights(config, tok, built.mapper_cfg)  # checked before any work
+
+  # ---------------------------------------------------------------- recipe (the bank: fast)
+  recipe = recipes.RECIPES[built.recipe](config, built, sources, workdir=workdir, tokenizer=tok,
+                                         progress=progress)
   tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
-  init_weights = None  # config.mapper.init: start from these weights instead of a random init
-  if str(config.mapper.get("init", "") or ""):
-    init_weights = pretrained.read_mapper(str(config.mapper.init))
-    init_weights.check_channels(tok.latent_channels, str(config.tokenizer.name))
-    init_weights.check_config(mapper_cfg)
 
   # ---------------------------------------------------------------- jit init (created sharded)
   t0 = time.time()
   state = built.init()
-  if init_weights is not None:  # AdamW's fresh state does not depend on the param values
-    state["params"] = jax.tree.map(lambda x: parallel.replicate_array(x, mesh),
-                                   pretrained.nested_params(init_weights))
+  if init_weights is not None:
+    state = step_lib.with_weights(state, jax.tree.map(
+        lambda x: parallel.replicate_array(x, mesh), pretrained.nested_params(init_weights)))
     logging.info("mapper init from %s (sha256 %s)", init_weights.source, init_weights.sha256)
   jax.block_until_ready(state)
   logging.info("init: %.1fs", time.time() - t0)
 
-  # ---------------------------------------------------------------- train step (jit, donate, AOT)
-  t0 = time.time()
-  train_step = built.lower_train().compile()
-  logging.info("train step compiled: %.1fs", time.time() - t0)
+  # ---------------------------------------------------------------- train steps (jit, donate, AOT)
+  compiled: dict[str, Any] = {}
+
+  def step_fn(name: str):
+    if name not in compiled:
+      t0 = time.time()
+      compiled[name] = built.lower_train(name).compile()
+      logging.info("train step %r compiled: %.1fs", name, time.time() - t0)
+    return compiled[name]
 
   # ---------------------------------------------------------------- restore
   ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints), metadata=(
       run_metadata.RunMetadata.for_run(
-          config, mapper_cfg, tok,
+          config, built.mapper_cfg, tok,
           init=None if init_weights is None else init_weights.provenance("mapper.init")).to_dict()))
   latest = ckpt.latest_step()
   if latest is not None:
     t0 = time.time()
-    state = ckpt.restore(latest, abstract_state, data_iter=train_iter)
+    state = ckpt.restore(latest, built.abstract_state, data_iter=recipe.data_iter)
     logging.info("resumed from step %d in %s (%.1fs)", latest, ckpt.directory, time.time() - t0)
   step = int(jax.device_get(state["step"]))
-  writer.event(step, event="start", total_steps=total_steps, resumed=latest is not None,
-               process_count=jax.process_count(), devices=n_dev,
-               setup_seconds=round(time.time() - t_launch, 3))
+  step_fn(built.step_name(min(step, max(total_steps - 1, 0))))
 
   # ---------------------------------------------------------------- evaluator (validation only)
-  val = list(pipeline.eval_examples(sources["validation"], image_size=image_size))
-  val_images = np.stack([e["image"] for e in val]).astype(np.float32)
-  val_masks = np.stack([e["mask"] for e in val]) >= 0.5
-  predict = built.predict
+  validate = recipe.validator(tok_params, sources["validation"], eval_bs)
+  eval_every = recipe.eval_every
+  ckpt_every = recipes.every(config.checkpoint_every_steps, eval_every)
+  log_every = recipes.every(config.log_every_steps, 1)
+  setup_seconds = time.time() - t_launch
+  writer.event(step, event="start", recipe=built.recipe, total_steps=total_steps,
+               resumed=latest is not None, process_count=jax.process_count(), devices=n_dev,
+               global_batch=global_bs, peak_lr=built.peak_lr,
+               setup_seconds=round(setup_seconds, 3), **({"bank": recipe.info} if recipe.info
+                                                         else {}))
 
-  def evaluate(params) -> dict[str, float]:
-    rows = parallel.host_slice(eval_bs)
-
-    def run(chunk):  # this process's rows in, every process's predictions out
-      x = jax.make_array_from_process_local_data(data_sharding, chunk[rows], chunk.shape)
-      return multihost_utils.process_allgather(predict(params, tok_params, x), tiled=True)
-
-    pred = inference.in_fixed_batches(run, val_images, eval_bs) > inference.THRESHOLD
-    dsc, iou = metrics_lib.dice_iou(pred, val_masks)
-    return {"val_dice": float(np.mean(dsc)), "val_iou": float(np.mean(iou))}
-
-  # ---------------------------------------------------------------- loop
+  # ---------------------------------------------------------------- the loop
   logging.info("training steps %d..%d: log every %d, validate every %d, checkpoint every %d",
                step + 1, total_steps, log_every, eval_every, ckpt_every)
   bar = _progress(total_steps, step, is_main)
@@ -380,7 +368,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   window: list[dict[str, np.ndarray]] = []
   t_window, steps_window = time.time(), 0
   last_eval: dict[str, float] = {}
-  summary: dict[str, Any] = {"first_step": step + 1}
+  seconds = {"setup": setup_seconds, "bank": float(recipe.info.get("seconds_now", 0.0)),
+             "train": 0.0, "validation": 0.0, "checkpoint": 0.0}
+  summary: dict[str, Any] = {"first_step": step + 1, "global_batch": global_bs,
+                             "peak_lr": built.peak_lr}
+  if recipe.info:
+    summary["bank"] = recipe.info
 
   def drain(keep_last: bool) -> None:
     """Fetches queued metrics (all, or all but the newest), raising on a non-finite loss."""
@@ -392,14 +385,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       bar.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
 
   try:
+    t_loop = time.time()
     while step < total_steps:
-      local = next(train_iter)
-      batch = parallel.global_batch(local, mesh)
+      fn = step_fn(built.step_name(step))
+      batch = recipe.batch(step)
       if step == summary["first_step"] - 1:
-        logging.info("process %d: local batch %s (mean %.6f) -> global batch %s (mean %.6f)",
-                     jax.process_index(), local["image"].shape, float(np.mean(local["image"])),
-                     batch["image"].shape, float(jnp.mean(batch["image"])))
-      state, m = train_step(state, tok_params, batch)
+        logging.info("first global batch: %s", {k: v.shape for k, v in batch.items()})
+      state, m = fn(state, tok_params, batch)
       progress["started"] = True
       step += 1
       steps_window += 1
@@ -412,6 +404,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % log_every == 0 or do_eval or do_ckpt:
         drain(keep_last=False)
         scalars = window_scalars(window, steps_window, time.time() - t_window)
+        scalars.update(recipe.scalars(step))
         writer.write(step, scalars, prefix="train/")
         if is_main:
           log_progress(step, total_steps, scalars, last_eval)
@@ -420,26 +413,36 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         t_window, steps_window = time.time(), 0
       if do_eval:
         t0 = time.time()
-        last_eval = evaluate(state["params"])
+        last_eval = validate(state["params"])
+        seconds["validation"] += time.time() - t0
         writer.write(step, {**last_eval, "seconds": time.time() - t0}, prefix="eval/")
         logging.info("step %d: validation Dice %.4f IoU %.4f", step, last_eval["val_dice"],
                      last_eval["val_iou"])
       if do_ckpt:
-        ckpt.save(step, state, train_iter, metrics=last_eval if do_eval else None)
+        t0 = time.time()
+        ckpt.save(step, state, recipe.data_iter, metrics=last_eval if do_eval else None)
         last_saved = step
+        seconds["checkpoint"] += time.time() - t0
       if do_eval or do_ckpt:  # steps/s and the ETA count training steps only
         t_window = time.time()
       writer.flush()
+    seconds["train"] = time.time() - t_loop - seconds["validation"] - seconds["checkpoint"]
   finally:
     bar.close()
     ckpt.wait()
+    writer.event(step, event="end", seconds={k: round(v, 3) for k, v in seconds.items()})
     writer.close()
   summary.update(step=step, val=last_eval, best_step=ckpt.best_step(),
-                 latest_step=ckpt.latest_step())
+                 latest_step=ckpt.latest_step(), seconds=seconds)
   ckpt.close()
-  logging.info("done: step %d, best checkpoint %s (validation Dice), last validation %s", step,
-               summary["best_step"], last_eval)
+  logging.info("done: step %d, best checkpoint %s (validation Dice), last validation %s; wall "
+               "time of this run: %s", step, summary["best_step"], last_eval,
+               {k: round(v, 1) for k, v in seconds.items()})
   return summary
+
+
+def param_count(tree: Any) -> int:
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
 # ----------------------------------------------------------------------------- entry point

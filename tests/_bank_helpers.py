@@ -37,13 +37,13 @@ def manifest_for(spec: dict, source, tok):
 def build(spec: dict):
   import jax  # pylint: disable=import-outside-toplevel
   from gms_jax import bank as bank_lib  # pylint: disable=import-outside-toplevel
-  from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
+  from gms_jax import recipes  # pylint: disable=import-outside-toplevel
   from gms_jax.data import builder  # pylint: disable=import-outside-toplevel
   source = builder.prepare({"name": "sample", "tfds_dir": spec["tfds_dir"]})["train"]
   tok = H.tiny_tokenizer(int(spec.get("tokenizer_seed", 0)))
   manifest = bank_lib.prepare_manifest(spec["bank_dir"], manifest_for(spec, source, tok))
   return bank_lib.build(spec["bank_dir"], source, manifest,
-                        train_fast.make_encode_fn(tok, jax.local_devices()[:1]),
+                        recipes.make_encode_fn(tok, jax.local_devices()[:1]),
                         encode_batch_size=int(spec.get("encode_batch_size", 8)),
                         process_index=int(spec.get("process_index", 0)),
                         process_count=int(spec.get("process_count", 1)))

@@ -209,16 +209,25 @@ def _main(spec_path: str) -> int:
 
 
 def _compile_only(spec: dict, config, tok) -> int:
+  import re  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from gms_jax import parallel, step  # pylint: disable=import-outside-toplevel
   n = (spec.get("devices") or [jax.device_count()])[0]
   built = step.build(config, parallel.make_mesh(jax.devices()[:n]), tokenizer=tok)
-  train_hlo = built.lower_train().compile().as_text()
+  size = built.image_size
+  full_res = re.compile(rf"\[\d+,{size},{size}(,\d+)?\]")  # an image-sized array: the decoder's
+  steps = {}
+  for name in built.step_names:
+    hlo = built.lower_train(name).compile().as_text()
+    steps[name] = {"collectives": step.collective_counts(hlo),
+                   "full_resolution_arrays": len(full_res.findall(hlo))}
   predict_hlo = built.lower_predict(built.global_batch_size).compile().as_text()
   Path(spec["out"]).write_text(json.dumps({
-      "devices": n, "platform": built.platform,
+      "devices": n, "platform": built.platform, "recipe": built.recipe,
+      "global_batch": built.global_batch_size, "peak_lr": built.peak_lr,
       "loss": {k: v for k, v in built.loss_kw.items() if k.startswith("batch_")},
-      "train": step.collective_counts(train_hlo), "predict": step.collective_counts(predict_hlo)}))
+      "steps": steps, "train": steps[built.step_names[0]]["collectives"],
+      "predict": step.collective_counts(predict_hlo)}))
   return 0
 
 

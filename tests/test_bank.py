@@ -205,7 +205,7 @@ def test_intensity_bank_holds_the_intensity_views(dirs, reference, source, scann
   """bank.intensity_augment (and bank.scanner_augment): the manifest names them, and view k of
   image i is the encoding of the Augmenter(extras=("intensity", ["scanner"])) view drawn from
   (seed, i, k), not the SPEC §3 one."""
-  from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
+  from gms_jax import recipes  # pylint: disable=import-outside-toplevel
   extras = ["intensity", "scanner"] if scanner else ["intensity"]
   spec = _spec(dirs, "-".join(extras), extras=extras)
   rc, out = _build_subprocess(dirs, spec)
@@ -222,7 +222,7 @@ def test_intensity_bank_holds_the_intensity_views(dirs, reference, source, scann
                       for i, k in entries])
   plain = [_view(source, 7, i, k)[0] for i, k in entries]
   assert any(not np.allclose(x, y) for x, y in zip(imgs, plain))
-  enc = train_fast.make_encode_fn(H.tiny_tokenizer(0), jax.local_devices()[:1])(
+  enc = recipes.make_encode_fn(H.tiny_tokenizer(0), jax.local_devices()[:1])(
       np.stack(imgs), np.stack(masks))
   rows = [k * n + i for i, k in entries]
   for key in ("z_image", "std_image", "z_mask"):

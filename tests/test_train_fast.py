@@ -173,7 +173,7 @@ def test_banked_step_ema_is_an_average_of_the_trained_weights():
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
-  from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
+  from gms_jax import recipes  # pylint: disable=import-outside-toplevel
   from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS  # pylint: disable=C0415
   config = H.load_config("sample,fast")
   schedule = lambda count: 1e-3  # noqa: E731
@@ -183,10 +183,10 @@ def test_banked_step_ema_is_an_average_of_the_trained_weights():
   rng = np.random.default_rng(0)
   batch = {"z_image": rng.standard_normal((2, 8, 8, 4)).astype(np.float32),
            "z_mask": rng.standard_normal((2, 8, 8, 4)).astype(np.float32)}
-  kw = train_fast.banked_loss_kwargs(config, dice=False, platform="cpu")
+  kw = step_lib.banked_loss_kwargs(config, dice=False, platform="cpu")
   decay = 0.5
-  plain = jax.jit(train_fast.make_banked_step(graphdef, None, tx, schedule, kw))
-  ema = jax.jit(train_fast.make_banked_step(graphdef, None, tx, schedule, kw, ema_decay=decay))
+  plain = jax.jit(step_lib.make_train_step(graphdef, None, tx, schedule, kw, banked=True))
+  ema = jax.jit(step_lib.make_train_step(graphdef, None, tx, schedule, kw, ema_decay=decay, banked=True))
   base = {"step": jnp.zeros((), jnp.int32), "opt_state": tx.init(p0), "rng": jax.random.PRNGKey(1)}
   s_plain = dict(base, params=p0)
   s_ema = dict(base, params=p0, train_params=p0)
@@ -208,12 +208,12 @@ def test_banked_step_ema_is_an_average_of_the_trained_weights():
 
 def test_fast_schedule_phase1_cosine_then_constant_phase2():
   from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
-  from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
+  from gms_jax import recipes  # pylint: disable=import-outside-toplevel
   config = H.load_config("sample,fast")
   config.num_epochs, config.schedule.warmup_epochs = 10, 2
   config.fast.dice_learning_rate = 3e-4
   spe = 4
-  sched = train_fast.make_fast_schedule(config, spe, phase1_steps=40)
+  sched = step_lib.make_fast_schedule(config, spe, phase1_steps=40)
   base = step_lib.make_schedule(config, spe)
   for step in (0, 3, 8, 20, 39):  # phase 1: the trainer's warm-up + cosine, unchanged
     assert float(sched(step)) == float(base(step))
@@ -260,10 +260,10 @@ def test_resume_check_reads_keys_added_later_as_their_old_value():
 def test_bank_extras_follow_the_config_switches():
   """bank.<name>_augment switches map to the view extras the bank is built with (none by
   default: the fast recipe's views are SPEC §3 unless asked)."""
-  from gms_jax import train_fast  # pylint: disable=import-outside-toplevel
+  from gms_jax import recipes  # pylint: disable=import-outside-toplevel
   config = H.load_config("sample,fast")
-  assert train_fast.bank_extras(config) == ()
+  assert recipes.bank_extras(config) == ()
   config.bank.scanner_augment = True
-  assert train_fast.bank_extras(config) == ("scanner",)
+  assert recipes.bank_extras(config) == ("scanner",)
   config.bank.intensity_augment = True
-  assert train_fast.bank_extras(config) == ("intensity", "scanner")
+  assert recipes.bank_extras(config) == ("intensity", "scanner")
