@@ -181,7 +181,7 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
-def _cost(obj) -> dict[str, float]:
+def cost_of(obj) -> dict[str, float]:
   try:
     ca = obj.cost_analysis()
   except Exception:  # pylint: disable=broad-except  (backends without a cost model)
@@ -198,7 +198,7 @@ def program_facts(compiled, *, images: int, chip: Chip, dtype_name: str, n_devic
   """Memory, cost, roofline and collectives of one compiled program (per device)."""
   from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
   mem = _memory(compiled)
-  cost = _cost(compiled)
+  cost = cost_of(compiled)
   flops_source = "compiled (XLA cost analysis of the optimized per-device program)"
   if not cost.get("flops") and fallback_cost:
     cost = {"flops": fallback_cost.get("flops")}
@@ -244,10 +244,10 @@ def _host_cost(config, built, *, program: str, per_device: int) -> dict[str, flo
                         tokenizer=built.tokenizer, global_batch=per_device,
                         platform=built.platform)
   if program == "predict":
-    return _cost(host.lower_predict(per_device))
+    return cost_of(host.lower_predict(per_device))
   if program == "bank_encode":
-    return _cost(host.lower_bank_encode(per_device))
-  return _cost(host.lower_train(program))
+    return cost_of(host.lower_bank_encode(per_device))
+  return cost_of(host.lower_train(program))
 
 
 def compile_for(config, target: str, *, num_slices: int = 1, inference_batch: int = 64,

@@ -218,6 +218,11 @@ def abstract(family: str, cfg=None, *, dtype=None, remat_decoder: bool = False) 
   return _make(family, graphdef, params, cfg, dtype=dtype, remat_decoder=remat_decoder)
 
 
+def with_params(tok: Tokenizer, params: Any) -> Tokenizer:
+  """``tok`` with other params of the same structure (e.g. random ones for timing)."""
+  return dataclasses.replace(tok, params=params)
+
+
 def shapes(tok: Tokenizer) -> Any:
   """The tokenizer's params as ``jax.ShapeDtypeStruct`` leaves (real or abstract tokenizer)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tok.params)
