@@ -488,10 +488,11 @@ def main(argv: list[str] | None = None) -> int:
   argv = [a.replace("--num-slices", "--num_slices").replace("--inference-batch",
                                                             "--inference_batch").replace(
               "--train-examples", "--train_examples") for a in argv]
+  argv = configuration.resolve_config_argv(argv)
   try:
     extra = _FLAGS(["gms-jax compile"] + argv)
   except Exception as e:  # pylint: disable=broad-except  (absl/ml_collections raise many types)
-    raise errors.UsageError(f"bad flag: {errors.one_line(e)}; {USAGE}") from None
+    raise configuration.flag_error(argv, e, USAGE) from None
   if len(extra) > 1:
     raise errors.UsageError(f"unexpected arguments {extra[1:]}; {USAGE}")
   if _CONFIG.value is None or not _TARGET.value:

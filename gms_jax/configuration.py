@@ -14,7 +14,7 @@ import difflib
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from gms_jax.errors import ConfigError
 
@@ -264,3 +264,68 @@ def _validate_fast(flat: Mapping[str, Any]) -> None:
   decay = _float(flat, "fast.ema_decay", 0.0)
   if decay >= 1.0:
     raise ConfigError(f"config.fast.ema_decay must be in [0, 1), got {decay}")
+
+
+# ----------------------------------------------------------------------------- --config flags
+
+
+def packaged_config() -> str:
+  """The packaged config file (``gms_jax/configs/gms.py``): what a bare ``--config NAME`` names."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "gms.py")
+
+
+def config_spec(argv: Sequence[str]) -> str:
+  """The value of ``--config`` in ``argv`` ("" if absent)."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
+
+
+def resolve_config_argv(argv: Sequence[str]) -> list[str]:
+  """``argv`` with a bare ``--config NAME`` (no ``:``, not a file) turned into the packaged
+  ``.../gms_jax/configs/gms.py:NAME``, so an installed package runs from any folder;
+  ``--config configs/gms.py:NAME`` (a checkout) and any other file path are left as given."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    value, prefix = None, ""
+    if a.startswith("--config="):
+      value, prefix = a.split("=", 1)[1], "--config="
+    elif a == "--config" and i + 1 < len(out):
+      value, i = out[i + 1], i + 1
+    if value is None:
+      continue
+    if value and ":" not in value and not os.path.exists(value) and not value.endswith(".py"):
+      out[i] = prefix + f"{packaged_config()}:{value}"
+    break
+  return out
+
+
+def flag_error(argv: Sequence[str], exc: BaseException, usage: str) -> ConfigError:
+  """The one line for a failed ``--config`` flag parse: a missing config file, the config file's
+  own error (an unknown config name), an unknown ``--config.KEY`` (with the closest keys), or the
+  bad value's message."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from gms_jax import errors  # pylint: disable=import-outside-toplevel
+  spec = config_spec(argv)
+  if spec:
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+      return ConfigError(f"--config {spec}: no such config file {path}")
+    try:
+      module_spec = importlib.util.spec_from_file_location("_gms_config", path)
+      module = importlib.util.module_from_spec(module_spec)
+      module_spec.loader.exec_module(module)
+      cfg = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
+      return ConfigError(f"--config {spec}: {errors.describe(e)}")
+    flat = flatten(to_plain(cfg))
+    sections = {k.rsplit(".", 1)[0] for k in flat if "." in k}
+    for a in argv:
+      if a.startswith("--config."):
+        key = a[len("--config."):].split("=", 1)[0]
+        if key not in flat and key not in sections:
+          return ConfigError(suggest_key(key, flat))
+  return ConfigError(f"bad flag: {errors.one_line(exc)}; {usage}")

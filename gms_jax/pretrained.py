@@ -207,37 +207,6 @@ step 0, with the config's tokenizer, that `gms-jax evaluate`, `predict`, `export
 """
 
 
-def _config_spec(argv: list[str]) -> str:
-  """The value of ``--config`` in ``argv`` ("" if absent)."""
-  return next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
-               if (a == "--config" and i + 1 < len(argv)) or a.startswith("--config=")), "")
-
-
-def _bad_flag(argv: list[str], exc: BaseException) -> errors.ConfigError:
-  """One line for a failed flag parse, naming an unknown --config.KEY with the closest keys."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  from gms_jax import configuration  # pylint: disable=import-outside-toplevel
-  spec = _config_spec(argv)
-  path, _, arg = spec.partition(":")
-  if os.path.isfile(path):
-    try:
-      module_spec = importlib.util.spec_from_file_location("_gms_config", path)
-      module = importlib.util.module_from_spec(module_spec)
-      module_spec.loader.exec_module(module)
-      flat = configuration.flatten(configuration.to_plain(module.get_config(arg) if arg
-                                                          else module.get_config()))
-    except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
-      return errors.ConfigError(f"--config {spec}: {errors.describe(e)}")
-    sections = {k.rsplit(".", 1)[0] for k in flat if "." in k}
-    for a in argv:
-      key = a[len("--config."):].split("=", 1)[0] if a.startswith("--config.") else None
-      if key and key not in flat and key not in sections:
-        return errors.ConfigError(configuration.suggest_key(key, flat))
-  elif spec:
-    return errors.ConfigError(f"--config {spec}: no such config file {path}")
-  return errors.ConfigError(f"bad flag: {errors.one_line(exc)}; {IMPORT_USAGE}")
-
-
 def import_main(argv: list[str] | None = None) -> int:
   """``gms-jax import``: mapper checkpoint + the config's tokenizer -> a ready workdir.
 
@@ -249,7 +218,8 @@ def import_main(argv: list[str] | None = None) -> int:
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   from gms_jax import configuration  # pylint: disable=import-outside-toplevel
-  spec = _config_spec(argv)
+  argv = configuration.resolve_config_argv(argv)
+  spec = configuration.config_spec(argv)
   if spec and not os.path.isfile(spec.partition(":")[0]):
     raise errors.ConfigError(f"--config {spec}: no such config file {spec.partition(':')[0]}")
   full = ["gms-jax import"] + argv
@@ -263,7 +233,7 @@ def import_main(argv: list[str] | None = None) -> int:
     extra = fv(full)
     config = cfg_flag.value
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    raise _bad_flag(argv, e) from None
+    raise configuration.flag_error(argv, e, IMPORT_USAGE) from None
   if len(extra) > 1:
     raise errors.UsageError(f"unexpected arguments {extra[1:]}; {IMPORT_USAGE}")
   if config is None or not mapper.value or not workdir.value:

@@ -453,42 +453,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json")
 
 
-_USAGE = "--config configs/gms.py:NAME --workdir DIR [--config.key=value ...]"
-
-
-def _config_arg(argv: list[str]) -> str | None:
-  for i, a in enumerate(argv):
-    if a.startswith("--config="):
-      return a.split("=", 1)[1]
-    if a == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def _flag_error(argv: list[str], exc: BaseException) -> errors.ConfigError:
-  """One line for a failed flag parse: an unknown config name or key (with suggestions), or the
-  bad value's message."""
-  spec = _config_arg(argv)
-  if spec:
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-      return errors.ConfigError(f"--config {spec}: no such config file {path}")
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    try:
-      module_spec = importlib.util.spec_from_file_location("_gms_config", path)
-      module = importlib.util.module_from_spec(module_spec)
-      module_spec.loader.exec_module(module)
-      cfg = module.get_config(arg) if arg else module.get_config()
-    except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
-      return errors.ConfigError(f"--config {spec}: {errors.describe(e)}")
-    flat = configuration.flatten(configuration.to_plain(cfg))
-    sections = {k.rsplit(".", 1)[0] for k in flat if "." in k}
-    for a in argv:
-      if a.startswith("--config."):
-        key = a[len("--config."):].split("=", 1)[0]
-        if key not in flat and key not in sections:
-          return errors.ConfigError(configuration.suggest_key(key, flat))
-  return errors.ConfigError(f"bad flag: {errors.one_line(exc)}")
+_USAGE = "--config NAME --workdir DIR [--config.key=value ...]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,10 +468,11 @@ def main(argv: list[str] | None = None) -> int:
           "from the latest checkpoint in DIR when DIR holds a run of the same config (a different\n"
           "model, data or schedule is refused); DIR/metrics.jsonl, DIR/tensorboard, DIR/config.json.")
     return 0
+  argv = configuration.resolve_config_argv(argv)
   try:
     extra = FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except  (absl/ml_collections raise many types)
-    raise _flag_error(argv, e) from None
+    raise configuration.flag_error(argv, e, f"usage: gms-jax train {_USAGE}") from None
   if len(extra) > 1:
     raise errors.UsageError(f"unexpected arguments {extra[1:]}; usage: {_USAGE}")
   if _CONFIG.value is None or not _WORKDIR.value:

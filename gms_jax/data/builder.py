@@ -54,7 +54,7 @@ SHIPPED_DATASETS = ("sample", "busi", "bus-bra", "ph2", "drive", "chase_db1")
 DATASET_NAMES = SHIPPED_DATASETS + ("folder",)
 
 _DESCRIPTIONS = {
-    "sample": "Tiny PH2 sample shipped in data/sample (smoke runs, tests).",
+    "sample": "Tiny PH2 sample shipped in the package (gms_jax/assets/sample; smoke runs, tests).",
     "busi": "BUSI benign+malignant (GMS split busi_train_test_names.pkl, 517/130).",
     "bus-bra": "BUS-BRA breast ultrasound (patient-grouped ratio split).",
     "ph2": "PH2 dermoscopy (ratio split).",
@@ -67,8 +67,9 @@ _PNG_COMPRESS_LEVEL = 3
 
 
 def sample_root() -> Path:
-    """The tiny dataset shipped with the repository (``data/sample``)."""
-    return Path(__file__).resolve().parents[2] / "data" / "sample"
+    """The tiny dataset shipped inside the package (``gms_jax/assets/sample``; ``data/sample`` in
+    a checkout links to it), so an installed wheel runs the smoke config."""
+    return Path(__file__).resolve().parents[1] / "assets" / "sample"
 
 
 @dataclasses.dataclass(eq=False)
