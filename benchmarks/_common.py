@@ -47,27 +47,49 @@ QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=description,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--tokenizer", choices=("sd-vae", "taef2", "both"), default=None,
-                 help="default: both (--quick: sd-vae, the tiny config)")
+  p = argparse.ArgumentParser(
+    description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
+  p.add_argument(
+    "--tokenizer",
+    choices=("sd-vae", "taef2", "both"),
+    default=None,
+    help="default: both (--quick: sd-vae, the tiny config)",
+  )
   p.add_argument("--frameworks", choices=("jax", "torch", "both"), default="both")
   p.add_argument("--size", type=int, default=224, help="image side (latents are size/8)")
   p.add_argument("--repeats", type=int, default=5, help="timed repetitions")
   p.add_argument("--warmup", type=int, default=1, help="untimed repetitions after compilation")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="compute dtype (bfloat16 is meant for GPUs; PyTorch uses autocast)")
-  p.add_argument("--threads", type=int, default=os.cpu_count(),
-                 help="torch.set_num_threads (XLA:CPU uses one thread per core)")
-  p.add_argument("--taef2", default=DEFAULT_TAEF2,
-                 help="folder with taef2_{encoder,decoder}.pth; random TAEF2 weights if missing")
-  p.add_argument("--sd-vae", default="",
-                 help="diffusers AutoencoderKL folder for real SD weights (default: random init; "
-                      "speed does not depend on the values)")
+  p.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    default="float32",
+    help="compute dtype (bfloat16 is meant for GPUs; PyTorch uses autocast)",
+  )
+  p.add_argument(
+    "--threads",
+    type=int,
+    default=os.cpu_count(),
+    help="torch.set_num_threads (XLA:CPU uses one thread per core)",
+  )
+  p.add_argument(
+    "--taef2",
+    default=DEFAULT_TAEF2,
+    help="folder with taef2_{encoder,decoder}.pth; random TAEF2 weights if missing",
+  )
+  p.add_argument(
+    "--sd-vae",
+    default="",
+    help="diffusers AutoencoderKL folder for real SD weights (default: random init; "
+    "speed does not depend on the values)",
+  )
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--quick", action="store_true",
-                 help="smoke run for CI (numbers meaningless): tiny SD config only, 32x32, batch 2, "
-                      "1 repeat, no warmup, 1 PyTorch thread")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke run for CI (numbers meaningless): tiny SD config only, 32x32, batch 2, "
+    "1 repeat, no warmup, 1 PyTorch thread",
+  )
   p.add_argument("--out", default="", help="results JSON (default benchmarks/results/<name>.json)")
   p.add_argument("--cache", default="", help="folder for the shared weights (default: a temp dir)")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: JSON job spec
@@ -101,32 +123,40 @@ def framework_list(args) -> list[str]:
 
 def _git(*cmd) -> str:
   try:
-    return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10,
-                          check=False).stdout.strip()
-  except Exception:  # pylint: disable=broad-except
+    return subprocess.run(
+      ["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+    ).stdout.strip()
+  except Exception:
     return ""
 
 
 def cpu_model() -> str:
-  from gms_jax import run_metadata  # pylint: disable=import-outside-toplevel
+  from gms_jax import run_metadata
+
   return run_metadata.cpu_info()["model"] or platform.processor() or platform.machine()
 
 
 def cpu_peak_flops(n_cores: int) -> dict[str, Any]:
   """A rough fp32 peak for x86: cores x nominal MHz x FLOP/cycle (AVX-512: 64, AVX2+FMA: 32)."""
-  from gms_jax import run_metadata  # pylint: disable=import-outside-toplevel
+  from gms_jax import run_metadata
+
   info = run_metadata.cpu_info()
   if not info["simd"]:
     return {}
   per_cycle = {"avx512": 64, "avx2": 32}.get(info["simd"], 16)
-  return {"mhz": info["mhz"], "simd": info["simd"], "flop_per_cycle_per_core": per_cycle,
-          "peak_flops": n_cores * info["mhz"] * 1e6 * per_cycle,
-          "note": "nominal clock x 2 FMA pipes x SIMD width; an estimate"}
+  return {
+    "mhz": info["mhz"],
+    "simd": info["simd"],
+    "flop_per_cycle_per_core": per_cycle,
+    "peak_flops": n_cores * info["mhz"] * 1e6 * per_cycle,
+    "note": "nominal clock x 2 FMA pipes x SIMD width; an estimate",
+  }
 
 
 def machine_info() -> dict[str, Any]:
   """Host, library versions and commit: everything a reader needs to reproduce a table."""
-  import importlib.metadata as md  # pylint: disable=import-outside-toplevel
+  import importlib.metadata as md
+
   vers = {}
   for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "numpy"):
     try:
@@ -143,15 +173,20 @@ def machine_info() -> dict[str, Any]:
   except (ValueError, OSError):
     mem_gib = None
   return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "commit": _git("rev-parse", "HEAD"),
-      "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-      "cpu": cpu_model(), "cpu_count": n, "mem_gib": mem_gib,
-      "cpus_allowed": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-      "loadavg_at_start": load, "cpu_peak_estimate": cpu_peak_flops(n),
-      "python": platform.python_version(), "platform": platform.platform(),
-      "versions": vers, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-      "command": " ".join([Path(sys.executable).name] + sys.argv),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "commit": _git("rev-parse", "HEAD"),
+    "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    "cpu": cpu_model(),
+    "cpu_count": n,
+    "mem_gib": mem_gib,
+    "cpus_allowed": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    "loadavg_at_start": load,
+    "cpu_peak_estimate": cpu_peak_flops(n),
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "versions": vers,
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    "command": " ".join([Path(sys.executable).name] + sys.argv),
   }
 
 
@@ -161,9 +196,15 @@ def stats(times: Sequence[float]) -> dict[str, float]:
   if not t:
     return {}
   q = statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0], t[0], t[0]]
-  return {"median_s": statistics.median(t), "min_s": t[0], "max_s": t[-1],
-          "iqr_s": q[2] - q[0], "mean_s": statistics.fmean(t),
-          "std_s": statistics.stdev(t) if len(t) >= 2 else 0.0, "n": len(t)}
+  return {
+    "median_s": statistics.median(t),
+    "min_s": t[0],
+    "max_s": t[-1],
+    "iqr_s": q[2] - q[0],
+    "mean_s": statistics.fmean(t),
+    "std_s": statistics.stdev(t) if len(t) >= 2 else 0.0,
+    "n": len(t),
+  }
 
 
 def rss_bytes() -> int:
@@ -206,8 +247,9 @@ class RssSampler:
     self.peak = max(self.peak, rss_bytes())
 
 
-def timed(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[Any], Any]
-          ) -> tuple[list[float], int, Any]:
+def timed(
+  fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[Any], Any]
+) -> tuple[list[float], int, Any]:
   """Runs ``fn`` ``warmup`` then ``repeats`` times; returns (seconds per repeat, peak RSS during
   the repeats, last result)."""
   out = None
@@ -227,7 +269,8 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[Any]
 
 def make_batch(batch: int, size: int, seed: int = 0):
   """Deterministic images in [0,1] (B,S,S,3) and binary ellipse masks (B,S,S), float32 numpy."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  import numpy as np
+
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
   images = np.empty((batch, size, size, 3), np.float32)
@@ -238,14 +281,18 @@ def make_batch(batch: int, size: int, seed: int = 0):
     m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
     masks[i] = m
     base = rng.uniform(0.2, 0.8, 3)
-    images[i] = np.clip(base + 0.3 * m[..., None] + 0.1 * rng.standard_normal((size, size, 3)), 0, 1)
+    images[i] = np.clip(
+      base + 0.3 * m[..., None] + 0.1 * rng.standard_normal((size, size, 3)), 0, 1
+    )
   return images, masks
 
 
 # ============================================================================ driver helpers
 
 
-def run_worker(script: str, job: dict[str, Any], *, timeout_s: float | None = None) -> dict[str, Any]:
+def run_worker(
+  script: str, job: dict[str, Any], *, timeout_s: float | None = None
+) -> dict[str, Any]:
   """Runs ``python script --worker JOB`` in a fresh process; returns its JSON record (or an error
   record with the exit status and the tail of stderr, e.g. when the kernel killed it for memory)."""
   fd, result_path = tempfile.mkstemp(prefix="gms_bench_", suffix=".json")
@@ -257,12 +304,22 @@ def run_worker(script: str, job: dict[str, Any], *, timeout_s: float | None = No
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + QUICK_XLA_FLAGS).strip()
   t0 = time.perf_counter()
   try:
-    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(job)], env=env,
-                          capture_output=True, text=True, timeout=timeout_s, check=False)
+    proc = subprocess.run(
+      [sys.executable, script, "--worker", json.dumps(job)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout_s,
+      check=False,
+    )
     rc, err = proc.returncode, proc.stderr
   except subprocess.TimeoutExpired as e:
-    rc, err = "timeout", (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) \
-        else (e.stderr or "")
+    rc, err = (
+      "timeout",
+      (e.stderr or b"").decode(errors="replace")
+      if isinstance(e.stderr, bytes)
+      else (e.stderr or ""),
+    )
   wall = time.perf_counter() - t0
   try:
     with open(result_path, encoding="utf-8") as f:
@@ -280,13 +337,17 @@ def run_worker(script: str, job: dict[str, Any], *, timeout_s: float | None = No
   return rec
 
 
-def finish_record(rec: dict[str, Any], step_peak_rss: int,
-                  device_memory: dict[str, Any] | None = None) -> dict[str, Any]:
+def finish_record(
+  rec: dict[str, Any], step_peak_rss: int, device_memory: dict[str, Any] | None = None
+) -> dict[str, Any]:
   """Adds the memory fields every worker ends with: the RSS peak sampled during the timed calls,
   the process's lifetime peak RSS, and device memory (``_jax_side.jax_memory_stats()`` or
   ``_torch_side.torch_memory_stats(dev)``)."""
-  rec.update(step_peak_rss_bytes=step_peak_rss, ru_maxrss_bytes=peak_rss_bytes(),
-             device_memory=device_memory or {})
+  rec.update(
+    step_peak_rss_bytes=step_peak_rss,
+    ru_maxrss_bytes=peak_rss_bytes(),
+    device_memory=device_memory or {},
+  )
   return rec
 
 
@@ -301,11 +362,15 @@ def pool_rounds(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
   if len(recs) == 1 or "times_s" not in rec:
     return rec
   times = [t for r in recs for t in r["times_s"]]
-  rec.update(stats(times), times_s=times, rounds=len(recs),
-             round_medians_s=[r["median_s"] for r in recs],
-             step_peak_rss_bytes=max(r["step_peak_rss_bytes"] for r in recs),
-             ru_maxrss_bytes=max(r.get("ru_maxrss_bytes") or 0 for r in recs),
-             worker_wall_s=sum(r.get("worker_wall_s") or 0.0 for r in recs))
+  rec.update(
+    stats(times),
+    times_s=times,
+    rounds=len(recs),
+    round_medians_s=[r["median_s"] for r in recs],
+    step_peak_rss_bytes=max(r["step_peak_rss_bytes"] for r in recs),
+    ru_maxrss_bytes=max(r.get("ru_maxrss_bytes") or 0 for r in recs),
+    worker_wall_s=sum(r.get("worker_wall_s") or 0.0 for r in recs),
+  )
   return rec
 
 
@@ -348,8 +413,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   cells = [[str(c) for c in r] for r in rows]
   widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
   line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
-  text = "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                   + [line(r) for r in cells])
+  text = "\n".join(
+    [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells]
+  )
   print(text)
   return text
 

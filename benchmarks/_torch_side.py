@@ -8,12 +8,12 @@ from typing import Any, Callable, NamedTuple
 from _common import rss_bytes
 from _weights import diffusers_vae
 
-
 SD_SCALE = 0.18215
 
 
 def torch_setup(threads: int):
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
+
   torch.set_num_threads(max(1, threads))
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   return torch, dev
@@ -25,11 +25,14 @@ def torch_load(spec: dict[str, Any], dev):
   ``encode(x01 NCHW) -> (z scaled, std unscaled)``; ``decode_raw(z scaled) -> NCHW`` in the
   family's own range (SD about [-1,1], TAE about [0,1]).  Frozen modules have requires_grad=False.
   """
-  import torch  # pylint: disable=import-outside-toplevel
-  from gms_jax.testing import torch_refs  # pylint: disable=import-outside-toplevel
+  import torch
+
+  from gms_jax.testing import torch_refs
+
   sd = torch.load(spec["torch_tok"], map_location="cpu", weights_only=True)
   if spec["family"] == "sd-vae":
-    from gms_jax.models.sd_vae import AutoencoderKLConfig  # pylint: disable=import-outside-toplevel
+    from gms_jax.models.sd_vae import AutoencoderKLConfig
+
     vae = diffusers_vae(AutoencoderKLConfig.from_dict(spec["tok_cfg"]))
     vae.load_state_dict(sd)
     vae.requires_grad_(False)
@@ -48,8 +51,12 @@ def torch_load(spec: dict[str, Any], dev):
     c = spec["tok_cfg"]
     enc = torch_refs.tae_encoder(c["latent_channels"], c["midblock_gn"])
     dec = torch_refs.tae_decoder(c["latent_channels"], c["midblock_gn"])
-    enc.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})
-    dec.load_state_dict({k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")})
+    enc.load_state_dict(
+      {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
+    )
+    dec.load_state_dict(
+      {k[len("decoder.") :]: v for k, v in sd.items() if k.startswith("decoder.")}
+    )
     for m in (enc, dec):
       m.requires_grad_(False)
       m.eval().to(dev)
@@ -60,8 +67,9 @@ def torch_load(spec: dict[str, Any], dev):
 
     decode_raw = dec
     modules = [enc, dec]
-  mapper = torch_refs.ResAttnUNet_DS(in_channel=spec["latent_channels"],
-                                     out_channels=spec["latent_channels"])
+  mapper = torch_refs.ResAttnUNet_DS(
+    in_channel=spec["latent_channels"], out_channels=spec["latent_channels"]
+  )
   mapper.load_state_dict(torch.load(spec["torch_mapper"], map_location="cpu", weights_only=True))
   mapper.to(dev)
   return encode, decode_raw, mapper, modules
@@ -69,6 +77,7 @@ def torch_load(spec: dict[str, Any], dev):
 
 class TorchWorker(NamedTuple):
   """What every PyTorch worker starts from (``torch_worker_setup``)."""
+
   torch: Any
   dev: Any
   family: str
@@ -83,15 +92,20 @@ def torch_worker_setup(job: dict[str, Any]) -> TorchWorker:
   torch, dev = torch_setup(job["threads"])
   family = job["spec"]["family"]
   encode, decode_raw, mapper, _ = torch_load(job["spec"], dev)
-  rec = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-         "device": str(dev), "rss_after_setup_bytes": rss_bytes(),
-         "impl": "diffusers AutoencoderKL" if family == "sd-vae" else "torch_refs TAE"}
+  rec = {
+    "threads": torch.get_num_threads(),
+    "interop_threads": torch.get_num_interop_threads(),
+    "device": str(dev),
+    "rss_after_setup_bytes": rss_bytes(),
+    "impl": "diffusers AutoencoderKL" if family == "sd-vae" else "torch_refs TAE",
+  }
   return TorchWorker(torch, dev, family, encode, decode_raw, mapper, rec)
 
 
 def torch_images(images, dev):
   """NHWC float numpy images -> a contiguous NCHW tensor on ``dev``."""
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
+
   return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
 
 
@@ -112,16 +126,18 @@ def torch_dice(pred, target, smooth=1e-5):
 
 
 def torch_sync(dev):
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
+
   if dev.type == "cuda":
     torch.cuda.synchronize()
 
 
 def torch_memory_stats(dev) -> dict[str, Any]:
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
+
   if dev.type != "cuda":
     return {}
-  return {"peak_bytes_in_use": int(torch.cuda.max_memory_allocated()),
-          "peak_bytes_reserved": int(torch.cuda.max_memory_reserved())}
-
-
+  return {
+    "peak_bytes_in_use": int(torch.cuda.max_memory_allocated()),
+    "peak_bytes_reserved": int(torch.cuda.max_memory_reserved()),
+  }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Markdown table of ``gms-jax compile --json`` records (one row per file), for RESULTS.md.
 
-    python benchmarks/aot_table.py benchmarks/results/aot/*.json
+python benchmarks/aot_table.py benchmarks/results/aot/*.json
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import json
 import sys
 
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
-import _common as C  # pylint: disable=wrong-import-position
-from gms_jax import aot  # pylint: disable=wrong-import-position
+import _common as C
+
+from gms_jax import aot
 
 
 def main(paths: list[str]) -> int:

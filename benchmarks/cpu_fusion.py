@@ -25,8 +25,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # pylint: disable=wrong-import-position
-import _jax_side as J  # pylint: disable=wrong-import-position
+import _common as C
+import _jax_side as J
 
 NAME = "cpu_fusion"
 
@@ -34,17 +34,26 @@ NAME = "cpu_fusion"
 def main(argv=None) -> int:
   p = C.base_parser(__doc__.split("\n")[0])
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--fusions", nargs="+", default=["", "dot,reduce"],
-                 help="config.cpu_library_fusion values; the first is the reference")
-  p.add_argument("--slow-repeats", type=int, default=2,
-                 help="timed rounds of phase 2 and exact (~20 s a step here)")
+  p.add_argument(
+    "--fusions",
+    nargs="+",
+    default=["", "dot,reduce"],
+    help="config.cpu_library_fusion values; the first is the reference",
+  )
+  p.add_argument(
+    "--slow-repeats",
+    type=int,
+    default=2,
+    help="timed rounds of phase 2 and exact (~20 s a step here)",
+  )
   args = J.fast_args(p, argv, slow_repeats=1)
 
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
-  from gms_jax import recipes  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from gms_jax import recipes
+  from gms_jax import step as step_lib
 
   machine = C.machine_info()
   b, s = args.batch, args.size
@@ -69,15 +78,25 @@ def main(argv=None) -> int:
   if tok.has_posterior:
     bank_batch["std_image"] = ref_enc["std_image"]
   programs = {
-      "banked phase 1 (latent MSE)": (step_lib.make_train_step(
-          graphdef, tok, tx, schedule, step_lib.banked_loss_kwargs(config, dice=False), banked=True),
-          bank_batch, args.repeats),
-      "banked phase 2 (+ decoder Dice)": (step_lib.make_train_step(
-          graphdef, tok, tx, schedule, step_lib.banked_loss_kwargs(config, dice=True), banked=True),
-          dict(bank_batch, mask=masks), args.slow_repeats),
-      "exact (SPEC §3)": (step_lib.make_train_step(
-          graphdef, tok, tx, schedule, step_lib.loss_kwargs(config, "cpu")),
-          {"image": images, "mask": masks}, args.slow_repeats),
+    "banked phase 1 (latent MSE)": (
+      step_lib.make_train_step(
+        graphdef, tok, tx, schedule, step_lib.banked_loss_kwargs(config, dice=False), banked=True
+      ),
+      bank_batch,
+      args.repeats,
+    ),
+    "banked phase 2 (+ decoder Dice)": (
+      step_lib.make_train_step(
+        graphdef, tok, tx, schedule, step_lib.banked_loss_kwargs(config, dice=True), banked=True
+      ),
+      dict(bank_batch, mask=masks),
+      args.slow_repeats,
+    ),
+    "exact (SPEC §3)": (
+      step_lib.make_train_step(graphdef, tok, tx, schedule, step_lib.loss_kwargs(config, "cpu")),
+      {"image": images, "mask": masks},
+      args.slow_repeats,
+    ),
   }
   if args.quick:  # CI smoke: encode and phase 1 only (the others compile for ~20 s each)
     programs = dict(list(programs.items())[:1])
@@ -85,8 +104,11 @@ def main(argv=None) -> int:
   for what, (fn, batch, _) in programs.items():
     for f in settings:
       t0 = time.perf_counter()
-      compiled[(what, f)] = jax.jit(fn, donate_argnums=(0,), compiler_options=opts[f]).lower(
-          state0, tok.params, batch).compile()
+      compiled[(what, f)] = (
+        jax.jit(fn, donate_argnums=(0,), compiler_options=opts[f])
+        .lower(state0, tok.params, batch)
+        .compile()
+      )
       compile_s[(what, f)] = time.perf_counter() - t0
       states[(what, f)] = jax.tree.map(jnp.copy, state0)
     print(f"compiled {what} x{len(settings)}", flush=True)
@@ -123,27 +145,60 @@ def main(argv=None) -> int:
       if what == "encode":
         diff = enc_diff[f]
       else:
-        diff = max((abs(x - y) for x, y in zip(losses[(what, f)], losses[(what, ref)])),
-                   default=0.0)
-      rec = {"what": what, "fusion": f, "compiler_options": opts[f], **st,
-             "times_s": times[(what, f)], "compile_s": compile_s[(what, f)],
-             "speedup_vs_first": base / st["median_s"] if st["median_s"] else None,
-             "max_abs_diff_vs_first": diff}
+        diff = max(
+          (abs(x - y) for x, y in zip(losses[(what, f)], losses[(what, ref)])), default=0.0
+        )
+      rec = {
+        "what": what,
+        "fusion": f,
+        "compiler_options": opts[f],
+        **st,
+        "times_s": times[(what, f)],
+        "compile_s": compile_s[(what, f)],
+        "speedup_vs_first": base / st["median_s"] if st["median_s"] else None,
+        "max_abs_diff_vs_first": diff,
+      }
       if what != "encode":
         rec["losses"] = losses[(what, f)]
       records.append(rec)
-      rows.append([what, repr(f), C.fmt(per) + (" /view" if what == "encode" else " /step"),
-                   C.fmt(rec["speedup_vs_first"]), C.fmt(diff, ".2g"),
-                   C.fmt(compile_s[(what, f)], ".1f")])
-  print(f"\n{tok.family} tokenizer, batch {b} x {s}², {machine['cpu']} x{machine['cpu_count']} "
-        f"({(machine['cpu_peak_estimate'] or {}).get('simd', '?')}), "
-        f"load {machine['loadavg_at_start']}, {args.repeats} rounds "
-        f"({args.slow_repeats} for phase 2 / exact)")
-  table = C.print_table(["", "cpu_library_fusion", "s (median)", f"speed-up vs {ref!r}",
-                         f"max |diff| vs {ref!r}", "compile s"], rows)
-  C.write_results(C.results_path(args, f"{NAME}_{args.tokenizer}"), {
-      "benchmark": NAME, "machine": machine, "args": vars(args), "records": records,
-      "table_markdown": table, "loadavg_at_end": list(os.getloadavg())})
+      rows.append(
+        [
+          what,
+          repr(f),
+          C.fmt(per) + (" /view" if what == "encode" else " /step"),
+          C.fmt(rec["speedup_vs_first"]),
+          C.fmt(diff, ".2g"),
+          C.fmt(compile_s[(what, f)], ".1f"),
+        ]
+      )
+  print(
+    f"\n{tok.family} tokenizer, batch {b} x {s}², {machine['cpu']} x{machine['cpu_count']} "
+    f"({(machine['cpu_peak_estimate'] or {}).get('simd', '?')}), "
+    f"load {machine['loadavg_at_start']}, {args.repeats} rounds "
+    f"({args.slow_repeats} for phase 2 / exact)"
+  )
+  table = C.print_table(
+    [
+      "",
+      "cpu_library_fusion",
+      "s (median)",
+      f"speed-up vs {ref!r}",
+      f"max |diff| vs {ref!r}",
+      "compile s",
+    ],
+    rows,
+  )
+  C.write_results(
+    C.results_path(args, f"{NAME}_{args.tokenizer}"),
+    {
+      "benchmark": NAME,
+      "machine": machine,
+      "args": vars(args),
+      "records": records,
+      "table_markdown": table,
+      "loadavg_at_end": list(os.getloadavg()),
+    },
+  )
   return 0
 
 

@@ -28,8 +28,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # pylint: disable=wrong-import-position
-import _jax_side as J  # pylint: disable=wrong-import-position
+import _common as C
+import _jax_side as J
 
 NAME = "fast_recipe"
 
@@ -37,14 +37,16 @@ NAME = "fast_recipe"
 def main(argv=None) -> int:
   p = C.base_parser(__doc__.split("\n")[0])
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--exact-repeats", type=int, default=2,
-                 help="timed exact steps (0: compile and FLOPs only)")
+  p.add_argument(
+    "--exact-repeats", type=int, default=2, help="timed exact steps (0: compile and FLOPs only)"
+  )
   args = J.fast_args(p, argv, exact_repeats=1)
 
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
-  from gms_jax import recipes  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+
+  from gms_jax import recipes
+  from gms_jax import step as step_lib
 
   machine = C.machine_info()
   b, s = args.batch, args.size
@@ -58,11 +60,17 @@ def main(argv=None) -> int:
   enc = encode_fn(images, masks)
   encode_compile_s = time.perf_counter() - t0
   times, _, _ = C.timed(lambda: encode_fn(images, masks), args.repeats, args.warmup, lambda x: x)
-  lowered = jax.jit(lambda t, x, m: (tok.encode(t, x), tok.encode(
-      t, jnp.repeat(m[..., None], 3, axis=-1)).z)).lower(tok.params, images, masks)
-  encode = {"what": "encode", **C.stats(times), "per_view_s": C.stats(times)["median_s"] / b,
-            "compile_s": encode_compile_s, "flops": J.cost_flops(lowered.compile()),
-            "times_s": times}
+  lowered = jax.jit(
+    lambda t, x, m: (tok.encode(t, x), tok.encode(t, jnp.repeat(m[..., None], 3, axis=-1)).z)
+  ).lower(tok.params, images, masks)
+  encode = {
+    "what": "encode",
+    **C.stats(times),
+    "per_view_s": C.stats(times)["median_s"] / b,
+    "compile_s": encode_compile_s,
+    "flops": J.cost_flops(lowered.compile()),
+    "times_s": times,
+  }
 
   bank_batch = {"z_image": enc["z_image"], "z_mask": enc["z_mask"]}
   if tok.has_posterior:
@@ -85,41 +93,74 @@ def main(argv=None) -> int:
     if repeats > 0:
       times, peak, m = C.timed(run, repeats, args.warmup, jax.block_until_ready)
       rec.update(C.stats(times), times_s=times, last_loss=float(m["loss"]), peak_rss_bytes=peak)
-    print(f"{what}: {rec.get('median_s', float('nan')):.3f} s/step, "
-          f"{(rec['flops'] or 0) / 1e9:.1f} GFLOP, compile {compile_s:.1f}s", flush=True)
+    print(
+      f"{what}: {rec.get('median_s', float('nan')):.3f} s/step, "
+      f"{(rec['flops'] or 0) / 1e9:.1f} GFLOP, compile {compile_s:.1f}s",
+      flush=True,
+    )
     return rec
 
   kw1 = step_lib.banked_loss_kwargs(config, dice=False)
   kw2 = step_lib.banked_loss_kwargs(config, dice=True)
-  records = [encode,
-             measure("banked phase 1 (latent MSE)",
-                     step_lib.make_train_step(graphdef, tok, tx, schedule, kw1, banked=True), bank_batch,
-                     args.repeats),
-             measure("banked phase 2 (+ decoder Dice)",
-                     step_lib.make_train_step(graphdef, tok, tx, schedule, kw2, banked=True),
-                     bank_batch_dice, args.repeats),
-             measure("exact (SPEC §3)",
-                     step_lib.make_train_step(graphdef, tok, tx, schedule,
-                                               step_lib.loss_kwargs(config)),
-                     batch, args.exact_repeats)]
+  records = [
+    encode,
+    measure(
+      "banked phase 1 (latent MSE)",
+      step_lib.make_train_step(graphdef, tok, tx, schedule, kw1, banked=True),
+      bank_batch,
+      args.repeats,
+    ),
+    measure(
+      "banked phase 2 (+ decoder Dice)",
+      step_lib.make_train_step(graphdef, tok, tx, schedule, kw2, banked=True),
+      bank_batch_dice,
+      args.repeats,
+    ),
+    measure(
+      "exact (SPEC §3)",
+      step_lib.make_train_step(graphdef, tok, tx, schedule, step_lib.loss_kwargs(config)),
+      batch,
+      args.exact_repeats,
+    ),
+  ]
   exact = records[-1]
   for r in records[1:]:
     if r.get("flops") and exact.get("flops"):
       r["flops_vs_exact"] = r["flops"] / exact["flops"]
     if r.get("median_s") and exact.get("median_s"):
       r["speedup_vs_exact"] = exact["median_s"] / r["median_s"]
-  rows = [[r["what"], C.fmt(r.get("median_s")), C.fmt((r.get("flops") or 0) / 1e9, ".4g"),
-           C.fmt(r.get("flops_vs_exact")), C.fmt(r.get("speedup_vs_exact")),
-           C.fmt(r.get("compile_s"), ".1f")] for r in records]
+  rows = [
+    [
+      r["what"],
+      C.fmt(r.get("median_s")),
+      C.fmt((r.get("flops") or 0) / 1e9, ".4g"),
+      C.fmt(r.get("flops_vs_exact")),
+      C.fmt(r.get("speedup_vs_exact")),
+      C.fmt(r.get("compile_s"), ".1f"),
+    ]
+    for r in records
+  ]
   rows[0][1] = f"{C.fmt(encode['median_s'])} ({C.fmt(encode['per_view_s'])}/view)"
-  print(f"\n{tok.family} tokenizer, batch {b} x {s}², {machine['cpu']} x{machine['cpu_count']}, "
-        f"load {machine['loadavg_at_start']}")
-  table = C.print_table(["", "s (median)", "GFLOP (XLA estimate)", "FLOPs / exact",
-                         "speed-up vs exact", "compile s"], rows)
-  C.write_results(C.results_path(args, f"{NAME}_{args.tokenizer}"), {
-      "benchmark": NAME, "machine": machine, "args": vars(args),
-      "tokenizer": args.tokenizer, "records": records, "table_markdown": table,
-      "loadavg_at_end": list(os.getloadavg())})
+  print(
+    f"\n{tok.family} tokenizer, batch {b} x {s}², {machine['cpu']} x{machine['cpu_count']}, "
+    f"load {machine['loadavg_at_start']}"
+  )
+  table = C.print_table(
+    ["", "s (median)", "GFLOP (XLA estimate)", "FLOPs / exact", "speed-up vs exact", "compile s"],
+    rows,
+  )
+  C.write_results(
+    C.results_path(args, f"{NAME}_{args.tokenizer}"),
+    {
+      "benchmark": NAME,
+      "machine": machine,
+      "args": vars(args),
+      "tokenizer": args.tokenizer,
+      "records": records,
+      "table_markdown": table,
+      "loadavg_at_end": list(os.getloadavg()),
+    },
+  )
   return 0
 
 

@@ -29,25 +29,32 @@ def section(path: str) -> str:
   v = m.get("versions", {})
   libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "flax", "torch", "diffusers") if v.get(k))
   load = m.get("loadavg_at_start")
-  kinds = sorted({(r.get("backend") or {}).get("device_kind") or r.get("device")
-                  for r in d.get("records", []) if isinstance(r, dict)} - {None})
+  kinds = sorted(
+    {
+      (r.get("backend") or {}).get("device_kind") or r.get("device")
+      for r in d.get("records", [])
+      if isinstance(r, dict)
+    }
+    - {None}
+  )
   peak = m.get("cpu_peak_estimate") or {}
   # widest SIMD (timings on CPU depend on it); older records only hold FLOP/cycle/core
   simd = peak.get("simd") or {64: "avx512", 32: "avx2"}.get(peak.get("flop_per_cycle_per_core"))
   lines = [
-      f"### `{os.path.relpath(path, HERE)}` — {d.get('benchmark', '?')}",
-      "",
-      f"- machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, "
-      f"{m.get('mem_gib') or 0:.0f} GiB" + (f", {simd}" if simd else "")
-      + (f"; backend: {', '.join(kinds)}" if kinds else ""),
-      f"- date {m.get('date', '?')}, commit `{(m.get('commit') or '?')[:10]}`"
-      + (" (uncommitted changes)" if m.get("dirty") else "")
-      + (f", load average at start {load[0]:.2f}" if load else ""),
-      f"- {libs}; XLA_FLAGS={m.get('XLA_FLAGS') or '(none)'}",
-      f"- command: `{m.get('command', '?')}`",
-      "",
-      d.get("table_markdown", "(no table)"),
-      "",
+    f"### `{os.path.relpath(path, HERE)}` — {d.get('benchmark', '?')}",
+    "",
+    f"- machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, "
+    f"{m.get('mem_gib') or 0:.0f} GiB"
+    + (f", {simd}" if simd else "")
+    + (f"; backend: {', '.join(kinds)}" if kinds else ""),
+    f"- date {m.get('date', '?')}, commit `{(m.get('commit') or '?')[:10]}`"
+    + (" (uncommitted changes)" if m.get("dirty") else "")
+    + (f", load average at start {load[0]:.2f}" if load else ""),
+    f"- {libs}; XLA_FLAGS={m.get('XLA_FLAGS') or '(none)'}",
+    f"- command: `{m.get('command', '?')}`",
+    "",
+    d.get("table_markdown", "(no table)"),
+    "",
   ]
   return "\n".join(lines)
 
@@ -66,7 +73,9 @@ def main(argv=None) -> int:
   if args.stdout:
     print(body)
     return 0
-  text = open(args.out, encoding="utf-8").read() if os.path.exists(args.out) else f"{BEGIN}\n{END}\n"
+  text = (
+    open(args.out, encoding="utf-8").read() if os.path.exists(args.out) else f"{BEGIN}\n{END}\n"
+  )
   if BEGIN not in text or END not in text:
     print(f"{args.out}: markers {BEGIN} / {END} not found", file=sys.stderr)
     return 1

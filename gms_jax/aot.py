@@ -21,16 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
-import sys
 import time
 from typing import Any
 
-from absl import flags
-from ml_collections import config_flags
-
-from gms_jax import configuration
 from gms_jax import errors
 
 # Dense peak FLOP/s per chip at the compute dtype. TPU: JAX's default precision runs float32
@@ -73,20 +67,55 @@ class Chip:
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", {"bfloat16": 275e12, "float32": 275e12}, 32 * 2**30, 1.2e12,
-               "cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", {"bfloat16": 197e12, "float32": 197e12}, 16 * 2**30, 819e9,
-                "cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("TPU v5p", {"bfloat16": 459e12, "float32": 459e12}, 95 * 2**30, 2.765e12,
-                "cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("TPU v6e", {"bfloat16": 918e12, "float32": 918e12}, 32 * 2**30, 1.64e12,
-                "cloud.google.com/tpu/docs/v6e"),
-    "h100": Chip("NVIDIA H100 SXM 80GB", {"bfloat16": 989.4e12, "float32": 494.7e12},
-                 84_929_347_584, 3.35e12, "NVIDIA H100 datasheet (TF32 for float32)"),
-    "h200": Chip("NVIDIA H200 SXM 141GB", {"bfloat16": 989.4e12, "float32": 494.7e12},
-                 143_771 * 2**20, 4.8e12, "NVIDIA H200 datasheet (TF32 for float32)"),
-    "a100": Chip("NVIDIA A100 SXM 80GB", {"bfloat16": 312e12, "float32": 156e12},
-                 80 * 2**30, 2.039e12, "NVIDIA A100 datasheet (TF32 for float32)"),
+  "v4": Chip(
+    "TPU v4",
+    {"bfloat16": 275e12, "float32": 275e12},
+    32 * 2**30,
+    1.2e12,
+    "cloud.google.com/tpu/docs/v4",
+  ),
+  "v5e": Chip(
+    "TPU v5e",
+    {"bfloat16": 197e12, "float32": 197e12},
+    16 * 2**30,
+    819e9,
+    "cloud.google.com/tpu/docs/v5e",
+  ),
+  "v5p": Chip(
+    "TPU v5p",
+    {"bfloat16": 459e12, "float32": 459e12},
+    95 * 2**30,
+    2.765e12,
+    "cloud.google.com/tpu/docs/v5p",
+  ),
+  "v6e": Chip(
+    "TPU v6e",
+    {"bfloat16": 918e12, "float32": 918e12},
+    32 * 2**30,
+    1.64e12,
+    "cloud.google.com/tpu/docs/v6e",
+  ),
+  "h100": Chip(
+    "NVIDIA H100 SXM 80GB",
+    {"bfloat16": 989.4e12, "float32": 494.7e12},
+    84_929_347_584,
+    3.35e12,
+    "NVIDIA H100 datasheet (TF32 for float32)",
+  ),
+  "h200": Chip(
+    "NVIDIA H200 SXM 141GB",
+    {"bfloat16": 989.4e12, "float32": 494.7e12},
+    143_771 * 2**20,
+    4.8e12,
+    "NVIDIA H200 datasheet (TF32 for float32)",
+  ),
+  "a100": Chip(
+    "NVIDIA A100 SXM 80GB",
+    {"bfloat16": 312e12, "float32": 156e12},
+    80 * 2**30,
+    2.039e12,
+    "NVIDIA A100 datasheet (TF32 for float32)",
+  ),
 }
 
 
@@ -105,16 +134,25 @@ def _tpu(chip: str, topo: str, megacore: bool = False) -> Target:
 # Cloud TPU names: v4-N / v5p-N count TensorCores (2 per chip, one megacore device per chip);
 # v5e-N / v6e-N count chips.
 TARGETS = {
-    "v4-8": _tpu("v4", "2x2x1", True), "v4-16": _tpu("v4", "2x2x2", True),
-    "v4-32": _tpu("v4", "2x2x4", True), "v4-64": _tpu("v4", "2x4x4", True),
-    "v4-128": _tpu("v4", "4x4x4", True), "v4-256": _tpu("v4", "4x4x8", True),
-    "v4-512": _tpu("v4", "4x8x8", True),
-    "v5e-4": _tpu("v5e", "2x2"), "v5e-8": _tpu("v5e", "2x4"),
-    "v5e-16": _tpu("v5e", "4x4"), "v5e-64": _tpu("v5e", "8x8"), "v5e-256": _tpu("v5e", "16x16"),
-    "v5p-8": _tpu("v5p", "2x2x1", True), "v5p-32": _tpu("v5p", "2x2x4", True),
-    "v6e-8": _tpu("v6e", "2x4"), "v6e-16": _tpu("v6e", "4x4"),
-    **{f"{g}x{n}": Target(g, "gpu", f"1x1x{n}") for g in ("h100", "h200", "a100")
-       for n in (1, 2, 4, 8)},
+  "v4-8": _tpu("v4", "2x2x1", True),
+  "v4-16": _tpu("v4", "2x2x2", True),
+  "v4-32": _tpu("v4", "2x2x4", True),
+  "v4-64": _tpu("v4", "2x4x4", True),
+  "v4-128": _tpu("v4", "4x4x4", True),
+  "v4-256": _tpu("v4", "4x4x8", True),
+  "v4-512": _tpu("v4", "4x8x8", True),
+  "v5e-4": _tpu("v5e", "2x2"),
+  "v5e-8": _tpu("v5e", "2x4"),
+  "v5e-16": _tpu("v5e", "4x4"),
+  "v5e-64": _tpu("v5e", "8x8"),
+  "v5e-256": _tpu("v5e", "16x16"),
+  "v5p-8": _tpu("v5p", "2x2x1", True),
+  "v5p-32": _tpu("v5p", "2x2x4", True),
+  "v6e-8": _tpu("v6e", "2x4"),
+  "v6e-16": _tpu("v6e", "4x4"),
+  **{
+    f"{g}x{n}": Target(g, "gpu", f"1x1x{n}") for g in ("h100", "h200", "a100") for n in (1, 2, 4, 8)
+  },
 }
 
 
@@ -127,19 +165,27 @@ def gpu_target_config(chip: str) -> str:
   if chip == "a100":
     return _A100_PROTO
   c = CHIPS[chip]
-  return _H100_PROTO.format(bw=int(c.hbm_bytes_per_s), mem=c.hbm_bytes,
-                            name="NVIDIA H200" if chip == "h200" else "NVIDIA H100 80GB HBM3")
+  return _H100_PROTO.format(
+    bw=int(c.hbm_bytes_per_s),
+    mem=c.hbm_bytes,
+    name="NVIDIA H200" if chip == "h200" else "NVIDIA H100 80GB HBM3",
+  )
 
 
 def _prepare_env(platform: str) -> None:
   """Compile-only from a CPU host: JAX runs on CPU; libtpu must not look for a TPU VM."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
+
   os.environ["JAX_PLATFORMS"] = "cpu"
   jax.config.update("jax_platforms", "cpu")
   if platform == "tpu":
-    for k, v in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v4-8"),
-                 ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
-                 ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    for k, v in (
+      ("TPU_SKIP_MDS_QUERY", "1"),
+      ("TPU_ACCELERATOR_TYPE", "v4-8"),
+      ("TPU_WORKER_HOSTNAMES", "localhost"),
+      ("TPU_WORKER_ID", "0"),
+      ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+    ):
       os.environ.setdefault(k, v)
 
 
@@ -149,21 +195,26 @@ def target_devices(name: str, num_slices: int = 1) -> list:
     raise errors.UsageError(f"unknown target {name!r}; one of {', '.join(TARGETS)}")
   t = TARGETS[name]
   _prepare_env(t.platform)
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies
+
   if t.platform == "tpu":
     if importlib.util.find_spec("libtpu") is None:
       raise TargetError(f"target {name} needs libtpu: pip install -e .[tpu]")
     kw = {"chip_config_name": t.chip_config} if t.chip_config else {}
     if num_slices > 1:
       kw["num_slices"] = num_slices
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=t.topology,
-                                             **kw).devices)
+    return list(
+      topologies.get_topology_desc(platform="tpu", topology_name=t.topology, **kw).devices
+    )
   if num_slices > 1:
     raise errors.UsageError("--num-slices is for TPU targets")
   if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
     raise TargetError(f"target {name} needs the CUDA plugin: pip install -e .[cuda-aot]")
-  return list(topologies.get_topology_desc(platform="cuda", topology=t.topology,
-                                           target_config=gpu_target_config(t.chip)).devices)
+  return list(
+    topologies.get_topology_desc(
+      platform="cuda", topology=t.topology, target_config=gpu_target_config(t.chip)
+    ).devices
+  )
 
 
 # ----------------------------------------------------------------------------- facts of a program
@@ -173,8 +224,10 @@ def _memory(compiled) -> dict[str, int]:
   ma = compiled.memory_analysis()
   if ma is None:
     return {}
-  out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in
-         ("argument", "output", "alias", "temp", "generated_code")}
+  out = {
+    k: int(getattr(ma, f"{k}_size_in_bytes"))
+    for k in ("argument", "output", "alias", "temp", "generated_code")
+  }
   peak = getattr(ma, "peak_memory_in_bytes", None)
   # Live at once at worst: arguments + outputs that do not reuse a donated argument + scratch.
   out["peak"] = int(peak) if peak else out["argument"] + out["output"] - out["alias"] + out["temp"]
@@ -184,19 +237,30 @@ def _memory(compiled) -> dict[str, int]:
 def cost_of(obj) -> dict[str, float]:
   try:
     ca = obj.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  (backends without a cost model)
+  except Exception:  # backends without a cost model
     return {}
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else None
-  return {k: float(v) for k, v in (ca or {}).items()
-          if k in ("flops", "bytes accessed", "optimal_seconds")}
+  return {
+    k: float(v)
+    for k, v in (ca or {}).items()
+    if k in ("flops", "bytes accessed", "optimal_seconds")
+  }
 
 
-def program_facts(compiled, *, images: int, chip: Chip, dtype_name: str, n_devices: int,
-                  compile_s: float, fallback_cost: dict[str, float] | None = None
-                  ) -> dict[str, Any]:
+def program_facts(
+  compiled,
+  *,
+  images: int,
+  chip: Chip,
+  dtype_name: str,
+  n_devices: int,
+  compile_s: float,
+  fallback_cost: dict[str, float] | None = None,
+) -> dict[str, Any]:
   """Memory, cost, roofline and collectives of one compiled program (per device)."""
-  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax import step as step_lib
+
   mem = _memory(compiled)
   cost = cost_of(compiled)
   flops_source = "compiled (XLA cost analysis of the optimized per-device program)"
@@ -212,37 +276,49 @@ def program_facts(compiled, *, images: int, chip: Chip, dtype_name: str, n_devic
   xla_s = xla_s if xla_s and xla_s > 0 else None
   hbm = chip.hbm_bytes
   return {
-      "memory_bytes": mem, "hbm_bytes": hbm,
-      "fits": (mem["peak"] <= hbm) if mem else None,
-      "over_by_bytes": max(0, mem["peak"] - hbm) if mem else None,
-      "flops_per_device": flops, "flops_source": flops_source,
-      "bytes_accessed_per_device": nbytes,
-      "xla_estimate_s": xla_s,
-      "compute_bound_s": compute_s, "memory_bound_s": memory_s,
-      "roofline_s": roofline_s,
-      # Without a byte count (GPU) the roofline is the compute time alone: an upper bound on
-      # images/s that ignores HBM traffic, and no MFU bound follows from it.
-      "bound": None if roofline_s is None else (
-          "compute only" if memory_s is None else
-          "compute" if roofline_s == compute_s else "memory"),
-      "images_per_s": images / roofline_s if roofline_s else None,
-      "images_per_s_per_chip": images / roofline_s / n_devices if roofline_s else None,
-      "mfu_bound": compute_s / roofline_s if compute_s and memory_s else None,
-      "peak_flops_per_chip": peak, "hbm_bytes_per_s": chip.hbm_bytes_per_s,
-      "collectives": step_lib.collective_counts(compiled.as_text()),
-      "compile_s": compile_s,
+    "memory_bytes": mem,
+    "hbm_bytes": hbm,
+    "fits": (mem["peak"] <= hbm) if mem else None,
+    "over_by_bytes": max(0, mem["peak"] - hbm) if mem else None,
+    "flops_per_device": flops,
+    "flops_source": flops_source,
+    "bytes_accessed_per_device": nbytes,
+    "xla_estimate_s": xla_s,
+    "compute_bound_s": compute_s,
+    "memory_bound_s": memory_s,
+    "roofline_s": roofline_s,
+    # Without a byte count (GPU) the roofline is the compute time alone: an upper bound on
+    # images/s that ignores HBM traffic, and no MFU bound follows from it.
+    "bound": None
+    if roofline_s is None
+    else (
+      "compute only" if memory_s is None else "compute" if roofline_s == compute_s else "memory"
+    ),
+    "images_per_s": images / roofline_s if roofline_s else None,
+    "images_per_s_per_chip": images / roofline_s / n_devices if roofline_s else None,
+    "mfu_bound": compute_s / roofline_s if compute_s and memory_s else None,
+    "peak_flops_per_chip": peak,
+    "hbm_bytes_per_s": chip.hbm_bytes_per_s,
+    "collectives": step_lib.collective_counts(compiled.as_text()),
+    "compile_s": compile_s,
   }
 
 
 def _host_cost(config, built, *, program: str, per_device: int) -> dict[str, float]:
   """FLOPs of the per-device program lowered for one host CPU device (GPU targets): ``program`` is
   a train step name, ``"predict"`` or ``"bank_encode"``."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from gms_jax import parallel  # pylint: disable=import-outside-toplevel
-  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
-  host = step_lib.build(config, parallel.make_mesh(jax.devices("cpu")[:1]),
-                        tokenizer=built.tokenizer, global_batch=per_device,
-                        platform=built.platform)
+  import jax
+
+  from gms_jax import parallel
+  from gms_jax import step as step_lib
+
+  host = step_lib.build(
+    config,
+    parallel.make_mesh(jax.devices("cpu")[:1]),
+    tokenizer=built.tokenizer,
+    global_batch=per_device,
+    platform=built.platform,
+  )
   if program == "predict":
     return cost_of(host.lower_predict(per_device))
   if program == "bank_encode":
@@ -250,15 +326,24 @@ def _host_cost(config, built, *, program: str, per_device: int) -> dict[str, flo
   return cost_of(host.lower_train(program))
 
 
-def compile_for(config, target: str, *, num_slices: int = 1, inference_batch: int = 64,
-                train_examples: int = 0, log=print) -> dict[str, Any]:
+def compile_for(
+  config,
+  target: str,
+  *,
+  num_slices: int = 1,
+  inference_batch: int = 64,
+  train_examples: int = 0,
+  log=print,
+) -> dict[str, Any]:
   """AOT-compiles every program ``gms-jax train`` runs for ``config`` (the train step(s) of its
   recipe, the bank encoder of the fast recipe) and inference for ``target``; returns the record.
   ``train_examples > 0`` sizes the schedule (steps per epoch, steps per phase, bank views) for
   :func:`schedule_estimate`."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from gms_jax import parallel  # pylint: disable=import-outside-toplevel
-  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
+  import jax
+
+  from gms_jax import parallel
+  from gms_jax import step as step_lib
+
   devices = target_devices(target, num_slices)
   t = TARGETS[target]
   chip = CHIPS[t.chip]
@@ -271,21 +356,32 @@ def compile_for(config, target: str, *, num_slices: int = 1, inference_batch: in
   dtype_name = str(config.precision)
   per_device = built.global_batch_size // n
   rec: dict[str, Any] = {
-      "target": target, "num_slices": num_slices, "devices": n, "platform": built.platform,
-      "recipe": built.recipe, "steps_per_epoch_assumed": built.steps_per_epoch,
-      "device_kind": str(devices[0].device_kind), "chip": dataclasses.asdict(chip),
-      "tokenizer": built.tokenizer.family, "image_size": built.image_size,
-      "precision": dtype_name, "remat_decoder": bool(built.tokenizer.remat_decoder),
-      "global_batch": built.global_batch_size, "per_device_batch": per_device,
-      "peak_lr": built.peak_lr,
-      "loss": {k: v for k, v in built.loss_kw.items() if k != "heads"},  # config.loss resolved
-      "step_losses": {name: {k: v for k, v in kw.items() if k != "heads"}
-                      for name, kw in built.loss_kws.items()},
-      "jax": jax.__version__,
+    "target": target,
+    "num_slices": num_slices,
+    "devices": n,
+    "platform": built.platform,
+    "recipe": built.recipe,
+    "steps_per_epoch_assumed": built.steps_per_epoch,
+    "device_kind": str(devices[0].device_kind),
+    "chip": dataclasses.asdict(chip),
+    "tokenizer": built.tokenizer.family,
+    "image_size": built.image_size,
+    "precision": dtype_name,
+    "remat_decoder": bool(built.tokenizer.remat_decoder),
+    "global_batch": built.global_batch_size,
+    "per_device_batch": per_device,
+    "peak_lr": built.peak_lr,
+    "loss": {k: v for k, v in built.loss_kw.items() if k != "heads"},  # config.loss resolved
+    "step_losses": {
+      name: {k: v for k, v in kw.items() if k != "heads"} for name, kw in built.loss_kws.items()
+    },
+    "jax": jax.__version__,
   }
-  log(f"# {target}: {n} x {devices[0].device_kind}; {built.tokenizer.family} "
-      f"{built.image_size}², {dtype_name}, recipe {built.recipe}, batch {per_device}/device "
-      f"(global {built.global_batch_size}), peak LR {built.peak_lr:g}")
+  log(
+    f"# {target}: {n} x {devices[0].device_kind}; {built.tokenizer.family} "
+    f"{built.image_size}², {dtype_name}, recipe {built.recipe}, batch {per_device}/device "
+    f"(global {built.global_batch_size}), peak LR {built.peak_lr:g}"
+  )
   gpu = t.platform == "gpu"
 
   def facts(what: str, lowered, images: int, host_program: str, host_batch: int):
@@ -293,38 +389,63 @@ def compile_for(config, target: str, *, num_slices: int = 1, inference_batch: in
     t0 = time.time()
     compiled = lowered.compile()
     out = program_facts(
-        compiled, images=images, chip=chip, dtype_name=dtype_name, n_devices=n,
-        compile_s=time.time() - t0,
-        fallback_cost=(_host_cost(config, built, program=host_program, per_device=host_batch)
-                       if gpu else None))
+      compiled,
+      images=images,
+      chip=chip,
+      dtype_name=dtype_name,
+      n_devices=n,
+      compile_s=time.time() - t0,
+      fallback_cost=(
+        _host_cost(config, built, program=host_program, per_device=host_batch) if gpu else None
+      ),
+    )
     del compiled
     if out.get("flops_per_device"):
       out["flops_per_image"] = out["flops_per_device"] * n / images
     return out
 
   # Every train step the recipe runs: "exact", or the banked "phase1" (+ "phase2").
-  rec["steps"] = {name: facts(f"the train step {name!r}", built.lower_train(name),
-                              built.global_batch_size, name, per_device)
-                  for name in built.step_names}
+  rec["steps"] = {
+    name: facts(
+      f"the train step {name!r}", built.lower_train(name), built.global_batch_size, name, per_device
+    )
+    for name in built.step_names
+  }
   rec["train"] = rec["steps"][built.step_names[0]]  # the step most of the schedule runs
   rec["train"]["step"] = built.step_names[0]
   if built.recipe == "fast":  # what builds the latent bank: image + mask through the encoder
     n_enc = int(config.bank.encode_batch_size) * n
-    rec["bank_encode"] = facts(f"the bank encoder at {config.bank.encode_batch_size}/device",
-                               built.lower_bank_encode(n_enc), n_enc, "bank_encode",
-                               int(config.bank.encode_batch_size))
+    rec["bank_encode"] = facts(
+      f"the bank encoder at {config.bank.encode_batch_size}/device",
+      built.lower_bank_encode(n_enc),
+      n_enc,
+      "bank_encode",
+      int(config.bank.encode_batch_size),
+    )
     rec["bank_encode"]["per_device_batch"] = int(config.bank.encode_batch_size)
   n_inf = inference_batch * n
-  rec["inference"] = facts(f"inference at {inference_batch}/device", built.lower_predict(n_inf),
-                           n_inf, "predict", inference_batch)
+  rec["inference"] = facts(
+    f"inference at {inference_batch}/device",
+    built.lower_predict(n_inf),
+    n_inf,
+    "predict",
+    inference_batch,
+  )
   rec["inference"]["per_device_batch"] = inference_batch
   if train_examples > 0:
-    steps = {"exact": built.total_steps} if built.recipe == "exact" else {
-        "phase1": built.phase1_steps, "phase2": built.total_steps - built.phase1_steps}
-    rec["schedule"] = {"train_examples": int(train_examples), "steps_per_epoch": spe,
-                       "steps": steps,
-                       "bank_views": (int(train_examples) * int(config.bank.num_views)
-                                      if built.recipe == "fast" else 0)}
+    steps = (
+      {"exact": built.total_steps}
+      if built.recipe == "exact"
+      else {"phase1": built.phase1_steps, "phase2": built.total_steps - built.phase1_steps}
+    )
+    rec["schedule"] = {
+      "train_examples": int(train_examples),
+      "steps_per_epoch": spe,
+      "steps": steps,
+      "bank_views": (
+        int(train_examples) * int(config.bank.num_views) if built.recipe == "fast" else 0
+      ),
+    }
     rec["schedule_estimate_s"] = schedule_estimate(rec)
   return rec
 
@@ -377,41 +498,47 @@ def format_table(rec: dict[str, Any]) -> str:
     return _num(x and x / scale, spec)
 
   rows_spec = [
-      ("batch per device", batch),
-      ("arguments GiB / device", mem("argument")),
-      ("temp GiB / device", mem("temp")),
-      ("output GiB / device", mem("output")),
-      ("peak GiB / device", mem("peak")),
-      (f"HBM {_gib(rec['train']['hbm_bytes'])} GiB", lambda n, p: fit(p)),
-      ("GFLOP / device", lambda n, p: per(p["flops_per_device"], 1e9, ".1f")),
-      ("GFLOP / image", lambda n, p: per(p.get("flops_per_image"), 1e9, ".2f")),
-      ("GB accessed / device", lambda n, p: per(p["bytes_accessed_per_device"], 1e9, ".2f")),
-      ("XLA estimate ms", lambda n, p: per(p["xla_estimate_s"], 1e-3, ".1f")),
-      ("roofline ms (estimate)",
-       lambda n, p: per(p["roofline_s"], 1e-3, ".1f") + f" ({p['bound']})"),
-      ("img/s bound (all chips)", lambda n, p: _num(p["images_per_s"], ".0f")),
-      ("img/s bound per chip", lambda n, p: _num(p["images_per_s_per_chip"], ".1f")),
-      ("MFU bound", lambda n, p: _pct(p["mfu_bound"])),
-      ("collectives (optimized HLO)", lambda n, p: coll(p)),
-      ("compile s", lambda n, p: _num(p["compile_s"], ".1f")),
+    ("batch per device", batch),
+    ("arguments GiB / device", mem("argument")),
+    ("temp GiB / device", mem("temp")),
+    ("output GiB / device", mem("output")),
+    ("peak GiB / device", mem("peak")),
+    (f"HBM {_gib(rec['train']['hbm_bytes'])} GiB", lambda n, p: fit(p)),
+    ("GFLOP / device", lambda n, p: per(p["flops_per_device"], 1e9, ".1f")),
+    ("GFLOP / image", lambda n, p: per(p.get("flops_per_image"), 1e9, ".2f")),
+    ("GB accessed / device", lambda n, p: per(p["bytes_accessed_per_device"], 1e9, ".2f")),
+    ("XLA estimate ms", lambda n, p: per(p["xla_estimate_s"], 1e-3, ".1f")),
+    ("roofline ms (estimate)", lambda n, p: per(p["roofline_s"], 1e-3, ".1f") + f" ({p['bound']})"),
+    ("img/s bound (all chips)", lambda n, p: _num(p["images_per_s"], ".0f")),
+    ("img/s bound per chip", lambda n, p: _num(p["images_per_s_per_chip"], ".1f")),
+    ("MFU bound", lambda n, p: _pct(p["mfu_bound"])),
+    ("collectives (optimized HLO)", lambda n, p: coll(p)),
+    ("compile s", lambda n, p: _num(p["compile_s"], ".1f")),
   ]
   rows = [[label] + [f(name, p) for name, p in cols] for label, f in rows_spec]
   header = [""] + [name for name, _ in cols]
   widths = [max(len(r[c]) for r in rows + [header]) for c in range(len(header))]
   line = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
   chip = rec["chip"]
-  head = (f"{rec['target']} ({rec['devices']} x {rec['device_kind']}), {rec['tokenizer']} "
-          f"{rec['image_size']}², {rec['precision']}, remat {'on' if rec['remat_decoder'] else 'off'}"
-          f", recipe {rec.get('recipe', 'exact')}, global batch {rec['global_batch']}, peak LR "
-          f"{rec['peak_lr']:g}; compiled for the target on this host: times, img/s and MFU are "
-          f"estimates (peak {chip['peak_flops'][rec['precision']] / 1e12:.1f} TFLOP/s and "
-          f"{chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM per chip)")
+  head = (
+    f"{rec['target']} ({rec['devices']} x {rec['device_kind']}), {rec['tokenizer']} "
+    f"{rec['image_size']}², {rec['precision']}, remat {'on' if rec['remat_decoder'] else 'off'}"
+    f", recipe {rec.get('recipe', 'exact')}, global batch {rec['global_batch']}, peak LR "
+    f"{rec['peak_lr']:g}; compiled for the target on this host: times, img/s and MFU are "
+    f"estimates (peak {chip['peak_flops'][rec['precision']] / 1e12:.1f} TFLOP/s and "
+    f"{chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM per chip)"
+  )
   out = [head, "", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
   out += [line(r) for r in rows]
   est = schedule_estimate(rec)
   if est:
-    out += ["", "whole schedule (estimate from the roofline bounds): " + ", ".join(
-        f"{k} {v / 60:.1f} min" for k, v in est.items() if k.endswith("_s")).replace("_s ", " ")]
+    out += [
+      "",
+      "whole schedule (estimate from the roofline bounds): "
+      + ", ".join(f"{k} {v / 60:.1f} min" for k, v in est.items() if k.endswith("_s")).replace(
+        "_s ", " "
+      ),
+    ]
   return "\n".join(out)
 
 
@@ -436,10 +563,24 @@ def schedule_estimate(rec: dict[str, Any]) -> dict[str, float]:
   return out
 
 
-SUMMARY_HEADERS = ("target", "tokenizer", "dtype", "remat", "batch/chip", "peak GiB / HBM",
-                   "GFLOP/chip", "GB/chip", "XLA est. ms", "roofline ms", "img/s/chip (est.)",
-                   "MFU bound", "infer img/s/chip @64 (est.)", "train collectives",
-                   "infer collectives", "compile s")
+SUMMARY_HEADERS = (
+  "target",
+  "tokenizer",
+  "dtype",
+  "remat",
+  "batch/chip",
+  "peak GiB / HBM",
+  "GFLOP/chip",
+  "GB/chip",
+  "XLA est. ms",
+  "roofline ms",
+  "img/s/chip (est.)",
+  "MFU bound",
+  "infer img/s/chip @64 (est.)",
+  "train collectives",
+  "infer collectives",
+  "compile s",
+)
 
 
 def summary_row(rec: dict[str, Any]) -> list[str]:
@@ -448,94 +589,24 @@ def summary_row(rec: dict[str, Any]) -> list[str]:
   mem = tr["memory_bytes"]
   fit = "fits" if tr["fits"] else f"OVER +{_gib(tr['over_by_bytes'])}"
   coll = lambda p: ", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v) or "none"  # noqa: E731
-  return [rec["target"], rec["tokenizer"], rec["precision"], "on" if rec["remat_decoder"] else "off",
-          str(rec["per_device_batch"]), f"{_gib(mem.get('peak'))} / {_gib(tr['hbm_bytes'])} {fit}",
-          _num(tr["flops_per_device"] and tr["flops_per_device"] / 1e9, ".0f"),
-          _num(tr["bytes_accessed_per_device"] and tr["bytes_accessed_per_device"] / 1e9, ".1f"),
-          _num(tr["xla_estimate_s"] and tr["xla_estimate_s"] * 1e3, ".0f"),
-          _num(tr["roofline_s"] and tr["roofline_s"] * 1e3, ".1f") + f" ({tr['bound']})",
-          _num(tr["images_per_s_per_chip"], ".0f"), _pct(tr["mfu_bound"]),
-          _num(inf["images_per_s_per_chip"], ".0f"), coll(tr), coll(inf),
-          f"{tr['compile_s']:.0f} + {inf['compile_s']:.0f}"]
+  return [
+    rec["target"],
+    rec["tokenizer"],
+    rec["precision"],
+    "on" if rec["remat_decoder"] else "off",
+    str(rec["per_device_batch"]),
+    f"{_gib(mem.get('peak'))} / {_gib(tr['hbm_bytes'])} {fit}",
+    _num(tr["flops_per_device"] and tr["flops_per_device"] / 1e9, ".0f"),
+    _num(tr["bytes_accessed_per_device"] and tr["bytes_accessed_per_device"] / 1e9, ".1f"),
+    _num(tr["xla_estimate_s"] and tr["xla_estimate_s"] * 1e3, ".0f"),
+    _num(tr["roofline_s"] and tr["roofline_s"] * 1e3, ".1f") + f" ({tr['bound']})",
+    _num(tr["images_per_s_per_chip"], ".0f"),
+    _pct(tr["mfu_bound"]),
+    _num(inf["images_per_s_per_chip"], ".0f"),
+    coll(tr),
+    coll(inf),
+    f"{tr['compile_s']:.0f} + {inf['compile_s']:.0f}",
+  ]
 
 
 # ----------------------------------------------------------------------------- entry point
-
-_FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. "
-                                          "configs/gms.py:busi", flag_values=_FLAGS,
-                                          lock_config=True)
-_TARGET = flags.DEFINE_string("target", None, "One of: " + ", ".join(TARGETS), flag_values=_FLAGS)
-_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices (multi-slice data parallel)",
-                               flag_values=_FLAGS)
-_INF_BATCH = flags.DEFINE_integer("inference_batch", 64, "Inference images per device",
-                                  flag_values=_FLAGS)
-_JSON = flags.DEFINE_string("json", "", "Write the record as JSON here", flag_values=_FLAGS)
-_TRAIN_EXAMPLES = flags.DEFINE_integer(
-    "train_examples", 0, "Training examples of the dataset (> 0: steps per epoch and the whole "
-    "schedule's cost, estimated; e.g. 517 for BUSI's GMS split less validation)", flag_values=_FLAGS)
-USAGE = ("usage: gms-jax compile --config configs/gms.py:NAME --target TARGET [--num-slices N] "
-         "[--inference-batch 64] [--train-examples N] [--json OUT] [--config.key=value ...]")
-
-
-def main(argv: list[str] | None = None) -> int:
-  """Errors are raised (:class:`gms_jax.errors.GmsError` where they are the user's to fix);
-  ``gms_jax.cli`` prints them as one line (exit 2: usage/config, 1: e.g. compiler missing)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if any(a in ("-h", "--help", "-help") for a in argv):
-    print(f"{USAGE}\n\nTARGET: {', '.join(TARGETS)}\n\n{__doc__.split(chr(10) * 2, 2)[2]}")
-    return 0
-  argv = [a.replace("--num-slices", "--num_slices").replace("--inference-batch",
-                                                            "--inference_batch").replace(
-              "--train-examples", "--train_examples") for a in argv]
-  argv = configuration.resolve_config_argv(argv)
-  try:
-    extra = _FLAGS(["gms-jax compile"] + argv)
-  except Exception as e:  # pylint: disable=broad-except  (absl/ml_collections raise many types)
-    raise configuration.flag_error(argv, e, USAGE) from None
-  if len(extra) > 1:
-    raise errors.UsageError(f"unexpected arguments {extra[1:]}; {USAGE}")
-  if _CONFIG.value is None or not _TARGET.value:
-    raise errors.UsageError(f"--config and --target are required; {USAGE}")
-  if _TARGET.value not in TARGETS:
-    raise errors.UsageError(f"unknown target {_TARGET.value!r}; one of {', '.join(TARGETS)}")
-  config = _CONFIG.value
-  configuration.validate(config, check_tokenizer=False)  # weights are not needed to compile
-  if _JSON.value:
-    _check_json_out(_JSON.value)
-  rec = compile_for(config, _TARGET.value, num_slices=_SLICES.value,
-                    inference_batch=_INF_BATCH.value, train_examples=_TRAIN_EXAMPLES.value,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
-  print(format_table(rec))
-  if _JSON.value:
-    out = os.path.abspath(_JSON.value)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({WRITTEN_BY: True, **rec}, f, indent=1)
-    os.replace(tmp, out)
-  return 0
-
-
-WRITTEN_BY = "gms_jax_compile_record"
-
-
-def _check_json_out(path: str) -> None:
-  """``--json OUT`` replaces only an earlier ``gms-jax compile`` record, never another file."""
-  if os.path.isdir(path):
-    raise errors.OutputError(f"--json {path}: is a folder")
-  if not os.path.exists(path):
-    return
-  try:
-    with open(path, encoding="utf-8") as f:
-      ours = json.load(f).get(WRITTEN_BY) is True
-  except (OSError, ValueError, AttributeError):
-    ours = False
-  if not ours:
-    raise errors.OutputError(f"--json {path}: exists and is not a gms-jax compile record; "
-                             "refusing to replace it")
-
-
-if __name__ == "__main__":
-  from gms_jax import cli  # pylint: disable=import-outside-toplevel
-  sys.exit(cli.main(["compile"] + sys.argv[1:]))

@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from gms_jax import errors
+from gms_jax import errors, outputs
 from gms_jax.data.checks import DataError
 
 BANK_FORMAT = 1
@@ -68,10 +68,24 @@ TMP_PREFIX = ".tmp-"
 AUGMENTATION = "spec3-albumentations-v1"  # gms_jax/data/augment.py train_transform
 LATENT_KEYS = ("z_image", "std_image", "z_mask")
 # Manifest keys that must match for a bank to be reused (num_views may grow, see module doc).
-IDENTITY_KEYS = ("format", "tokenizer.name", "tokenizer.family", "tokenizer.params_sha256",
-                 "tokenizer.latent_channels", "precision", "image_size", "split.dataset",
-                 "split.num_records", "split.names_sha256", "split.data_config", "seed",
-                 "augmentation", "shard_size", "has_std", "latent_shape")
+IDENTITY_KEYS = (
+  "format",
+  "tokenizer.name",
+  "tokenizer.family",
+  "tokenizer.params_sha256",
+  "tokenizer.latent_channels",
+  "precision",
+  "image_size",
+  "split.dataset",
+  "split.num_records",
+  "split.names_sha256",
+  "split.data_config",
+  "seed",
+  "augmentation",
+  "shard_size",
+  "has_std",
+  "latent_shape",
+)
 
 
 class BankMismatchError(errors.ConfigError):
@@ -89,33 +103,47 @@ def view_rng(seed: int, index: int, view: int) -> np.random.Generator:
 class _View:
   """``map_with_index`` transform: (i, record) -> view ``k`` of record ``i`` (picklable)."""
 
-  def __init__(self, image_size: int, seed: int, view: int, augment: bool,
-               extras: Sequence[str] = ()):
-    from gms_jax.data import augment as aug_lib  # pylint: disable=import-outside-toplevel
+  def __init__(
+    self, image_size: int, seed: int, view: int, augment: bool, extras: Sequence[str] = ()
+  ):
+    from gms_jax.data import augment as aug_lib
+
     self._augmenter = aug_lib.Augmenter(image_size, augment=augment, extras=extras)
     self._seed, self._view = int(seed), int(view)
 
   def __call__(self, index: int, record: dict[str, Any]) -> dict[str, np.ndarray]:
-    image, mask = self._augmenter(record["image"], record["mask"],
-                                  view_rng(self._seed, index, self._view))
+    image, mask = self._augmenter(
+      record["image"], record["mask"], view_rng(self._seed, index, self._view)
+    )
     return {"image": image, "mask": mask, "index": np.int64(index)}
 
 
-def augmented_views(source, indices: Sequence[int], *, view: int, seed: int, image_size: int,
-                    augment: bool = True, batch_size: int = 8, read_threads: int = 2,
-                    extras: Sequence[str] = ()) -> Iterable[dict[str, np.ndarray]]:
+def augmented_views(
+  source,
+  indices: Sequence[int],
+  *,
+  view: int,
+  seed: int,
+  image_size: int,
+  augment: bool = True,
+  batch_size: int = 8,
+  read_threads: int = 2,
+  extras: Sequence[str] = (),
+) -> Iterable[dict[str, np.ndarray]]:
   """Batches of view ``view`` of the records ``indices`` (a contiguous range), via grain.
 
   ``extras``: optional image-only augmentations (names in ``gms_jax.data.augment.EXTRAS``).
 
   Yields ``{"image": (b,S,S,3) f32 [0,1], "mask": (b,S,S) f32 {0,1}, "index": (b,) int64}``.
   """
-  import grain  # pylint: disable=import-outside-toplevel
+  import grain
+
   lo, hi = int(indices[0]), int(indices[-1]) + 1
   if list(indices) != list(range(lo, hi)):
     raise ValueError("augmented_views: indices must be a contiguous range")
   ds = grain.MapDataset.source(source).map_with_index(
-      _View(image_size, seed, view, augment, extras))
+    _View(image_size, seed, view, augment, extras)
+  )
   ds = ds[lo:hi].batch(int(batch_size), drop_remainder=False)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2))
 
@@ -138,7 +166,8 @@ def unpack_masks(bits: np.ndarray, image_size: int) -> np.ndarray:
 
 def params_sha256(params: Any) -> str:
   """sha256 over a params pytree's leaves (path-sorted names, dtypes, shapes and bytes)."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
+
   h = hashlib.sha256()
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -151,7 +180,8 @@ def params_sha256(params: Any) -> str:
 def augmentation_name(augment: bool, extras: Sequence[str] = ()) -> str:
   """The manifest's ``augmentation``: what :class:`_View` applies (parsed back by
   :func:`augmentation_extras`), e.g. ``spec3-albumentations-v1+intensity-v1``."""
-  from gms_jax.data import augment as aug_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax.data import augment as aug_lib
+
   if not augment:
     return "none"
   return AUGMENTATION + "".join(aug_lib.EXTRAS[n].tag for n in aug_lib.check_extras(extras))
@@ -159,7 +189,8 @@ def augmentation_name(augment: bool, extras: Sequence[str] = ()) -> str:
 
 def augmentation_extras(name: str) -> tuple[str, ...]:
   """The extras a manifest's ``augmentation`` names (inverse of :func:`augmentation_name`)."""
-  from gms_jax.data import augment as aug_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax.data import augment as aug_lib
+
   return tuple(n for n, extra in aug_lib.EXTRAS.items() if extra.tag in name)
 
 
@@ -167,30 +198,44 @@ def names_sha256(names: Sequence[str]) -> str:
   return hashlib.sha256("\0".join(names).encode()).hexdigest()
 
 
-def make_manifest(*, tokenizer: dict[str, Any], precision: str, image_size: int, source,
-                  seed: int, num_views: int, shard_size: int, has_std: bool,
-                  latent_shape: Sequence[int], augment: bool = True,
-                  extras: Sequence[str] = ()) -> dict[str, Any]:
+def make_manifest(
+  *,
+  tokenizer: dict[str, Any],
+  precision: str,
+  image_size: int,
+  source,
+  seed: int,
+  num_views: int,
+  shard_size: int,
+  has_std: bool,
+  latent_shape: Sequence[int],
+  augment: bool = True,
+  extras: Sequence[str] = (),
+) -> dict[str, Any]:
   """The manifest a run expects; ``tokenizer`` = {name, path, family, latent_channels,
   params_sha256}. ``source`` is the training split (a :class:`builder.GmsSource`)."""
   names = source.names()
   directory = getattr(source, "directory", "")
   return {
-      "format": BANK_FORMAT,
-      "tokenizer": dict(tokenizer),
-      "precision": str(precision),
-      "image_size": int(image_size),
-      "split": {"dataset": str(getattr(source, "dataset", "")), "split": "train",
-                "num_records": len(names), "names_sha256": names_sha256(names),
-                # tfds config name: hashes the split files' names and the data files' contents
-                "data_config": Path(directory).parent.name if directory else ""},
-      "seed": int(seed),
-      "augmentation": augmentation_name(augment, extras),
-      "num_views": int(num_views),
-      "shard_size": int(shard_size),
-      "has_std": bool(has_std),
-      "latent_shape": [int(s) for s in latent_shape],
-      "view_seed": "np.random.default_rng(SeedSequence([seed, record_index, view]))",
+    "format": BANK_FORMAT,
+    "tokenizer": dict(tokenizer),
+    "precision": str(precision),
+    "image_size": int(image_size),
+    "split": {
+      "dataset": str(getattr(source, "dataset", "")),
+      "split": "train",
+      "num_records": len(names),
+      "names_sha256": names_sha256(names),
+      # tfds config name: hashes the split files' names and the data files' contents
+      "data_config": Path(directory).parent.name if directory else "",
+    },
+    "seed": int(seed),
+    "augmentation": augmentation_name(augment, extras),
+    "num_views": int(num_views),
+    "shard_size": int(shard_size),
+    "has_std": bool(has_std),
+    "latent_shape": [int(s) for s in latent_shape],
+    "view_seed": "np.random.default_rng(SeedSequence([seed, record_index, view]))",
   }
 
 
@@ -207,14 +252,13 @@ def check_manifest(found: dict[str, Any], expected: dict[str, Any], path: str) -
     if a != b:
       short = lambda v: (v[:12] + "…") if isinstance(v, str) and len(v) > 40 else v  # noqa: E731
       raise BankMismatchError(
-          f"{path}: this latent bank was built for {key}={short(a)!r} but the run has "
-          f"{key}={short(b)!r}; refusing to reuse it (set --config.bank.dir to another folder)")
+        f"{path}: this latent bank was built for {key}={short(a)!r} but the run has "
+        f"{key}={short(b)!r}; refusing to reuse it (set --config.bank.dir to another folder)"
+      )
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-  tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  outputs.write_json_atomic(path, obj, indent=2, sort_keys=True)
 
 
 def read_manifest(bank_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -227,8 +271,9 @@ def read_manifest(bank_dir: str | os.PathLike) -> dict[str, Any] | None:
     raise DataError(f"{path}: unreadable latent-bank manifest ({e})") from None
 
 
-def prepare_manifest(bank_dir: str | os.PathLike, expected: dict[str, Any], *,
-                     write: bool = True) -> dict[str, Any]:
+def prepare_manifest(
+  bank_dir: str | os.PathLike, expected: dict[str, Any], *, write: bool = True
+) -> dict[str, Any]:
   """Checks the manifest in ``bank_dir`` against ``expected`` (or writes it when absent).
 
   Returns the manifest now in force (``num_views`` = the larger of the two). ``write=False``
@@ -240,8 +285,9 @@ def prepare_manifest(bank_dir: str | os.PathLike, expected: dict[str, Any], *,
   if found is None:
     if bank_dir.exists() and any(not p.name.startswith(TMP_PREFIX) for p in bank_dir.iterdir()):
       raise errors.OutputError(
-          f"{bank_dir}: exists and holds files but no {MANIFEST}; not a latent bank, refusing to "
-          "write into it (set --config.bank.dir to an empty or new folder)")
+        f"{bank_dir}: exists and holds files but no {MANIFEST}; not a latent bank, refusing to "
+        "write into it (set --config.bank.dir to an empty or new folder)"
+      )
     if write:
       bank_dir.mkdir(parents=True, exist_ok=True)
       _write_json_atomic(path, expected)
@@ -271,8 +317,11 @@ class Shard:
 def shard_plan(num_records: int, num_views: int, shard_size: int) -> list[Shard]:
   """All shards of a bank, view-major: (view 0, block 0), (view 0, block 1), ..."""
   blocks = math.ceil(int(num_records) / int(shard_size))
-  return [Shard(k, b, b * shard_size, min((b + 1) * shard_size, num_records))
-          for k in range(int(num_views)) for b in range(blocks)]
+  return [
+    Shard(k, b, b * shard_size, min((b + 1) * shard_size, num_records))
+    for k in range(int(num_views))
+    for b in range(blocks)
+  ]
 
 
 def shard_dir(bank_dir: str | os.PathLike, shard: Shard) -> Path:
@@ -283,8 +332,9 @@ def missing_shards(bank_dir, plan: Sequence[Shard]) -> list[Shard]:
   return [s for s in plan if not shard_dir(bank_dir, s).is_dir()]
 
 
-def write_shard(bank_dir: str | os.PathLike, shard: Shard, arrays: dict[str, np.ndarray],
-                info: dict[str, Any]) -> Path:
+def write_shard(
+  bank_dir: str | os.PathLike, shard: Shard, arrays: dict[str, np.ndarray], info: dict[str, Any]
+) -> Path:
   """Writes one shard atomically (temporary directory, then one rename)."""
   final = shard_dir(bank_dir, shard)
   tmp = final.with_name(TMP_PREFIX + final.name)
@@ -304,9 +354,18 @@ def write_shard(bank_dir: str | os.PathLike, shard: Shard, arrays: dict[str, np.
 EncodeFn = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
-def build(bank_dir: str | os.PathLike, source, manifest: dict[str, Any], encode_fn: EncodeFn, *,
-          encode_batch_size: int = 8, process_index: int = 0, process_count: int = 1,
-          read_threads: int = 2, log: Callable[[str], None] = print) -> dict[str, float]:
+def build(
+  bank_dir: str | os.PathLike,
+  source,
+  manifest: dict[str, Any],
+  encode_fn: EncodeFn,
+  *,
+  encode_batch_size: int = 8,
+  process_index: int = 0,
+  process_count: int = 1,
+  read_threads: int = 2,
+  log: Callable[[str], None] = print,
+) -> dict[str, float]:
   """Builds this process's missing shards of the bank described by ``manifest``.
 
   ``encode_fn(images (b,S,S,3) f32 [0,1], masks (b,S,S) f32 {0,1})`` returns ``{"z_image",
@@ -314,8 +373,7 @@ def build(bank_dir: str | os.PathLike, source, manifest: dict[str, Any], encode_
   with exactly ``encode_batch_size`` rows (the last batch of a shard is padded by repeating its
   last row; padded rows are dropped). Returns ``{"built", "seconds"}`` of this call.
   """
-  plan = shard_plan(manifest["split"]["num_records"], manifest["num_views"],
-                    manifest["shard_size"])
+  plan = shard_plan(manifest["split"]["num_records"], manifest["num_views"], manifest["shard_size"])
   mine = [s for j, s in enumerate(plan) if j % process_count == process_index]
   todo = missing_shards(bank_dir, mine)
   if not todo:
@@ -328,10 +386,17 @@ def build(bank_dir: str | os.PathLike, source, manifest: dict[str, Any], encode_
   for n_done, shard in enumerate(todo, 1):
     t0 = time.time()
     out: dict[str, list[np.ndarray]] = {k: [] for k in (*keys, "index", "mask_bits")}
-    for batch in augmented_views(source, range(shard.start, shard.stop), view=shard.view,
-                                 seed=seed, image_size=size, augment=augment,
-                                 batch_size=encode_batch_size, read_threads=read_threads,
-                                 extras=extras):
+    for batch in augmented_views(
+      source,
+      range(shard.start, shard.stop),
+      view=shard.view,
+      seed=seed,
+      image_size=size,
+      augment=augment,
+      batch_size=encode_batch_size,
+      read_threads=read_threads,
+      extras=extras,
+    ):
       n = len(batch["index"])
       images, masks = batch["image"], batch["mask"]
       if n < encode_batch_size:
@@ -346,9 +411,11 @@ def build(bank_dir: str | os.PathLike, source, manifest: dict[str, Any], encode_
     arrays = {k: np.concatenate(v) for k, v in out.items()}
     seconds = time.time() - t0
     write_shard(bank_dir, shard, arrays, {"seconds": seconds, "views": shard.stop - shard.start})
-    log(f"latent bank: shard {shard.name} ({shard.stop - shard.start} views) in {seconds:.1f}s "
-        f"({seconds / max(shard.stop - shard.start, 1):.3f} s/view); {n_done}/{len(todo)} of this "
-        f"process's missing shards")
+    log(
+      f"latent bank: shard {shard.name} ({shard.stop - shard.start} views) in {seconds:.1f}s "
+      f"({seconds / max(shard.stop - shard.start, 1):.3f} s/view); {n_done}/{len(todo)} of this "
+      f"process's missing shards"
+    )
   return {"built": len(todo), "seconds": time.time() - t_all}
 
 
@@ -377,10 +444,15 @@ class Bank:
     plan = shard_plan(self.num_records, self.num_views, manifest["shard_size"])
     missing = missing_shards(self.directory, plan)
     if missing:
-      raise DataError(f"{self.directory}: latent bank incomplete, {len(missing)} shard(s) "
-                      f"missing (first: {missing[0].name}); build it again to resume")
-    self._keys = ("z_image", "std_image", "z_mask", "mask_bits") if self.has_std else (
-        "z_image", "z_mask", "mask_bits")
+      raise DataError(
+        f"{self.directory}: latent bank incomplete, {len(missing)} shard(s) "
+        f"missing (first: {missing[0].name}); build it again to resume"
+      )
+    self._keys = (
+      ("z_image", "std_image", "z_mask", "mask_bits")
+      if self.has_std
+      else ("z_image", "z_mask", "mask_bits")
+    )
     self._shard_size = int(manifest["shard_size"])
     self._blocks = math.ceil(self.num_records / self._shard_size)
     self._parts: dict[str, list[np.ndarray]] = {k: [] for k in self._keys}
@@ -406,13 +478,17 @@ class Bank:
   def entry(self, view: np.ndarray, record: np.ndarray) -> np.ndarray:
     return np.asarray(view, np.int64) * self.num_records + np.asarray(record, np.int64)
 
-  def gather(self, views: np.ndarray, records: np.ndarray, *, masks: bool = False
-             ) -> dict[str, np.ndarray]:
+  def gather(
+    self, views: np.ndarray, records: np.ndarray, *, masks: bool = False
+  ) -> dict[str, np.ndarray]:
     """The batch of entries (view, record): latents, and the (B,S,S) masks when asked."""
-    where = [(int(v) * self._blocks + int(r) // self._shard_size, int(r) % self._shard_size)
-             for v, r in zip(np.asarray(views), np.asarray(records))]
-    keys = [k for k in (*LATENT_KEYS, "mask_bits") if k in self._parts and
-            (masks or k != "mask_bits")]
+    where = [
+      (int(v) * self._blocks + int(r) // self._shard_size, int(r) % self._shard_size)
+      for v, r in zip(np.asarray(views), np.asarray(records))
+    ]
+    keys = [
+      k for k in (*LATENT_KEYS, "mask_bits") if k in self._parts and (masks or k != "mask_bits")
+    ]
     out = {k: np.stack([self._parts[k][s][o] for s, o in where]) for k in keys}
     if masks:
       out["mask"] = unpack_masks(out.pop("mask_bits"), self.image_size)
@@ -427,8 +503,9 @@ def disk_bytes(bank_dir: str | os.PathLike) -> int:
 # ----------------------------------------------------------------------------- data order
 
 
-def batch_entries(step: int, *, num_records: int, num_views: int, batch_size: int, seed: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def batch_entries(
+  step: int, *, num_records: int, num_views: int, batch_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
   """(views, records) of optimizer step ``step`` (0-based): a pure function of the step.
 
   Epochs are passes over the N records, as in the exact recipe (``N // B`` batches, the
@@ -443,7 +520,7 @@ def batch_entries(step: int, *, num_records: int, num_views: int, batch_size: in
     raise DataError(f"the training split has {n} example(s), fewer than one batch ({b})")
   epoch, pos = divmod(int(step), spe)
   order = np.random.default_rng([int(seed), 1, epoch]).permutation(n)
-  records = order[pos * b:(pos + 1) * b]
+  records = order[pos * b : (pos + 1) * b]
   cycle = epoch // k
   perm = np.argsort(np.random.default_rng([int(seed), 2, cycle]).random((n, k)), axis=1)
   return perm[records, epoch % k].astype(np.int64), records.astype(np.int64)

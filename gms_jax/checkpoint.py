@@ -35,8 +35,13 @@ STATE = "state"
 DATA_ITER = "data_iter"
 BEST_METRIC = "val_dice"
 # The workdir's layout lives in gms_jax.layout (importable without jax); re-exported here.
-from gms_jax.layout import (  # pylint: disable=wrong-import-position,unused-import
-    BANK_SUBDIR, CHECKPOINT_SUBDIR, CONFIG_FILE, METRICS_FILE, TENSORBOARD_SUBDIR)
+from gms_jax.layout import (  # noqa: F401  (re-exported)
+  BANK_SUBDIR,
+  CHECKPOINT_SUBDIR,
+  CONFIG_FILE,
+  METRICS_FILE,
+  TENSORBOARD_SUBDIR,
+)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -57,10 +62,14 @@ def _type_handlers():
   th = ocp.type_handlers
   scalar = th.ScalarHandler()
   return th.create_type_handler_registry(
-      (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
-      (np.ndarray, th.NumpyHandler()),
-      (jax.Array, th.ArrayHandler(use_replica_parallel=False)),
-      (str, th.StringHandler()))
+    (int, scalar),
+    (float, scalar),
+    (bytes, scalar),
+    (np.number, scalar),
+    (np.ndarray, th.NumpyHandler()),
+    (jax.Array, th.ArrayHandler(use_replica_parallel=False)),
+    (str, th.StringHandler()),
+  )
 
 
 class Checkpointer:
@@ -69,22 +78,40 @@ class Checkpointer:
   All processes must call :meth:`save` and :meth:`restore` (orbax coordinates multi-host I/O).
   """
 
-  def __init__(self, workdir: str, *, keep: int = 3, metadata: dict | None = None,
-               read_only: bool = False, async_save: bool = True):
-    preservation = ocm.AnyPreservationPolicy([
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    keep: int = 3,
+    metadata: dict | None = None,
+    read_only: bool = False,
+    async_save: bool = True,
+  ):
+    preservation = ocm.AnyPreservationPolicy(
+      [
         ocm.LatestN(n=max(int(keep), 1)),
-        ocm.BestN(get_metric_fn=_best_fn, reverse=False, n=1,
-                  keep_checkpoints_without_metrics=False),
-    ])
+        ocm.BestN(
+          get_metric_fn=_best_fn, reverse=False, n=1, keep_checkpoints_without_metrics=False
+        ),
+      ]
+    )
     options = ocp.CheckpointManagerOptions(
-        best_fn=_best_fn, best_mode="max", preservation_policy=preservation,
-        create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only)
+      best_fn=_best_fn,
+      best_mode="max",
+      preservation_policy=preservation,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only,
+    )
     self.directory = checkpoint_dir(workdir)
-    handlers = {STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
-                DATA_ITER: grain.checkpoint.CheckpointHandler()}
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers,
-                                         metadata=metadata)
+    handlers = {
+      STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+      DATA_ITER: grain.checkpoint.CheckpointHandler(),
+    }
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_handlers=handlers, metadata=metadata
+    )
 
   # ------------------------------------------------------------------ queries
   def latest_step(self) -> int | None:
@@ -112,17 +139,21 @@ class Checkpointer:
     if data_iter is not None:
       items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-    return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics,
-                             force=True)
+    return self.manager.save(
+      int(step), args=ocp.args.Composite(**items), metrics=metrics, force=True
+    )
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
     """Restores the train state at ``step`` into ``abstract_state``'s shapes and shardings.
 
     ``data_iter`` (a grain ``DatasetIterator``), when given, is set to the saved position in place.
     """
-    items = {STATE: ocp.args.PyTreeRestore(
+    items = {
+      STATE: ocp.args.PyTreeRestore(
         item=abstract_state,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+      )
+    }
     if data_iter is not None and self.has_data_iter(step):
       # A step written without an iterator (``gms-jax import``: step 0) leaves it at its start.
       items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -136,10 +167,18 @@ class Checkpointer:
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Only the mapper params of ``step`` (partial restore), as ``abstract_params`` describes."""
     item = {"params": abstract_params}
-    restored = self.manager.restore(int(step), args=ocp.args.Composite(**{
-        STATE: ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)}))
+    restored = self.manager.restore(
+      int(step),
+      args=ocp.args.Composite(
+        **{
+          STATE: ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+          )
+        }
+      ),
+    )
     return restored[STATE]["params"]
 
   def wait(self) -> None:
@@ -173,11 +212,6 @@ def resolve_step(ckpt: Checkpointer, which: str | int = "best") -> int:
   step = int(which)
   if step not in steps:
     raise FileNotFoundError(
-        f"{ckpt.directory}: no checkpoint at step {step}; saved: {sorted(steps)}")
+      f"{ckpt.directory}: no checkpoint at step {step}; saved: {sorted(steps)}"
+    )
   return step
-
-
-def restore_mapper(workdir: str, which: str | int = "best"):
-  """``(mapper, config, step)`` of a workdir: see :func:`gms_jax.run_metadata.restore_mapper`."""
-  from gms_jax import run_metadata  # pylint: disable=import-outside-toplevel
-  return run_metadata.restore_mapper(workdir, which)

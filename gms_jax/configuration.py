@@ -22,13 +22,25 @@ from gms_jax.errors import ConfigError
 # logging, evaluation cadence, I/O or how the same loss is computed, not the model, data or
 # schedule. Every other key must match (a prefix ending in "." covers a whole section).
 HARMLESS_KEYS = (
-    "log_every_steps", "eval_every_steps", "eval_batch_size", "checkpoint_every_steps",
-    "keep_checkpoints", "data.worker_count", "data.prefetch_buffer", "data.tfds_dir",
-    "loss.batch_decode", "loss.batch_encode", "tokenizer.remat_decoder", "distributed.",
-    "compilation_cache_dir", "cpu_library_fusion",
-    # the fast recipe: where its bank lives (the manifest checks it is the same bank), how it is
-    # encoded, how often it validates
-    "bank.dir", "bank.encode_batch_size", "fast.eval_every_epochs",
+  "log_every_steps",
+  "eval_every_steps",
+  "eval_batch_size",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "data.worker_count",
+  "data.prefetch_buffer",
+  "data.tfds_dir",
+  "loss.batch_decode",
+  "loss.batch_encode",
+  "tokenizer.remat_decoder",
+  "distributed.",
+  "compilation_cache_dir",
+  "cpu_library_fusion",
+  # the fast recipe: where its bank lives (the manifest checks it is the same bank), how it is
+  # encoded, how often it validates
+  "bank.dir",
+  "bank.encode_batch_size",
+  "fast.eval_every_epochs",
 )
 
 # Keys added after workdirs were written: a saved config.json without one was made when the key
@@ -47,13 +59,17 @@ def cpu_library_fusions(value: Any) -> tuple[str, ...]:
   """``config.cpu_library_fusion`` ("" or a comma list) as names of :data:`CPU_LIBRARY_FUSIONS`;
   ConfigError (one line) naming what is not one."""
   if not isinstance(value, str):
-    raise ConfigError(f"config.cpu_library_fusion must be '' or a comma list of "
-                      f"{', '.join(CPU_LIBRARY_FUSIONS)}, got {value!r}")
+    raise ConfigError(
+      f"config.cpu_library_fusion must be '' or a comma list of "
+      f"{', '.join(CPU_LIBRARY_FUSIONS)}, got {value!r}"
+    )
   names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
   unknown = [n for n in names if n not in CPU_LIBRARY_FUSIONS]
   if unknown:
-    raise ConfigError(f"config.cpu_library_fusion: unknown {', '.join(map(repr, unknown))}; "
-                      f"use a comma list of {', '.join(CPU_LIBRARY_FUSIONS)} or ''")
+    raise ConfigError(
+      f"config.cpu_library_fusion: unknown {', '.join(map(repr, unknown))}; "
+      f"use a comma list of {', '.join(CPU_LIBRARY_FUSIONS)} or ''"
+    )
   return names
 
 
@@ -93,8 +109,9 @@ def check_resume(saved: Mapping[str, Any], new: Any, workdir: str) -> None:
       diffs.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")
   if diffs:
     raise ConfigError(
-        f"{workdir} holds a run with another config ({'; '.join(diffs)}); to start fresh use a "
-        "new --workdir (or delete this one), to continue it use its config.json settings")
+      f"{workdir} holds a run with another config ({'; '.join(diffs)}); to start fresh use a "
+      "new --workdir (or delete this one), to continue it use its config.json settings"
+    )
 
 
 def suggest_key(key: str, known: Iterable[str]) -> str:
@@ -102,14 +119,22 @@ def suggest_key(key: str, known: Iterable[str]) -> str:
   known = sorted(known)
   section, _, leaf = key.rpartition(".")
   # "lr" -> "learning_rate": a leaf that is the initials of a known key's leaf comes first
-  close = [k for k in known if k.rpartition(".")[0] == section and len(leaf) > 1
-           and "".join(p[:1] for p in k.rpartition(".")[2].split("_")) == leaf]
+  close = [
+    k
+    for k in known
+    if k.rpartition(".")[0] == section
+    and len(leaf) > 1
+    and "".join(p[:1] for p in k.rpartition(".")[2].split("_")) == leaf
+  ]
   close += [k for k in difflib.get_close_matches(key, known, n=3, cutoff=0.5) if k not in close]
   close = close[:3]
   if not close:  # same section, or same last part
     leaf = key.rsplit(".", 1)[-1]
-    close = [k for k in known if k.rsplit(".", 1)[-1].startswith(leaf[:2])
-             and k.split(".")[0] == key.split(".")[0]][:3]
+    close = [
+      k
+      for k in known
+      if k.rsplit(".", 1)[-1].startswith(leaf[:2]) and k.split(".")[0] == key.split(".")[0]
+    ][:3]
   hint = f"; did you mean {' or '.join('config.' + c for c in close)}?" if close else ""
   return f"unknown config key config.{key}{hint}"
 
@@ -156,18 +181,22 @@ def _choice(flat, key, choices) -> str:
   return str(v)
 
 
-def validate(config: Any, *, n_devices: int | None = None, n_processes: int = 1,
-             check_tokenizer: bool = True) -> None:
+def validate(
+  config: Any, *, n_devices: int | None = None, n_processes: int = 1, check_tokenizer: bool = True
+) -> None:
   """Checks every key training reads; raises :class:`ConfigError` naming the first bad key.
 
   ``check_tokenizer=False`` skips the tokenizer name/path checks (a ready tokenizer is given)."""
-  from gms_jax.data.builder import DATASET_NAMES  # pylint: disable=import-outside-toplevel
+  from gms_jax.data.builder import DATASET_NAMES
+
   flat = flatten(to_plain(config))
   _choice(flat, "data.name", DATASET_NAMES)
   size = _int(flat, "data.image_size", 8)
   if size % 8:
-    raise ConfigError(f"config.data.image_size must be a positive multiple of 8 (the "
-                      f"tokenizers downsample by 8), got {size}")
+    raise ConfigError(
+      f"config.data.image_size must be a positive multiple of 8 (the "
+      f"tokenizers downsample by 8), got {size}"
+    )
   _float(flat, "data.val_fraction", 0.0, 1.0, lo_open=True)
   _float(flat, "data.test_fraction", 0.0, 1.0)
   _int(flat, "data.worker_count", 0)
@@ -185,16 +214,22 @@ def validate(config: Any, *, n_devices: int | None = None, n_processes: int = 1,
     if not os.access(path, os.R_OK):
       raise ConfigError(f"config.tokenizer.path={path}: not readable")
   elif not path and name.lower() not in ("taef2", "tae", "taesd"):
-    raise ConfigError(f"config.tokenizer.path is empty: tokenizer {name!r} has no packaged "
-                      "weights; set --config.tokenizer.path to your SD VAE (diffusers folder or "
-                      ".safetensors, LDM .ckpt, or a `gms-jax convert` output)")
+    raise ConfigError(
+      f"config.tokenizer.path is empty: tokenizer {name!r} has no packaged "
+      "weights; set --config.tokenizer.path to your SD VAE (diffusers folder or "
+      ".safetensors, LDM .ckpt, or a `gms-jax convert` output)"
+    )
 
   _int(flat, "mapper.ch", 1)
   ch_mult = _get(flat, "mapper.ch_mult")
-  if not isinstance(ch_mult, list) or not ch_mult or not all(
-      isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ch_mult):
-    raise ConfigError(f"config.mapper.ch_mult must be a non-empty list of positive integers, "
-                      f"got {ch_mult!r}")
+  if (
+    not isinstance(ch_mult, list)
+    or not ch_mult
+    or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ch_mult)
+  ):
+    raise ConfigError(
+      f"config.mapper.ch_mult must be a non-empty list of positive integers, got {ch_mult!r}"
+    )
   init = str(flat.get("mapper.init", "") or "")
   if init and not os.path.exists(init):
     raise ConfigError(f"config.mapper.init={init}: no such file or folder")
@@ -206,12 +241,22 @@ def validate(config: Any, *, n_devices: int | None = None, n_processes: int = 1,
   _float(flat, "loss.noise_prob", 0.0, 1.0)
   heads = _get(flat, "loss.heads")
   if not isinstance(heads, list) or not heads or any(h not in HEADS for h in heads):
-    raise ConfigError(f"config.loss.heads must be a non-empty list of {', '.join(HEADS)}, "
-                      f"got {heads!r}")
+    raise ConfigError(
+      f"config.loss.heads must be a non-empty list of {', '.join(HEADS)}, got {heads!r}"
+    )
   for key in ("loss.batch_decode", "loss.batch_encode"):
     v = flat.get(key, "auto")
     if not isinstance(v, bool) and str(v).strip().lower() not in (
-        "auto", "true", "false", "yes", "no", "on", "off", "1", "0"):
+      "auto",
+      "true",
+      "false",
+      "yes",
+      "no",
+      "on",
+      "off",
+      "1",
+      "0",
+    ):
       raise ConfigError(f"config.{key} must be 'auto', true or false, got {v!r}")
   cpu_library_fusions(flat.get("cpu_library_fusion", ""))
 
@@ -245,8 +290,10 @@ def validate(config: Any, *, n_devices: int | None = None, n_processes: int = 1,
   if n_devices and not per_device:
     for key, v in (("batch_size", bs),):
       if v % n_devices or v % n_processes:
-        raise ConfigError(f"config.{key}={v} must be divisible by the number of devices "
-                          f"({n_devices}) and of processes ({n_processes})")
+        raise ConfigError(
+          f"config.{key}={v} must be divisible by the number of devices "
+          f"({n_devices}) and of processes ({n_processes})"
+        )
   del ebs  # eval batches are rounded up to the device count
 
 
@@ -307,8 +354,10 @@ def flag_error(argv: Sequence[str], exc: BaseException, usage: str) -> ConfigErr
   """The one line for a failed ``--config`` flag parse: a missing config file, the config file's
   own error (an unknown config name), an unknown ``--config.KEY`` (with the closest keys), or the
   bad value's message."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  from gms_jax import errors  # pylint: disable=import-outside-toplevel
+  import importlib.util
+
+  from gms_jax import errors
+
   spec = config_spec(argv)
   if spec:
     path, _, arg = spec.partition(":")
@@ -319,13 +368,13 @@ def flag_error(argv: Sequence[str], exc: BaseException, usage: str) -> ConfigErr
       module = importlib.util.module_from_spec(module_spec)
       module_spec.loader.exec_module(module)
       cfg = module.get_config(arg) if arg else module.get_config()
-    except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
+    except Exception as e:  # the config file's own error
       return ConfigError(f"--config {spec}: {errors.describe(e)}")
     flat = flatten(to_plain(cfg))
     sections = {k.rsplit(".", 1)[0] for k in flat if "." in k}
     for a in argv:
       if a.startswith("--config."):
-        key = a[len("--config."):].split("=", 1)[0]
+        key = a[len("--config.") :].split("=", 1)[0]
         if key not in flat and key not in sections:
           return ConfigError(suggest_key(key, flat))
   return ConfigError(f"bad flag: {errors.one_line(exc)}; {usage}")

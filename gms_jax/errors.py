@@ -45,6 +45,18 @@ class OutputError(GmsError):
   exit_code = 2
 
 
+class DataError(GmsError, ValueError):
+  """A problem with input data; the message names the file and the problem (exit 1)."""
+
+
+class ConversionError(GmsError, ValueError):
+  """Weights that cannot be converted or loaded; the message names the file (exit 1)."""
+
+
+class NonFiniteLossError(GmsError, FloatingPointError):
+  """The training loss became NaN/inf; the workdir keeps the last good checkpoint (exit 1)."""
+
+
 def one_line(message: object) -> str:
   """``message`` with its lines joined by ``"; "`` (errors are printed on one line)."""
   parts = [p.strip() for p in str(message).splitlines() if p.strip()]
@@ -62,8 +74,7 @@ def describe(exc: BaseException) -> str:
   msg = one_line(exc)
   if isinstance(exc, KeyError) and exc.args:  # str(KeyError('x')) is "'x'": say what it is
     msg = f"missing key {exc.args[0]!r}"
-  if isinstance(exc, (GmsError, FileNotFoundError, PermissionError, IsADirectoryError)) \
-      or type(exc).__name__ in ("DataError", "ConversionError", "NonFiniteLossError"):
+  if isinstance(exc, (GmsError, FileNotFoundError, PermissionError, IsADirectoryError)):
     return msg
   return f"{type(exc).__name__}: {msg}"
 

@@ -32,24 +32,22 @@ import time
 
 import numpy as np
 
-from gms_jax import errors
-from gms_jax import inference
-from gms_jax import metrics
-from gms_jax import outputs
+from gms_jax import inference, metrics, outputs
 from gms_jax.data.checks import DataError
-from gms_jax.predict import (FUSION_HELP, TTA_CHOICES, TTA_HELP, Segmenter, check_workdir, parse_checkpoint,
-                             parse_fusion, resize_probs)
+from gms_jax.predict import Segmenter, resize_probs
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
-  from scipy import ndimage  # pylint: disable=import-outside-toplevel
+  from scipy import ndimage
+
   m = np.asarray(mask, bool)
   return m & ~ndimage.binary_erosion(m, border_value=0)
 
 
 def overlay(image01: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
   """uint8 RGB picture: the image, ground-truth contour in green, prediction contour in red."""
-  from scipy import ndimage  # pylint: disable=import-outside-toplevel
+  from scipy import ndimage
+
   img = (np.clip(image01, 0, 1) * 255).astype(np.uint8).copy()
   thick = lambda c: ndimage.binary_dilation(c, iterations=1)  # noqa: E731  (2-px lines read better)
   img[thick(contour(gt))] = (0, 255, 0)
@@ -67,26 +65,36 @@ def montage(tiles: list[np.ndarray], columns: int = 4, pad: int = 2) -> np.ndarr
   grid = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), 255, np.uint8)
   for i, t in enumerate(tiles):
     r, c = divmod(i, cols)
-    grid[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = t
+    grid[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = t
   return grid
 
 
-def evaluate(seg: Segmenter, examples, out_dir: str, *, max_overlays: int = 64, meta: dict | None = None,
-             montage_n: int = 0) -> dict:
+def evaluate(
+  seg: Segmenter,
+  examples,
+  out_dir: str,
+  *,
+  max_overlays: int = 64,
+  meta: dict | None = None,
+  montage_n: int = 0,
+) -> dict:
   """Runs the protocol over ``examples`` (dicts from ``pipeline.eval_examples``); returns the summary."""
   out_dir = os.path.abspath(out_dir)
   outputs.check_owned(out_dir, "evaluate")  # before any work: refuse a folder that is not ours
   tmp = outputs.make_staging_dir(out_dir)
   try:
-    return _evaluate(seg, examples, out_dir, tmp, max_overlays=max_overlays, meta=meta,
-                     montage_n=montage_n)
+    return _evaluate(
+      seg, examples, out_dir, tmp, max_overlays=max_overlays, meta=meta, montage_n=montage_n
+    )
   finally:
     shutil.rmtree(tmp, ignore_errors=True)  # our staging folder (gone after a successful publish)
 
 
 def _evaluate(seg, examples, out_dir, tmp, *, max_overlays, meta, montage_n) -> dict:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  from gms_jax.predict import save_mask_png  # pylint: disable=import-outside-toplevel
+  from PIL import Image
+
+  from gms_jax.predict import save_mask_png
+
   for sub in ("masks", "overlays"):
     os.makedirs(os.path.join(tmp, sub))
     outputs.apply_umask(os.path.join(tmp, sub), directory=True)
@@ -139,17 +147,20 @@ def _evaluate(seg, examples, out_dir, tmp, *, max_overlays, meta, montage_n) -> 
   summary["seconds"] = round(time.perf_counter() - t0, 2)
   with open(os.path.join(tmp, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  written = [os.path.relpath(os.path.join(r, n), tmp) for r, _, names in os.walk(tmp) for n in names]
+  written = [
+    os.path.relpath(os.path.join(r, n), tmp) for r, _, names in os.walk(tmp) for n in names
+  ]
   outputs.write_manifest(tmp, "evaluate", written)
   outputs.publish(tmp, out_dir, "evaluate")
   return summary
 
 
-def _data_cfg(config, dataset: str | None, root: str | None, split_file: str | None):
+def data_config(config, dataset: str | None, root: str | None, split_file: str | None):
   """The training config's data section, optionally pointed at another dataset (cross-domain)."""
-  import copy  # pylint: disable=import-outside-toplevel
+  import copy
+
   data = copy.deepcopy(config.data)
-  with data.unlocked() if hasattr(data, "unlocked") else _nullcontext():
+  with data.unlocked():
     if dataset and dataset != data.name:
       data.name = dataset
       data.root = root or ""
@@ -159,74 +170,3 @@ def _data_cfg(config, dataset: str | None, root: str | None, split_file: str | N
     if split_file is not None and not dataset:
       data.split_file = split_file
   return data
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
-
-
-SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = errors.ArgumentParser(prog="gms-jax evaluate", description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--dataset", default=None,
-                      help="dataset name (default: the one trained on); another name = cross-domain")
-  parser.add_argument("--root", default=None, help="dataset folder (GMS layout), if not the config's")
-  parser.add_argument("--split-file", default=None, help="split file for --dataset (GMS .pkl or .json)")
-  parser.add_argument("--split", default="test",
-                      choices=["test", "validation", "val", "valid", "train", "all"])
-  parser.add_argument("--checkpoint", default="best", help="'best' (validation Dice), 'latest' or a step")
-  parser.add_argument("--out", default=None,
-                      help="a new or empty folder, or an earlier evaluate output to replace "
-                           "(default: <workdir>/eval/<dataset>-<split>, + '-tta-<views>' with --tta)")
-  parser.add_argument("--batch-size", type=int, default=8)
-  parser.add_argument("--max-overlays", type=int, default=64)
-  parser.add_argument("--montage", type=int, default=8,
-                      help="overlays of the first N images in one grid, overlays_montage.png (0: none)")
-  parser.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
-  parser.add_argument("--cpu-library-fusion", default=None, help=FUSION_HELP)
-  args = parser.parse_args(argv)
-  args.split = SPLIT_ALIASES.get(args.split, args.split)
-  if args.batch_size < 1:
-    raise errors.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-  for flag, v in (("--max-overlays", args.max_overlays), ("--montage", args.montage)):
-    if v < 0:
-      raise errors.UsageError(f"{flag} must be >= 0, got {v}")
-  which = parse_checkpoint(args.checkpoint)
-  if args.cpu_library_fusion is not None:
-    parse_fusion(args.cpu_library_fusion)  # refuse before any work
-
-  from gms_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  from gms_jax.data import builder, pipeline  # pylint: disable=import-outside-toplevel
-  check_workdir(args.workdir)
-  data = _data_cfg(checkpoint.load_config(args.workdir), args.dataset, args.root, args.split_file)
-  suffix = "" if args.tta == "none" else f"-tta-{args.tta}"  # never replaces the SPEC §4 evaluation
-  out = args.out or os.path.join(args.workdir, "eval", f"{data.name}-{args.split}{suffix}")
-  outputs.check_owned(os.path.abspath(out), "evaluate")  # refuse before any work
-  seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size, tta=args.tta,
-                               cpu_library_fusion=args.cpu_library_fusion)
-  try:
-    sources = builder.prepare(data)
-  except (FileNotFoundError, ValueError) as e:
-    raise errors.ConfigError(errors.one_line(e)) if not isinstance(e, DataError) else e
-  splits = ["train", "validation", "test"] if args.split == "all" else [args.split]
-
-  def examples():
-    for s in splits:
-      yield from pipeline.eval_examples(sources[s], image_size=seg.image_size)
-
-  summary = evaluate(seg, examples(), out, max_overlays=args.max_overlays, montage_n=args.montage,
-                     meta={"dataset": data.name, "root": str(data.root), "split": args.split,
-                           "workdir": os.path.abspath(args.workdir), "tta": args.tta,
-                           "cpu_library_fusion": seg.cpu_library_fusion})
-  print(f"{data.name}/{args.split}{suffix}: n={summary['n']} step={summary['checkpoint_step']}  "
-        + "  ".join(f"{k}={summary[k]['mean']:.4f}±{summary[k]['std']:.4f}"
-                    for k in ("dsc", "iou", "hd95", "dsc_native", "iou_native", "hd95_native")))
-  print(f"wrote {out}/metrics.csv, summary.json, masks/, overlays/")
-  return 0

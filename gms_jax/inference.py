@@ -16,30 +16,33 @@ from flax import nnx
 THRESHOLD = 0.5  # SPEC §4: prediction = decoded mask > 0.5
 
 
-def predict_probs(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
-                  images01: jax.Array) -> jax.Array:
+def predict_probs(
+  mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any, images01: jax.Array
+) -> jax.Array:
   """(N,S,S,3) images in [0,1] -> (N,S,S) float32 mask probabilities in [0,1]."""
   lat = tokenizer.encode(tok_params, jnp.asarray(images01, jnp.float32))
   return probs_from_latents(mapper_graphdef, mapper_params, tokenizer, tok_params, lat.z)
 
 
-def probs_from_latents(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
-                       z_image: jax.Array) -> jax.Array:
+def probs_from_latents(
+  mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any, z_image: jax.Array
+) -> jax.Array:
   """:func:`predict_probs` after the encoder: (N,h,w,C) image latents -> (N,S,S) probabilities."""
   mapper = nnx.merge(mapper_graphdef, mapper_params)
   z = mapper(z_image)["out"].astype(jnp.float32)
   return tokenizer.decode_mask(tok_params, z)
 
 
-def in_fixed_batches(run: Callable[[np.ndarray], Any], images01: np.ndarray, batch_size: int
-                     ) -> np.ndarray:
+def in_fixed_batches(
+  run: Callable[[np.ndarray], Any], images01: np.ndarray, batch_size: int
+) -> np.ndarray:
   """``run`` (a compiled function of one ``batch_size`` batch, e.g. :func:`predict_probs` jitted,
   sharded or not) over all of ``images01``: the last batch is padded with copies of the last image
   and their outputs dropped, so one shape is ever compiled. The one padded-batch loop of training
   validation, ``evaluate`` and ``predict``; returns the outputs concatenated as numpy."""
   out = []
   for i in range(0, len(images01), batch_size):
-    chunk = images01[i:i + batch_size]
+    chunk = images01[i : i + batch_size]
     n = len(chunk)
     if n < batch_size:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
@@ -54,9 +57,9 @@ def in_fixed_batches(run: Callable[[np.ndarray], Any], images01: np.ndarray, bat
 # (k, flip): rotate k·90° counter-clockwise in the (H, W) plane, then flip left-right if ``flip``.
 # Probabilities of the views are mapped back and averaged, then thresholded as usual.
 TTA_VIEWS: dict[str, tuple[tuple[int, bool], ...]] = {
-    "none": ((0, False),),
-    "flip": ((0, False), (0, True)),
-    "d4": tuple((k, f) for f in (False, True) for k in range(4)),
+  "none": ((0, False),),
+  "flip": ((0, False), (0, True)),
+  "d4": tuple((k, f) for f in (False, True) for k in range(4)),
 }
 
 
@@ -76,16 +79,22 @@ def undo_dihedral(y: np.ndarray, k: int, flip: bool) -> np.ndarray:
 def check_tta(tta: str) -> str:
   """``tta`` if it names :data:`TTA_VIEWS`, else a one-line ValueError."""
   if tta not in TTA_VIEWS:
-    raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_VIEWS)}")
+    raise ValueError(
+      f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_VIEWS)}"
+    )
   return tta
 
 
-def tta_probs(probs_fn: Callable[[np.ndarray], np.ndarray], images01: np.ndarray, tta: str) -> np.ndarray:
+def tta_probs(
+  probs_fn: Callable[[np.ndarray], np.ndarray], images01: np.ndarray, tta: str
+) -> np.ndarray:
   """Mean of ``probs_fn`` ((N,S,S,3) -> (N,S,S)) over the views of :data:`TTA_VIEWS` ``[tta]``,
   each mapped back to the input's orientation."""
   views = TTA_VIEWS[check_tta(tta)]
   total = None
   for k, flip in views:
-    p = undo_dihedral(np.asarray(probs_fn(np.ascontiguousarray(dihedral(images01, k, flip)))), k, flip)
+    p = undo_dihedral(
+      np.asarray(probs_fn(np.ascontiguousarray(dihedral(images01, k, flip)))), k, flip
+    )
     total = p.astype(np.float32) if total is None else total + p
   return np.ascontiguousarray(total / np.float32(len(views)))

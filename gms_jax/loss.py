@@ -36,8 +36,13 @@ DICE_SMOOTH_NR = 1e-5  # MONAI DiceLoss defaults
 DICE_SMOOTH_DR = 1e-5
 
 
-def dice_loss(pred: jax.Array, target: jax.Array, *, smooth_nr: float = DICE_SMOOTH_NR,
-              smooth_dr: float = DICE_SMOOTH_DR) -> jax.Array:
+def dice_loss(
+  pred: jax.Array,
+  target: jax.Array,
+  *,
+  smooth_nr: float = DICE_SMOOTH_NR,
+  smooth_dr: float = DICE_SMOOTH_DR,
+) -> jax.Array:
   """MONAI ``DiceLoss()`` (no sigmoid, include background, mean): (B, ...) -> scalar."""
   pred = pred.astype(jnp.float32)
   target = target.astype(jnp.float32)
@@ -52,8 +57,9 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 
 
-def sample_latent_noise(rng: jax.Array, shape: Sequence[int], noise_prob: float
-                        ) -> tuple[jax.Array, jax.Array]:
+def sample_latent_noise(
+  rng: jax.Array, shape: Sequence[int], noise_prob: float
+) -> tuple[jax.Array, jax.Array]:
   """One Bernoulli(noise_prob) per batch and eps ~ N(0,1) of the latent's shape."""
   k_apply, k_eps = jax.random.split(rng)
   apply = jax.random.bernoulli(k_apply, noise_prob)
@@ -85,11 +91,22 @@ def _as_grey_and_rgb(masks01):
   return masks01, jnp.repeat(masks01[..., None], 3, axis=-1)
 
 
-def gms_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
-             images01: jax.Array, masks01: jax.Array, *, apply_noise: jax.Array | bool,
-             eps: jax.Array | None, heads: Sequence[str] = HEADS, rec_weight: float = 1.0,
-             dice_weight: float = 1.0, batch_decode: bool = True, batch_encode: bool = True
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def gms_loss(
+  mapper_graphdef: Any,
+  mapper_params: Any,
+  tokenizer: Any,
+  tok_params: Any,
+  images01: jax.Array,
+  masks01: jax.Array,
+  *,
+  apply_noise: jax.Array | bool,
+  eps: jax.Array | None,
+  heads: Sequence[str] = HEADS,
+  rec_weight: float = 1.0,
+  dice_weight: float = 1.0,
+  batch_decode: bool = True,
+  batch_encode: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The loss for given noise (``apply_noise``, ``eps``); returns ``(loss, terms)``.
 
   Args:
@@ -107,7 +124,10 @@ def gms_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_param
     lat = tokenizer.encode(tok_params, interleave([images01, rgb]))
     (z_img, z_mask), (std, _) = deinterleave(lat.z, 2), deinterleave(lat.std, 2)
   else:
-    (z_img, std), z_mask = tokenizer.encode(tok_params, images01), tokenizer.encode(tok_params, rgb).z
+    (z_img, std), z_mask = (
+      tokenizer.encode(tok_params, images01),
+      tokenizer.encode(tok_params, rgb).z,
+    )
   if eps is not None:
     z_img = z_img + jnp.where(apply_noise, std * eps, jnp.zeros_like(z_img))
   z_img, z_mask = jax.lax.stop_gradient(z_img), jax.lax.stop_gradient(z_mask)
@@ -122,35 +142,68 @@ def gms_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_param
     decoded = [tokenizer.decode_mask(tok_params, p) for p in preds]
   dice = sum(dice_loss(d, grey) for d in decoded)
   loss = rec_weight * rec + dice_weight * dice
-  terms = {"rec": rec, "dice": dice,
-           "noise": jnp.asarray(apply_noise if eps is not None else False, jnp.float32)}
+  terms = {
+    "rec": rec,
+    "dice": dice,
+    "noise": jnp.asarray(apply_noise if eps is not None else False, jnp.float32),
+  }
   return loss.astype(jnp.float32), terms
 
 
-def train_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
-               batch: dict[str, jax.Array], rng: jax.Array, *, noise_prob: float = 0.5,
-               heads: Sequence[str] = HEADS, rec_weight: float = 1.0, dice_weight: float = 1.0,
-               batch_decode: bool = True, batch_encode: bool = True
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def train_loss(
+  mapper_graphdef: Any,
+  mapper_params: Any,
+  tokenizer: Any,
+  tok_params: Any,
+  batch: dict[str, jax.Array],
+  rng: jax.Array,
+  *,
+  noise_prob: float = 0.5,
+  heads: Sequence[str] = HEADS,
+  rec_weight: float = 1.0,
+  dice_weight: float = 1.0,
+  batch_decode: bool = True,
+  batch_encode: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """:func:`gms_loss` with the noise drawn from ``rng`` (one Bernoulli per batch)."""
   images = batch["image"]
   f = tokenizer.downsample
   z_shape = (images.shape[0], images.shape[1] // f, images.shape[2] // f, tokenizer.latent_channels)
   apply, eps = sample_latent_noise(rng, z_shape, noise_prob)
-  return gms_loss(mapper_graphdef, mapper_params, tokenizer, tok_params, images, batch["mask"],
-                  apply_noise=apply, eps=eps, heads=heads, rec_weight=rec_weight,
-                  dice_weight=dice_weight, batch_decode=batch_decode,
-                  batch_encode=batch_encode)
+  return gms_loss(
+    mapper_graphdef,
+    mapper_params,
+    tokenizer,
+    tok_params,
+    images,
+    batch["mask"],
+    apply_noise=apply,
+    eps=eps,
+    heads=heads,
+    rec_weight=rec_weight,
+    dice_weight=dice_weight,
+    batch_decode=batch_decode,
+    batch_encode=batch_encode,
+  )
 
 
 # ----------------------------------------------------------------------------- banked (fast recipe)
 
 
-def banked_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
-                batch: dict[str, jax.Array], *, apply_noise: jax.Array | bool,
-                eps: jax.Array | None, heads: Sequence[str] = HEADS, rec_weight: float = 1.0,
-                dice_weight: float = 0.0, batch_decode: bool = True
-                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def banked_loss(
+  mapper_graphdef: Any,
+  mapper_params: Any,
+  tokenizer: Any,
+  tok_params: Any,
+  batch: dict[str, jax.Array],
+  *,
+  apply_noise: jax.Array | bool,
+  eps: jax.Array | None,
+  heads: Sequence[str] = HEADS,
+  rec_weight: float = 1.0,
+  dice_weight: float = 0.0,
+  batch_decode: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """:func:`gms_loss` on latents read from a latent bank (:mod:`gms_jax.bank`) instead of images.
 
   ``batch``: ``z_image``, ``z_mask`` (B,h,w,C) as ``tokenizer.encode`` returned them for the
@@ -163,8 +216,9 @@ def banked_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_pa
   std = batch.get("std_image")
   noised = eps is not None and std is not None
   if noised:
-    z_img = z_img + jnp.where(apply_noise, jnp.asarray(std, jnp.float32) * eps,
-                              jnp.zeros_like(z_img))
+    z_img = z_img + jnp.where(
+      apply_noise, jnp.asarray(std, jnp.float32) * eps, jnp.zeros_like(z_img)
+    )
   z_img = jax.lax.stop_gradient(z_img)
   mapper = nnx.merge(mapper_graphdef, mapper_params)
   out = mapper(z_img)
@@ -181,18 +235,40 @@ def banked_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_pa
       decoded = [tokenizer.decode_mask(tok_params, p) for p in preds]
     dice = sum(dice_loss(d, grey) for d in decoded)
     loss = loss + dice_weight * dice
-  terms = {"rec": rec, "dice": dice,  # "noise": whether the draw said so, as gms_loss reports it
-           "noise": jnp.asarray(apply_noise if eps is not None else False, jnp.float32)}
+  terms = {
+    "rec": rec,
+    "dice": dice,  # "noise": whether the draw said so, as gms_loss reports it
+    "noise": jnp.asarray(apply_noise if eps is not None else False, jnp.float32),
+  }
   return loss.astype(jnp.float32), terms
 
 
-def banked_train_loss(mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any,
-                      batch: dict[str, jax.Array], rng: jax.Array, *, noise_prob: float = 0.5,
-                      heads: Sequence[str] = HEADS, rec_weight: float = 1.0,
-                      dice_weight: float = 0.0, batch_decode: bool = True
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def banked_train_loss(
+  mapper_graphdef: Any,
+  mapper_params: Any,
+  tokenizer: Any,
+  tok_params: Any,
+  batch: dict[str, jax.Array],
+  rng: jax.Array,
+  *,
+  noise_prob: float = 0.5,
+  heads: Sequence[str] = HEADS,
+  rec_weight: float = 1.0,
+  dice_weight: float = 0.0,
+  batch_decode: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """:func:`banked_loss` with the noise drawn from ``rng`` as :func:`train_loss` draws it."""
   apply, eps = sample_latent_noise(rng, batch["z_image"].shape, noise_prob)
-  return banked_loss(mapper_graphdef, mapper_params, tokenizer, tok_params, batch,
-                     apply_noise=apply, eps=eps, heads=heads, rec_weight=rec_weight,
-                     dice_weight=dice_weight, batch_decode=batch_decode)
+  return banked_loss(
+    mapper_graphdef,
+    mapper_params,
+    tokenizer,
+    tok_params,
+    batch,
+    apply_noise=apply,
+    eps=eps,
+    heads=heads,
+    rec_weight=rec_weight,
+    dice_weight=dice_weight,
+    batch_decode=batch_decode,
+  )

@@ -54,7 +54,9 @@ def dice_iou(pred, gt) -> tuple[np.ndarray, np.ndarray]:
 
 def _surface(mask: np.ndarray) -> np.ndarray:
   # 4-connected erosion, border_value=0 so pixels on the image edge count as surface (MedPy's rule).
-  eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1), border_value=0)
+  eroded = ndimage.binary_erosion(
+    mask, structure=ndimage.generate_binary_structure(2, 1), border_value=0
+  )
   return mask & ~eroded
 
 
@@ -91,7 +93,11 @@ def summarize(rows: Iterable[Mapping[str, float]], keys: Sequence[str] | None = 
   rows = list(rows)
   if not rows:
     raise ValueError("no rows to summarize")
-  keys = keys or [k for k, v in rows[0].items() if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)]
+  keys = keys or [
+    k
+    for k, v in rows[0].items()
+    if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)
+  ]
   out = {"n": len(rows)}
   for k in keys:
     v = np.asarray([r[k] for r in rows], np.float64)

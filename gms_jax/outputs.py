@@ -31,6 +31,35 @@ def apply_umask(path: str, *, directory: bool = False) -> None:
   os.chmod(path, umask_mode(0o777 if directory else 0o666))
 
 
+def write_atomic(path: str | os.PathLike, write, *, suffix: str = "") -> None:
+  """The one atomic file write: ``write(tmp_path)`` fills a temporary file beside ``path``
+  (``.tmp-*``, same filesystem), which gets the user's umask (``mkstemp`` makes 0600) and is then
+  renamed onto ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+  os.close(fd)
+  try:
+    write(tmp)
+    apply_umask(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj, **dump_kw) -> None:
+  """:func:`write_atomic` of ``json.dump(obj, **dump_kw)``."""
+
+  def write(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, **dump_kw)
+
+  write_atomic(path, write, suffix=".json")
+
+
 def _files_under(folder: str) -> set[str]:
   out = set()
   for root, dirs, names in os.walk(folder):
@@ -65,30 +94,26 @@ def check_owned(folder: str, command: str, flag: str = "--out") -> str:
   manifest = read_manifest(folder)
   if manifest is None or manifest.get("command") != command:
     raise OutputError(
-        f"{flag} {folder}: folder is not empty and was not written by gms-jax {command}; "
-        "refusing to write into it (choose a new or empty folder)")
+      f"{flag} {folder}: folder is not empty and was not written by gms-jax {command}; "
+      "refusing to write into it (choose a new or empty folder)"
+    )
   foreign = sorted(present - set(manifest["files"]) - {MANIFEST})
   if foreign:
     more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
     raise OutputError(
-        f"{flag} {folder}: holds files that gms-jax {command} did not write "
-        f"({', '.join(foreign[:3])}{more}); refusing to replace it (choose a new folder)")
+      f"{flag} {folder}: holds files that gms-jax {command} did not write "
+      f"({', '.join(foreign[:3])}{more}); refusing to replace it (choose a new folder)"
+    )
   return "own"
 
 
 def write_manifest(folder: str, command: str, files: Iterable[str], **extra) -> None:
   """Writes the manifest atomically (temp file + rename), with the user's umask."""
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump({"command": command, "files": sorted(set(files)), **extra}, f, indent=1)
-    apply_umask(tmp)
-    os.replace(tmp, os.path.join(folder, MANIFEST))
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  write_json_atomic(
+    os.path.join(folder, MANIFEST),
+    {"command": command, "files": sorted(set(files)), **extra},
+    indent=1,
+  )
 
 
 def make_staging_dir(out: str) -> str:
@@ -107,8 +132,9 @@ def publish(staging: str, out: str, command: str) -> None:
   if check_owned(out, command) == "new" and not os.path.exists(out):
     os.replace(staging, out)
     return
-  old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-",
-                         dir=os.path.dirname(os.path.abspath(out)))
+  old = tempfile.mkdtemp(
+    prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(os.path.abspath(out))
+  )
   os.rmdir(old)  # a unique free name to move the previous output to
   os.replace(out, old)
   try:
@@ -129,5 +155,6 @@ def check_disjoint(out: str, inputs: Iterable[str], flag: str = "--out") -> None
   for item in inputs:
     if _is_within(out, item) or _is_within(item, out):
       raise OutputError(
-          f"{flag} {out}: overlaps the input {item} (an output folder must not be, contain, or "
-          "lie inside an input); choose a folder outside the inputs")
+        f"{flag} {out}: overlaps the input {item} (an output folder must not be, contain, or "
+        "lie inside an input); choose a folder outside the inputs"
+      )

@@ -7,17 +7,18 @@ axis over ``'data'`` (``P('data')``), and every array handed to a jitted functio
 ``jax.Array`` built from this process's share with :func:`jax.make_array_from_process_local_data`.
 
 :func:`initialize_distributed` is the only place ``jax.distributed.initialize`` is called, and only
-``gms_jax.train.main`` calls it (never at import).
+``gms-jax train`` (gms_jax/cli/train.py) calls it (never at import).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from absl import logging
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -67,8 +68,9 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size
   n_dev, n_proc = mesh.devices.size, jax.process_count()
   if global_batch_size % n_dev or global_batch_size % n_proc:
     raise ValueError(
-        f"{what}={global_batch_size} must be divisible by the number of devices ({n_dev}) and "
-        f"of processes ({n_proc})")
+      f"{what}={global_batch_size} must be divisible by the number of devices ({n_dev}) and "
+      f"of processes ({n_proc})"
+    )
   return global_batch_size
 
 
@@ -95,7 +97,8 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   for k, v in local.items():
     v = np.asarray(v)
     out[k] = jax.make_array_from_process_local_data(
-        sharding, v, (v.shape[0] * n_proc,) + v.shape[1:])
+      sharding, v, (v.shape[0] * n_proc,) + v.shape[1:]
+    )
   return out
 
 

@@ -15,22 +15,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
-from gms_jax import errors
-from gms_jax import layout
+from gms_jax import errors, layout
 
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+COLORS = [
+  (31, 119, 180),
+  (214, 39, 40),
+  (44, 160, 44),
+  (255, 127, 14),
+  (148, 103, 189),
+  (140, 86, 75),
+  (227, 119, 194),
+  (127, 127, 127),
+]
 
 
 class PlotError(errors.GmsError, ValueError):
   """A workdir whose metrics.jsonl cannot be plotted (exit 1)."""
 
 
-def read_curve(workdir: str | os.PathLike, metric: str = "eval/val_dice"
-               ) -> list[tuple[float, float]]:
+def read_curve(
+  workdir: str | os.PathLike, metric: str = "eval/val_dice"
+) -> list[tuple[float, float]]:
   """``[(minutes, value)]`` of ``metric`` in ``WORKDIR/metrics.jsonl`` (see the module doc)."""
   path = Path(workdir) / layout.METRICS_FILE
   if not path.is_file():
@@ -58,8 +65,10 @@ def read_curve(workdir: str | os.PathLike, metric: str = "eval/val_dice"
       if metric in r:
         points.append(((offset + float(t) - origin) / 60.0, float(r[metric])))
   if not timed:
-    raise PlotError(f"{path}: no wall_time fields (written by an older gms-jax); "
-                    "cannot plot against wall-clock time")
+    raise PlotError(
+      f"{path}: no wall_time fields (written by an older gms-jax); "
+      "cannot plot against wall-clock time"
+    )
   if not points:
     raise PlotError(f"{path}: no {metric!r} records")
   return points
@@ -80,18 +89,26 @@ def _fmt(v: float) -> str:
 
 def _font(size: int):
   """DejaVu Sans when the system has it (full Unicode, e.g. "224²"), else Pillow's own font."""
-  from PIL import ImageFont  # pylint: disable=import-outside-toplevel
+  from PIL import ImageFont
+
   try:
     return ImageFont.truetype("DejaVuSans.ttf", size)
   except OSError:
     return ImageFont.load_default(size=size)
 
 
-def draw(curves: list[tuple[str, list[tuple[float, float]]]], out: str, *,
-         ylabel: str = "validation Dice", title: str = "", width: int = 960,
-         height: int = 600) -> None:
+def draw(
+  curves: list[tuple[str, list[tuple[float, float]]]],
+  out: str,
+  *,
+  ylabel: str = "validation Dice",
+  title: str = "",
+  width: int = 960,
+  height: int = 600,
+) -> None:
   """One line per ``(label, points)``; writes a PNG to ``out``."""
-  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+  from PIL import Image, ImageDraw
+
   font, small = _font(15), _font(13)
   img = Image.new("RGB", (width, height), "white")
   d = ImageDraw.Draw(img)
@@ -122,8 +139,11 @@ def draw(curves: list[tuple[str, list[tuple[float, float]]]], out: str, *,
   d.text(((x0 + x1) / 2, height - 18), "wall-clock minutes", fill="black", font=font, anchor="mm")
   label_img = Image.new("RGBA", (300, 24), (255, 255, 255, 0))
   ImageDraw.Draw(label_img).text((150, 12), ylabel, fill="black", font=font, anchor="mm")
-  img.paste(label_img.rotate(90, expand=True), (8, int((y0 + y1) / 2 - 150)),
-            label_img.rotate(90, expand=True))
+  img.paste(
+    label_img.rotate(90, expand=True),
+    (8, int((y0 + y1) / 2 - 150)),
+    label_img.rotate(90, expand=True),
+  )
   if title:
     d.text(((x0 + x1) / 2, 22), title, fill="black", font=font, anchor="mm")
   for i, (label, pts) in enumerate(curves):  # lines, markers, legend
@@ -138,42 +158,3 @@ def draw(curves: list[tuple[str, list[tuple[float, float]]]], out: str, *,
     d.line([(lx, ly), (lx + 25, ly)], fill=color, width=3)
     d.text((lx + 32, ly), label, fill="black", font=small, anchor="lm")
   img.save(out, format="PNG")
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = errors.ArgumentParser(prog="gms-jax plot", description=__doc__.split("\n")[0])
-  parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
-  parser.add_argument("--out", required=True, help="PNG file to write (refused if it exists)")
-  parser.add_argument("--label", action="append", default=None,
-                      help="legend label per WORKDIR, in order (default: the folder names)")
-  parser.add_argument("--metric", default="eval/val_dice", help="metrics.jsonl key to plot")
-  parser.add_argument("--title", default="")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-  args = parser.parse_args(argv)
-  labels = args.label or [Path(w).resolve().name for w in args.workdirs]
-  if len(labels) != len(args.workdirs):
-    raise errors.UsageError(f"{len(labels)} --label for {len(args.workdirs)} workdirs")
-  out = Path(args.out)
-  if out.exists() and not args.overwrite:
-    raise errors.OutputError(f"{out} exists; pass --overwrite to replace it")
-  curves = [(lab, read_curve(w, args.metric)) for lab, w in zip(labels, args.workdirs)]
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".tmp-{out.name}.{os.getpid()}")
-  try:
-    ylabel = ("validation Dice" if args.metric == "eval/val_dice"
-              else args.metric.split("/")[-1].replace("_", " "))
-    draw(curves, str(tmp), ylabel=ylabel, title=args.title)
-    os.replace(tmp, out)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  for lab, pts in curves:
-    best = max(pts, key=lambda p: p[1])
-    print(f"{lab}: {len(pts)} points, last {pts[-1][1]:.4f} at {pts[-1][0]:.1f} min, "
-          f"best {best[1]:.4f} at {best[0]:.1f} min")
-  print(f"wrote {out}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -11,28 +11,30 @@ map is resized (bilinear) back to the input's native size, then thresholded at 0
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from gms_jax import errors
-from gms_jax import outputs
+from gms_jax import errors, outputs
+from gms_jax.data.formats import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # The names of inference.TTA_VIEWS, here so the CLIs' --help does not import jax (a test checks they agree).
 TTA_CHOICES = ("none", "flip", "d4")
-TTA_HELP = ("test-time augmentation: 'none' (SPEC §4, default), 'flip' (+ left-right flip, 2 passes) or "
-            "'d4' (all flips and 90° rotations, 8 passes); the views' probabilities are averaged")
-FUSION_HELP = ("CPU only: XLA library fusions for the inference jit, '' (XLA's defaults) or a comma list "
-               "such as 'dot,reduce' (1.5x faster encodes on an AVX2 host, benchmarks/cpu_fusion.py); "
-               "default: the workdir's config.cpu_library_fusion")
+TTA_HELP = (
+  "test-time augmentation: 'none' (SPEC §4, default), 'flip' (+ left-right flip, 2 passes) or "
+  "'d4' (all flips and 90° rotations, 8 passes); the views' probabilities are averaged"
+)
+FUSION_HELP = (
+  "CPU only: XLA library fusions for the inference jit, '' (XLA's defaults) or a comma list "
+  "such as 'dot,reduce' (1.5x faster encodes on an AVX2 host, benchmarks/cpu_fusion.py); "
+  "default: the workdir's config.cpu_library_fusion"
+)
 
 
 def resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Bilinear resize of one (S, S) probability map to ``size`` = (h, w)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from PIL import Image
+
   h, w = int(size[0]), int(size[1])
   if probs.shape == (h, w):
     return probs.astype(np.float32)
@@ -42,29 +44,33 @@ def resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def save_mask_png(path: str, mask: np.ndarray) -> None:
   """Writes a binary mask as an 8-bit 0/255 PNG atomically (temp name, then rename)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-  os.close(fd)
-  try:
-    Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), mode="L").save(tmp, format="PNG")
-    os.chmod(tmp, outputs.umask_mode())  # mkstemp makes 0600; masks get the user's umask
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  from PIL import Image
+
+  img = Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), mode="L")
+  outputs.write_atomic(path, lambda tmp: img.save(tmp, format="PNG"), suffix=".png")
 
 
 class Segmenter:
   """A trained GMS model (frozen tokenizer + latent mapper) ready for inference."""
 
-  def __init__(self, mapper, tokenizer, *, image_size: int, batch_size: int = 8, step: int | None = None,
-               config=None, tta: str = "none", cpu_library_fusion: str = ""):
-    import jax  # pylint: disable=import-outside-toplevel
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-    from gms_jax import configuration, inference, step as step_lib  # pylint: disable=import-outside-toplevel
+  def __init__(
+    self,
+    mapper,
+    tokenizer,
+    *,
+    image_size: int,
+    batch_size: int = 8,
+    step: int | None = None,
+    config=None,
+    tta: str = "none",
+    cpu_library_fusion: str = "",
+  ):
+    import jax
+    from flax import nnx
+
+    from gms_jax import configuration, inference
+    from gms_jax import step as step_lib
+
     self.tokenizer = tokenizer
     self.image_size = int(image_size)
     self.batch_size = int(batch_size)
@@ -79,44 +85,84 @@ class Segmenter:
     def _probs(mapper_params, tok_params, images01):
       return inference.predict_probs(self._graphdef, mapper_params, tok, tok_params, images01)
 
-    self._probs = jax.jit(_probs, compiler_options=step_lib.cpu_compiler_options(self.cpu_library_fusion))
+    self._probs = jax.jit(
+      _probs, compiler_options=step_lib.cpu_compiler_options(self.cpu_library_fusion)
+    )
 
   # ------------------------------------------------------------------ constructors
   @classmethod
-  def from_workdir(cls, workdir: str, which: str | int = "best", *, batch_size: int = 8,
-                   tta: str = "none", cpu_library_fusion: str | None = None) -> "Segmenter":
+  def from_workdir(
+    cls,
+    workdir: str,
+    which: str | int = "best",
+    *,
+    batch_size: int = 8,
+    tta: str = "none",
+    cpu_library_fusion: str | None = None,
+  ) -> "Segmenter":
     """Loads the checkpoint ``which`` ("best" on validation Dice, "latest", or a step);
     ``cpu_library_fusion`` None = the workdir's ``config.cpu_library_fusion``."""
-    from gms_jax import checkpoint, tokenizers  # pylint: disable=import-outside-toplevel
+    from gms_jax import run_metadata, tokenizers
+
     check_workdir(workdir)
     with _quiet_absl_warnings():  # orbax warns that a read-only manager does not save
-      mapper, config, step = checkpoint.restore_mapper(workdir, which)
+      mapper, config, step = run_metadata.restore_mapper(workdir, which)
     tok = tokenizers.from_config(config)
     if cpu_library_fusion is None:
       cpu_library_fusion = str(config.get("cpu_library_fusion", "") or "")
-    return cls(mapper, tok, image_size=config.data.image_size, batch_size=batch_size, step=step, config=config,
-               tta=tta, cpu_library_fusion=cpu_library_fusion)
+    return cls(
+      mapper,
+      tok,
+      image_size=config.data.image_size,
+      batch_size=batch_size,
+      step=step,
+      config=config,
+      tta=tta,
+      cpu_library_fusion=cpu_library_fusion,
+    )
 
   @classmethod
-  def from_pretrained(cls, mapper: str, tokenizer, *, image_size: int = 224,
-                      family: str | None = None, batch_size: int = 8, tta: str = "none",
-                      cpu_library_fusion: str = "") -> "Segmenter":
+  def from_pretrained(
+    cls,
+    mapper: str,
+    tokenizer,
+    *,
+    image_size: int = 224,
+    family: str | None = None,
+    batch_size: int = 8,
+    tta: str = "none",
+    cpu_library_fusion: str = "",
+  ) -> "Segmenter":
     """Without a workdir: ``mapper`` = official ``best_model.pth``, a ``gms-jax convert`` output or
     a workdir; ``tokenizer`` = a loaded :class:`gms_jax.tokenizers.Tokenizer`, or its weights (a
     path or ``hf:`` id; ``""`` = the packaged TAEF2) of tokenizer ``family`` (default: ``"tae"``
     for ``""`` and the TAESD ``hf:`` ids, else ``"sd-vae"``)."""
-    from gms_jax import pretrained, tokenizers  # pylint: disable=import-outside-toplevel
+    from gms_jax import pretrained, tokenizers
+
     if not isinstance(tokenizer, tokenizers.Tokenizer):
       tokenizer = str(tokenizer)
       if family is None:
-        from gms_jax.convert import hub  # pylint: disable=import-outside-toplevel
-        family = ("tae" if not tokenizer else hub.family_of(tokenizer) if hub.is_hf_id(tokenizer)
-                  else "sd-vae")
+        from gms_jax.convert import hub
+
+        family = (
+          "tae"
+          if not tokenizer
+          else hub.family_of(tokenizer)
+          if hub.is_hf_id(tokenizer)
+          else "sd-vae"
+        )
       tokenizer = tokenizers.load(family, tokenizer or tokenizers.packaged_path(family))
     weights = pretrained.read_mapper(mapper)
     weights.check_channels(tokenizer.latent_channels, tokenizer.family)
-    return cls(pretrained.to_mapper(weights), tokenizer, image_size=image_size, batch_size=batch_size,
-               step=weights.step, tta=tta, cpu_library_fusion=cpu_library_fusion)
+    return cls(
+      pretrained.to_mapper(weights),
+      tokenizer,
+      image_size=image_size,
+      batch_size=batch_size,
+      step=weights.step,
+      tta=tta,
+      cpu_library_fusion=cpu_library_fusion,
+    )
 
   # ------------------------------------------------------------------ inference
   def predict_probs(self, images01: np.ndarray) -> np.ndarray:
@@ -127,18 +173,31 @@ class Segmenter:
     """
     images01 = np.asarray(images01, np.float32)
     if images01.ndim != 4 or images01.shape[1:] != (self.image_size, self.image_size, 3):
-      raise ValueError(f"expected (N, {self.image_size}, {self.image_size}, 3) images, got {images01.shape}")
-    from gms_jax import inference  # pylint: disable=import-outside-toplevel
+      raise ValueError(
+        f"expected (N, {self.image_size}, {self.image_size}, 3) images, got {images01.shape}"
+      )
+    from gms_jax import inference
+
     once = lambda x: inference.in_fixed_batches(  # noqa: E731
-        lambda chunk: self._probs(self._params, self.tokenizer.params, chunk), x, self.batch_size)
+      lambda chunk: self._probs(self._params, self.tokenizer.params, chunk), x, self.batch_size
+    )
     return inference.tta_probs(once, images01, self.tta)  # "none" = the one identity view
 
-  def predict(self, images: Sequence[str | np.ndarray], threshold: float = 0.5) -> list[np.ndarray]:  # SPEC §4
+  def predict(
+    self, images: Sequence[str | np.ndarray], threshold: float = 0.5
+  ) -> list[np.ndarray]:  # SPEC §4
     """Paths or uint8 arrays (any size, L/RGB/RGBA) -> bool masks at each native size."""
-    from gms_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-    raw = [pipeline.load_image_file(x) if isinstance(x, (str, os.PathLike)) else _to_rgb(x) for x in images]
-    batch = np.stack([pipeline.preprocess_image(r, self.image_size) for r in raw]) if raw else \
-        np.zeros((0, self.image_size, self.image_size, 3), np.float32)
+    from gms_jax.data import pipeline
+
+    raw = [
+      pipeline.load_image_file(x) if isinstance(x, (str, os.PathLike)) else _to_rgb(x)
+      for x in images
+    ]
+    batch = (
+      np.stack([pipeline.preprocess_image(r, self.image_size) for r in raw])
+      if raw
+      else np.zeros((0, self.image_size, self.image_size, 3), np.float32)
+    )
     probs = self.predict_probs(batch)
     return [resize_probs(p, r.shape[:2]) > threshold for p, r in zip(probs, raw)]
 
@@ -162,7 +221,8 @@ class _quiet_absl_warnings:
   """Raises the ``absl`` logger to ERROR for the duration (orbax's read-only notices)."""
 
   def __enter__(self):
-    import logging  # pylint: disable=import-outside-toplevel
+    import logging
+
     self._logger = logging.getLogger("absl")
     self._level = self._logger.level
     self._logger.setLevel(logging.ERROR)
@@ -175,16 +235,20 @@ class _quiet_absl_warnings:
 
 def check_workdir(workdir: str) -> None:
   """One-line errors for a path that is not a trained workdir (before orbax is asked)."""
-  from gms_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from gms_jax import checkpoint
+
   if not os.path.isdir(workdir):
     raise errors.UsageError(f"--workdir {workdir}: no such folder")
   if not os.path.isfile(os.path.join(workdir, checkpoint.CONFIG_FILE)):
-    raise errors.UsageError(f"--workdir {workdir}: not a gms-jax workdir (no "
-                            f"{checkpoint.CONFIG_FILE}; train or import one first)")
+    raise errors.UsageError(
+      f"--workdir {workdir}: not a gms-jax workdir (no "
+      f"{checkpoint.CONFIG_FILE}; train or import one first)"
+    )
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
-    raise errors.UsageError(f"--workdir {workdir}: holds no checkpoint yet (training has not "
-                            "saved one)")
+    raise errors.UsageError(
+      f"--workdir {workdir}: holds no checkpoint yet (training has not saved one)"
+    )
 
 
 def parse_checkpoint(value: str) -> str | int:
@@ -200,11 +264,14 @@ def parse_checkpoint(value: str) -> str | int:
 def parse_fusion(value: str | None) -> tuple[str, ...]:
   """``--cpu-library-fusion`` (the CLIs' flag): names of ``configuration.CPU_LIBRARY_FUSIONS``;
   UsageError (one line) naming the flag and what is not one."""
-  from gms_jax import configuration  # pylint: disable=import-outside-toplevel
+  from gms_jax import configuration
+
   try:
     return configuration.cpu_library_fusions(value or "")
   except errors.ConfigError as e:
-    raise errors.UsageError(str(e).replace("config.cpu_library_fusion", "--cpu-library-fusion", 1)) from None
+    raise errors.UsageError(
+      str(e).replace("config.cpu_library_fusion", "--cpu-library-fusion", 1)
+    ) from None
 
 
 def collect_images(inputs: Iterable[str]) -> list[str]:
@@ -214,8 +281,11 @@ def collect_images(inputs: Iterable[str]) -> list[str]:
     if os.path.isdir(item):
       for root, dirs, names in os.walk(item):
         dirs.sort()
-        files += [os.path.join(root, n) for n in sorted(names)
-                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+        files += [
+          os.path.join(root, n)
+          for n in sorted(names)
+          if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
+        ]
     elif os.path.isfile(item):
       files.append(item)
     else:
@@ -245,50 +315,28 @@ def output_names(files: Sequence[str]) -> list[str]:
   return [(s if counts[s] == 1 else r) + ".png" for s, r in zip(stems, rel)]
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = errors.ArgumentParser(prog="gms-jax predict",
-                                 description="Segment image files or folders with a trained workdir.")
-  parser.add_argument("--workdir", required=True, help="training workdir (holds config.json and checkpoints)")
-  parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-  parser.add_argument("--out", required=True,
-                      help="output folder for the masks (0/255 PNG, native size), keeping the inputs' "
-                           "relative paths; a new or empty folder, or an earlier predict output")
-  parser.add_argument("--checkpoint", default="best", help="'best' (validation Dice), 'latest' or a step")
-  parser.add_argument("--batch-size", type=int, default=8)
-  parser.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
-  parser.add_argument("--cpu-library-fusion", default=None, help=FUSION_HELP)
-  args = parser.parse_args(argv)
-  if args.batch_size < 1:
-    raise errors.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-  which = parse_checkpoint(args.checkpoint)
-  if args.cpu_library_fusion is not None:
-    parse_fusion(args.cpu_library_fusion)  # refuse before any work
-  out = os.path.abspath(args.out)
-  files = collect_images(args.inputs)
-  if not files:
-    raise errors.UsageError("no image files found in " + " ".join(args.inputs))
-  outputs.check_disjoint(out, args.inputs)
-  outputs.check_owned(out, "predict")
-  check_workdir(args.workdir)
-  names = output_names(files)
-  seg = Segmenter.from_workdir(args.workdir, which, batch_size=args.batch_size, tta=args.tta,
-                               cpu_library_fusion=args.cpu_library_fusion)
+def predict_files(
+  seg: "Segmenter", files: Sequence[str], names: Sequence[str], out: str
+) -> tuple[int, list[tuple[str, str]]]:
+  """Segments ``files`` into ``out/<names[i]>`` (0/255 PNG masks at native size), 64 at a time.
 
-  from gms_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  One bad file costs only itself: returns ``(written, [(path, reason), ...] skipped)``. The
+  folder's manifest lists every file this call may write before it writes one, so an interrupted
+  run's folder is still recognised as ours."""
+  from gms_jax.data import pipeline
+
   previous = outputs.read_manifest(out) or {"files": []}
-  # The manifest lists every file this run may write BEFORE it writes one, so an interrupted
-  # run's folder is still recognised as ours.
-  outputs.write_manifest(out, "predict", list(previous["files"]) + names)
+  outputs.write_manifest(out, "predict", list(previous["files"]) + list(names))
   skipped: list[tuple[str, str]] = []
   written = 0
   for start in range(0, len(files), 64):
-    chunk = list(zip(files[start:start + 64], names[start:start + 64]))
+    chunk = list(zip(files[start : start + 64], names[start : start + 64]))
     images, targets = [], []
     for path, name in chunk:
       try:
         images.append(pipeline.load_image_file(path))
         targets.append((path, name))
-      except Exception as e:  # pylint: disable=broad-except  (one bad file costs only itself)
+      except Exception as e:  # one bad file costs only itself
         skipped.append((path, errors.describe(e).replace(f"{path}: ", "", 1)))
     if not images:
       continue
@@ -298,9 +346,4 @@ def main(argv: list[str] | None = None) -> int:
         written += 1
       except OSError as e:
         skipped.append((path, errors.describe(e)))
-  print(f"wrote {written} masks to {out} (checkpoint step {seg.step})")
-  for path, reason in skipped:
-    print(f"gms-jax predict: skipped {path}: {reason}", file=sys.stderr)
-  if skipped:
-    raise errors.GmsError(f"{len(skipped)} of {len(files)} images skipped (listed above)")
-  return 0
+  return written, skipped

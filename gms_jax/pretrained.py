@@ -21,14 +21,11 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import sys
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
 
-from gms_jax import errors
-from gms_jax import outputs
+from gms_jax import errors, outputs
 from gms_jax.convert import core
 from gms_jax.models.latent_mapper import MapperConfig
 
@@ -40,6 +37,7 @@ class WeightsError(errors.ConfigError):
 @dataclasses.dataclass(frozen=True)
 class MapperWeights:
   """Flat Flax params of a latent mapper, its config, and where they came from."""
+
   flat: dict[str, np.ndarray]
   cfg: MapperConfig
   source: str  # absolute path of the file or workdir
@@ -58,17 +56,24 @@ class MapperWeights:
     """One clear error when the mapper's in/out channels are not the tokenizer's latent channels."""
     if self.cfg.in_channels != latent_channels or self.cfg.out_channels != latent_channels:
       raise WeightsError(
-          f"{self.source}: the mapper maps {self.cfg.in_channels} -> {self.cfg.out_channels} latent "
-          f"channels but the tokenizer {tokenizer} has {latent_channels}; use the tokenizer the mapper "
-          "was trained with (--config.tokenizer.name / --config.tokenizer.path)")
+        f"{self.source}: the mapper maps {self.cfg.in_channels} -> {self.cfg.out_channels} latent "
+        f"channels but the tokenizer {tokenizer} has {latent_channels}; use the tokenizer the mapper "
+        "was trained with (--config.tokenizer.name / --config.tokenizer.path)"
+      )
 
   def check_config(self, cfg: MapperConfig) -> None:
     """Errors naming every ``MapperConfig`` field where ``cfg`` (the run's) differs from the weights."""
-    diff = [f"{f.name}={getattr(cfg, f.name)!r} (weights: {getattr(self.cfg, f.name)!r})"
-            for f in dataclasses.fields(MapperConfig) if getattr(cfg, f.name) != getattr(self.cfg, f.name)]
+    diff = [
+      f"{f.name}={getattr(cfg, f.name)!r} (weights: {getattr(self.cfg, f.name)!r})"
+      for f in dataclasses.fields(MapperConfig)
+      if getattr(cfg, f.name) != getattr(self.cfg, f.name)
+    ]
     if diff:
-      raise WeightsError(f"{self.source}: the run's mapper config does not fit the weights: "
-                         + ", ".join(diff) + " (set --config.mapper.ch / ch_mult to match)")
+      raise WeightsError(
+        f"{self.source}: the run's mapper config does not fit the weights: "
+        + ", ".join(diff)
+        + " (set --config.mapper.ch / ch_mult to match)"
+      )
 
 
 def sha256_file(path: str) -> str:
@@ -80,7 +85,8 @@ def sha256_file(path: str) -> str:
 
 
 def _is_workdir(path: str) -> bool:
-  from gms_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from gms_jax import checkpoint
+
   return os.path.isdir(checkpoint.checkpoint_dir(path))
 
 
@@ -89,14 +95,23 @@ def read_mapper(path: str, *, which: str | int = "best") -> MapperWeights:
   path = os.path.abspath(os.path.expanduser(str(path)))
   if os.path.isdir(path):
     if not _is_workdir(path):
-      raise errors.MissingPathError(f"{path}: a folder, but not a gms-jax workdir (no checkpoints/)")
-    from gms_jax import run_metadata  # pylint: disable=import-outside-toplevel
+      raise errors.MissingPathError(
+        f"{path}: a folder, but not a gms-jax workdir (no checkpoints/)"
+      )
+    from gms_jax import run_metadata
+
     model, _, step = run_metadata.restore_mapper(path, which)
-    return MapperWeights(flat=core.model_to_flat(model), cfg=model.cfg, source=path,
-                         format="gms-jax-workdir", step=step)
+    return MapperWeights(
+      flat=core.model_to_flat(model),
+      cfg=model.cfg,
+      source=path,
+      format="gms-jax-workdir",
+      step=step,
+    )
   if not os.path.isfile(path):
     raise errors.MissingPathError(f"{path}: no such mapper checkpoint")
-  from gms_jax.convert import mapper as conv  # pylint: disable=import-outside-toplevel
+  from gms_jax.convert import mapper as conv
+
   if core.is_flax_params_file(path):
     flat, family, cfg_dict = core.load_params(path)
     if family != conv.FAMILY:
@@ -112,10 +127,12 @@ def read_mapper(path: str, *, which: str | int = "best") -> MapperWeights:
 
 def nested_params(weights: MapperWeights) -> dict[str, Any]:
   """The pure nested dict (``nnx.to_pure_dict`` layout) of the params, as numpy arrays."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gms_jax.models import latent_mapper  # pylint: disable=import-outside-toplevel
+  from flax import nnx
+
+  from gms_jax.models import latent_mapper
+
   tree = nnx.to_pure_dict(nnx.state(latent_mapper.abstract(weights.cfg), nnx.Param))
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
 
   def leaf(path, _):
     return np.asarray(weights.flat["/".join(str(getattr(k, "key", k)) for k in path)], np.float32)
@@ -125,7 +142,8 @@ def nested_params(weights: MapperWeights) -> dict[str, Any]:
 
 def to_mapper(weights: MapperWeights, dtype=None):
   """An NNX ``ResAttnUNet_DS`` holding the weights (``dtype`` = compute dtype)."""
-  from gms_jax.models import latent_mapper  # pylint: disable=import-outside-toplevel
+  from gms_jax.models import latent_mapper
+
   model = latent_mapper.abstract(weights.cfg, dtype)
   core.apply_flat(model, weights.flat, source=weights.source)
   return model
@@ -140,31 +158,45 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
   ``config.mapper.ch`` / ``ch_mult`` are set from the weights.  Refuses an existing non-empty
   ``workdir``; nothing is created before every check has passed.  Returns a summary dict.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from gms_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from gms_jax import run_metadata, tokenizers  # pylint: disable=import-outside-toplevel
-  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+
+  from gms_jax import checkpoint as ckpt_lib
+  from gms_jax import run_metadata, tokenizers
+  from gms_jax import step as step_lib
+
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
-    raise errors.OutputError(f"{workdir}: exists and is not empty; import writes a new workdir "
-                             "(choose another --workdir; existing outputs are never overwritten)")
+    raise errors.OutputError(
+      f"{workdir}: exists and is not empty; import writes a new workdir "
+      "(choose another --workdir; existing outputs are never overwritten)"
+    )
   weights = read_mapper(mapper_path)
   tok = tokenizer if tokenizer is not None else tokenizers.from_config(config)
-  weights.check_channels(tok.latent_channels, f"{config.tokenizer.name!s} ({config.tokenizer.path or 'packaged'})")
+  weights.check_channels(
+    tok.latent_channels, f"{config.tokenizer.name!s} ({config.tokenizer.path or 'packaged'})"
+  )
   with config.unlocked():
     config.mapper.ch = weights.cfg.ch
     config.mapper.ch_mult = tuple(weights.cfg.ch_mult)
-  run_cfg = MapperConfig(in_channels=tok.latent_channels, out_channels=tok.latent_channels,
-                         ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
+  run_cfg = MapperConfig(
+    in_channels=tok.latent_channels,
+    out_channels=tok.latent_channels,
+    ch=int(config.mapper.ch),
+    ch_mult=tuple(config.mapper.ch_mult),
+  )
   weights.check_config(run_cfg)
 
   # The state train.py's init builds, with these params (fresh AdamW state, the run's noise key).
   params = jax.tree.map(jnp.asarray, nested_params(weights))
   tx = step_lib.make_optimizer(config, step_lib.make_schedule(config, 1))
   root_key = jax.random.PRNGKey(int(config.seed))
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "rng": jax.random.fold_in(root_key, 1)}
+  state = {
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "opt_state": tx.init(params),
+    "rng": jax.random.fold_in(root_key, 1),
+  }
   meta = run_metadata.RunMetadata.for_run(config, run_cfg, tok, init=weights.provenance("import"))
 
   created = not os.path.exists(workdir)
@@ -172,8 +204,9 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
   try:
     with open(os.path.join(workdir, ckpt_lib.CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints), metadata=meta.to_dict(),
-                                 async_save=False)
+    ckpt = ckpt_lib.Checkpointer(
+      workdir, keep=int(config.keep_checkpoints), metadata=meta.to_dict(), async_save=False
+    )
     ckpt.save(0, state)
     ckpt.wait()
     ckpt.close()
@@ -188,62 +221,14 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
         else:
           os.remove(entry)
     raise
-  return {"workdir": workdir, "source": weights.source, "sha256": weights.sha256,
-          "format": weights.format, "mapper": run_cfg.to_dict(), "tokenizer": meta.tokenizer}
-
-
-IMPORT_USAGE = ("usage: gms-jax import --config configs/gms.py:NAME[,modifiers] [--config.key=value ...] "
-                "--mapper PATH --workdir DIR")
-IMPORT_HELP = """
-Writes a new workdir (refused if --workdir exists and is not empty) holding the mapper weights as
-step 0, with the config's tokenizer, that `gms-jax evaluate`, `predict`, `export` and `train`
-(resume = fine-tune; pass the training options here) accept like a trained run.
-
-  --config    the training config (configs/gms.py:NAME), with any --config.key=value overrides;
-              config.mapper.ch / ch_mult are taken from the weights
-  --mapper    official GMS best_model.pth, the same state dict as .safetensors, a
-              `gms-jax convert --format gms-mapper` output, or a workdir (its best checkpoint)
-  --workdir   the new workdir
-"""
-
-
-def import_main(argv: list[str] | None = None) -> int:
-  """``gms-jax import``: mapper checkpoint + the config's tokenizer -> a ready workdir.
-
-  Errors are raised (:mod:`gms_jax.errors`); :func:`gms_jax.cli.main` prints them as one line."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if any(a in ("-h", "--help", "-help") for a in argv):
-    print(IMPORT_USAGE + "\n" + IMPORT_HELP)
-    return 0
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  from gms_jax import configuration  # pylint: disable=import-outside-toplevel
-  argv = configuration.resolve_config_argv(argv)
-  spec = configuration.config_spec(argv)
-  if spec and not os.path.isfile(spec.partition(":")[0]):
-    raise errors.ConfigError(f"--config {spec}: no such config file {spec.partition(':')[0]}")
-  full = ["gms-jax import"] + argv
-  fv = flags.FlagValues()
-  cfg_flag = config_flags.DEFINE_config_file("config", None, "training config, configs/gms.py:NAME",
-                                             flag_values=fv, lock_config=True, sys_argv=full)
-  mapper = flags.DEFINE_string("mapper", None, "mapper checkpoint: best_model.pth, a gms-jax "
-                               "convert output, or a workdir", flag_values=fv)
-  workdir = flags.DEFINE_string("workdir", None, "new workdir to create", flag_values=fv)
-  try:
-    extra = fv(full)
-    config = cfg_flag.value
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    raise configuration.flag_error(argv, e, IMPORT_USAGE) from None
-  if len(extra) > 1:
-    raise errors.UsageError(f"unexpected arguments {extra[1:]}; {IMPORT_USAGE}")
-  if config is None or not mapper.value or not workdir.value:
-    raise errors.UsageError(f"--config, --mapper and --workdir are required; {IMPORT_USAGE}")
-  configuration.validate(config)
-  info = import_workdir(config, mapper.value, workdir.value)
-  print(f"wrote {info['workdir']}: step 0 from {info['source']} ({info['format']}, sha256 "
-        f"{info['sha256']}); mapper {info['mapper']['in_channels']}ch ch={info['mapper']['ch']}; "
-        f"tokenizer {info['tokenizer']['name']} {info['tokenizer']['path'] or '(packaged)'}")
-  return 0
+  return {
+    "workdir": workdir,
+    "source": weights.source,
+    "sha256": weights.sha256,
+    "format": weights.format,
+    "mapper": run_cfg.to_dict(),
+    "tokenizer": meta.tokenizer,
+  }
 
 
 # ----------------------------------------------------------------------------- export
@@ -251,25 +236,10 @@ def import_main(argv: list[str] | None = None) -> int:
 EXPORT_FORMATS = ("pth", "safetensors")
 
 
-def _write_atomic(path: str, write) -> None:
-  """``write(tmp_path)`` then rename onto ``path``; the file gets the user's umask permissions."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-  os.close(fd)
-  try:
-    write(tmp)
-    outputs.apply_umask(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def official_state_dict(weights: MapperWeights) -> dict[str, np.ndarray]:
   """The official ``ResAttnUNet_DS`` state dict (numpy), PReLU slopes under both names."""
-  from gms_jax.convert import mapper as conv  # pylint: disable=import-outside-toplevel
+  from gms_jax.convert import mapper as conv
+
   return conv.to_state_dict(weights.flat)
 
 
@@ -286,11 +256,12 @@ def save_official(state_dict: Mapping[str, np.ndarray], out: str, fmt: str = "pt
       with open(tmp, "wb") as f:
         torch.save({"model": sd}, f)
 
-    _write_atomic(out, write)
+    outputs.write_atomic(out, write)
   elif fmt == "safetensors":
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save_file
+
     arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}
-    _write_atomic(out, lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}))
+    outputs.write_atomic(out, lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}))
   else:
     raise ValueError(f"unknown export format {fmt!r}; one of {EXPORT_FORMATS}")
 
@@ -304,25 +275,9 @@ def export_mapper(workdir: str, out: str, *, which: str | int = "best", fmt: str
   weights = read_mapper(workdir, which=which)
   sd = official_state_dict(weights)
   save_official(sd, out, fmt)
-  return {"out": os.path.abspath(out), "step": weights.step, "keys": len(sd),
-          "params": sum(int(v.size) for v in weights.flat.values())}
-
-
-def export_main(argv: list[str] | None = None) -> int:
-  parser = errors.ArgumentParser(
-      prog="gms-jax export",
-      description="Write a workdir's latent mapper as an official GMS checkpoint ({'model': state_dict}, "
-                  "loadable by the original ResAttnUNet_DS with strict=True).")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--checkpoint", default="best", help="'best' (validation Dice), 'latest' or a step")
-  parser.add_argument("--format", default="pth", choices=EXPORT_FORMATS,
-                      help="pth: torch pickle (needs torch); safetensors: same state dict, torch-free")
-  parser.add_argument("out", help="output file (never overwritten)")
-  args = parser.parse_args(argv)
-  which = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
-  if which not in ("best", "latest") and not isinstance(which, int):
-    raise errors.UsageError(f"--checkpoint must be 'best', 'latest' or a step number, got {which!r}")
-  info = export_mapper(args.workdir, args.out, which=which, fmt=args.format)
-  print(f"wrote {info['out']}: step {info['step']}, {info['keys']} keys, {info['params']:,} parameters "
-        f"({args.format})")
-  return 0
+  return {
+    "out": os.path.abspath(out),
+    "step": weights.step,
+    "keys": len(sd),
+    "params": sum(int(v.size) for v in weights.flat.values()),
+  }

@@ -27,19 +27,16 @@ import os
 import time
 from typing import Any, Callable
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from gms_jax import bank as bank_lib
-from gms_jax import inference
-from gms_jax import layout
+from gms_jax import inference, layout, parallel, tokenizers
 from gms_jax import metrics as metrics_lib
-from gms_jax import parallel
 from gms_jax import step as step_lib
-from gms_jax import tokenizers
 
 
 def every(value: int, default: int) -> int:
@@ -51,21 +48,30 @@ class _Validator:
   """Validation on the validation split: ``probs(params, chunk)`` for each padded batch of
   ``inputs`` (:func:`gms_jax.inference.in_fixed_batches`), thresholded, mean Dice / IoU."""
 
-  def __init__(self, built: step_lib.Step, inputs: np.ndarray, masks: np.ndarray,
-               program: Callable, tok_params: Any, eval_bs: int):
+  def __init__(
+    self,
+    built: step_lib.Step,
+    inputs: np.ndarray,
+    masks: np.ndarray,
+    program: Callable,
+    tok_params: Any,
+    eval_bs: int,
+  ):
     self._built, self._inputs, self._masks = built, inputs, masks
     self._program, self._tok_params, self._bs = program, tok_params, eval_bs
     self._rows = parallel.host_slice(eval_bs)
 
   def __call__(self, params) -> dict[str, float]:
-    probs = run_sharded(self._built, lambda x: self._program(params, self._tok_params, x),
-                        self._inputs, self._bs)
+    probs = run_sharded(
+      self._built, lambda x: self._program(params, self._tok_params, x), self._inputs, self._bs
+    )
     dsc, iou = metrics_lib.dice_iou(probs > inference.THRESHOLD, self._masks)
     return {"val_dice": float(np.mean(dsc)), "val_iou": float(np.mean(iou))}
 
 
-def run_sharded(built: step_lib.Step, program: Callable, inputs: np.ndarray, eval_bs: int
-                ) -> np.ndarray:
+def run_sharded(
+  built: step_lib.Step, program: Callable, inputs: np.ndarray, eval_bs: int
+) -> np.ndarray:
   """``program`` (a batch-sharded jitted function of one global batch) over all ``inputs`` in
   padded batches of ``eval_bs``; each process feeds its rows and gets every process's outputs."""
   rows = parallel.host_slice(eval_bs)
@@ -78,7 +84,8 @@ def run_sharded(built: step_lib.Step, program: Callable, inputs: np.ndarray, eva
 
 
 def _validation_arrays(source, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-  from gms_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from gms_jax.data import pipeline
+
   val = list(pipeline.eval_examples(source, image_size=image_size))
   images = np.stack([e["image"] for e in val]).astype(np.float32)
   masks = np.stack([e["mask"] for e in val]) >= 0.5
@@ -90,16 +97,22 @@ class ExactRecipe:
 
   name = "exact"
 
-  def __init__(self, config: ml_collections.ConfigDict, built: step_lib.Step, sources: dict,
-               **_):
-    from gms_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  def __init__(self, config: ml_collections.ConfigDict, built: step_lib.Step, sources: dict, **_):
+    from gms_jax.data import pipeline
+
     self._built = built
     self.eval_every = every(config.eval_every_steps, built.steps_per_epoch)
-    self.data_iter = iter(pipeline.train_dataset(
-        sources["train"], global_batch_size=built.global_batch_size,
-        image_size=built.image_size, seed=int(config.seed), augment=bool(config.data.augment),
+    self.data_iter = iter(
+      pipeline.train_dataset(
+        sources["train"],
+        global_batch_size=built.global_batch_size,
+        image_size=built.image_size,
+        seed=int(config.seed),
+        augment=bool(config.data.augment),
         worker_count=int(config.data.worker_count),
-        prefetch_buffer=int(config.data.prefetch_buffer)))
+        prefetch_buffer=int(config.data.prefetch_buffer),
+      )
+    )
     self.info: dict[str, Any] = {}
 
   def batch(self, step: int) -> dict[str, jax.Array]:
@@ -123,25 +136,44 @@ class FastRecipe:
   name = "fast"
   data_iter = None  # the data order is a function of the step
 
-  def __init__(self, config: ml_collections.ConfigDict, built: step_lib.Step, sources: dict, *,
-               workdir: str, tokenizer: tokenizers.Tokenizer, progress: dict[str, bool]):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    built: step_lib.Step,
+    sources: dict,
+    *,
+    workdir: str,
+    tokenizer: tokenizers.Tokenizer,
+    progress: dict[str, bool],
+  ):
     self._built, self._seed = built, int(config.seed)
-    self.eval_every = every(config.eval_every_steps,
-                            max(int(config.fast.eval_every_epochs), 1) * built.steps_per_epoch)
+    self.eval_every = every(
+      config.eval_every_steps, max(int(config.fast.eval_every_epochs), 1) * built.steps_per_epoch
+    )
     local = [d for d in built.mesh.devices.flat if d.process_index == jax.process_index()]
-    self.bank, self.info = prepare_bank(config, workdir, sources["train"], tokenizer, local,
-                                        progress=progress,
-                                        compiler_options=built.compiler_options)
+    self.bank, self.info = prepare_bank(
+      config,
+      workdir,
+      sources["train"],
+      tokenizer,
+      local,
+      progress=progress,
+      compiler_options=built.compiler_options,
+    )
     self._rows = parallel.host_slice(built.global_batch_size)
 
   def batch(self, step: int) -> dict[str, jax.Array]:
     b = self.bank
-    views, records = bank_lib.batch_entries(step, num_records=b.num_records,
-                                            num_views=b.num_views,
-                                            batch_size=self._built.global_batch_size,
-                                            seed=self._seed)
-    local = b.gather(views[self._rows], records[self._rows],
-                     masks=self._built.step_name(step) == "phase2")
+    views, records = bank_lib.batch_entries(
+      step,
+      num_records=b.num_records,
+      num_views=b.num_views,
+      batch_size=self._built.global_batch_size,
+      seed=self._seed,
+    )
+    local = b.gather(
+      views[self._rows], records[self._rows], masks=self._built.step_name(step) == "phase2"
+    )
     return parallel.global_batch(local, self._built.mesh)
 
   def scalars(self, step: int) -> dict[str, float]:
@@ -166,25 +198,36 @@ def _sync(name: str) -> None:
 
 
 def tokenizer_identity(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) -> dict:
-  return {"name": str(config.tokenizer.name), "path": str(config.tokenizer.path),
-          "family": tok.family, "latent_channels": int(tok.latent_channels),
-          "params_sha256": bank_lib.params_sha256(tok.params)}
+  return {
+    "name": str(config.tokenizer.name),
+    "path": str(config.tokenizer.path),
+    "family": tok.family,
+    "latent_channels": int(tok.latent_channels),
+    "params_sha256": bank_lib.params_sha256(tok.params),
+  }
 
 
-def make_encode_fn(tok: tokenizers.Tokenizer, devices: list[jax.Device],
-                   compiler_options: dict[str, str] | None = None) -> Callable:
+def make_encode_fn(
+  tok: tokenizers.Tokenizer,
+  devices: list[jax.Device],
+  compiler_options: dict[str, str] | None = None,
+) -> Callable:
   """A jitted :func:`gms_jax.step.bank_encode_fn` as ``(images, masks) -> numpy dict`` over
   ``devices`` (this process's devices: each process encodes its own shards);
   ``compiler_options``: XLA's (:func:`gms_jax.step.compiler_options`)."""
   mesh = parallel.make_mesh(devices)
   shard = parallel.data_sharded(mesh)
-  tok_params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), parallel.replicated(mesh)),
-                            tok.params)
+  tok_params = jax.tree.map(
+    lambda x: jax.device_put(np.asarray(x), parallel.replicated(mesh)), tok.params
+  )
   encode = jax.jit(step_lib.bank_encode_fn(tok), compiler_options=compiler_options)
 
   def encode_fn(images, masks):
-    out = encode(tok_params, jax.device_put(np.asarray(images, np.float32), shard),
-                 jax.device_put(np.asarray(masks, np.float32), shard))
+    out = encode(
+      tok_params,
+      jax.device_put(np.asarray(images, np.float32), shard),
+      jax.device_put(np.asarray(masks, np.float32), shard),
+    )
     return {k: np.asarray(v) for k, v in out.items()}
 
   return encode_fn
@@ -193,15 +236,21 @@ def make_encode_fn(tok: tokenizers.Tokenizer, devices: list[jax.Device],
 def bank_extras(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The optional view extras a config turns on: ``bank.<name>_augment`` for each name in
   ``gms_jax.data.augment.EXTRAS`` (absent keys, from configs older than the option, are off)."""
-  from gms_jax.data import augment as aug_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax.data import augment as aug_lib
+
   return tuple(n for n in aug_lib.EXTRAS if bool(config.bank.get(f"{n}_augment", False)))
 
 
-def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
-                 tok: tokenizers.Tokenizer, local_devices: list[jax.Device], *,
-                 progress: dict[str, bool] | None = None,
-                 compiler_options: dict[str, str] | None = None
-                 ) -> tuple[bank_lib.Bank, dict[str, Any]]:
+def prepare_bank(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  train_source,
+  tok: tokenizers.Tokenizer,
+  local_devices: list[jax.Device],
+  *,
+  progress: dict[str, bool] | None = None,
+  compiler_options: dict[str, str] | None = None,
+) -> tuple[bank_lib.Bank, dict[str, Any]]:
   """Checks or writes the manifest, builds the missing shards (this process's), opens the bank
   (the encoder compiled with ``compiler_options``: the run's :func:`gms_jax.step.compiler_options`).
 
@@ -218,12 +267,18 @@ def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
   n_local = len(local_devices)
   ebs = -(-int(config.bank.encode_batch_size) // n_local) * n_local
   expected = bank_lib.make_manifest(
-      tokenizer=tokenizer_identity(config, tok), precision=str(config.precision),
-      image_size=size, source=train_source, seed=int(config.bank.seed), num_views=k,
-      shard_size=int(config.bank.shard_size), has_std=tok.has_posterior,
-      latent_shape=(size // f, size // f, tok.latent_channels),
-      augment=bool(config.data.augment),
-      extras=bank_extras(config))
+    tokenizer=tokenizer_identity(config, tok),
+    precision=str(config.precision),
+    image_size=size,
+    source=train_source,
+    seed=int(config.bank.seed),
+    num_views=k,
+    shard_size=int(config.bank.shard_size),
+    has_std=tok.has_posterior,
+    latent_shape=(size // f, size // f, tok.latent_channels),
+    augment=bool(config.data.augment),
+    extras=bank_extras(config),
+  )
   if jax.process_index() == 0:
     manifest = bank_lib.prepare_manifest(bank_dir, expected, write=True)
   _sync("gms_bank_manifest")
@@ -233,19 +288,39 @@ def prepare_bank(config: ml_collections.ConfigDict, workdir: str, train_source,
   if progress is not None:
     progress["started"] = True  # from here on the workdir holds work worth keeping
   t0 = time.time()
-  stats = bank_lib.build(bank_dir, train_source, manifest,
-                         make_encode_fn(tok, local_devices, compiler_options),
-                         encode_batch_size=ebs, process_index=jax.process_index(),
-                         process_count=jax.process_count(),
-                         log=lambda s: logging.info("%s", s))
+  stats = bank_lib.build(
+    bank_dir,
+    train_source,
+    manifest,
+    make_encode_fn(tok, local_devices, compiler_options),
+    encode_batch_size=ebs,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    log=lambda s: logging.info("%s", s),
+  )
   _sync("gms_bank_built")
   bank = bank_lib.Bank(bank_dir, num_views=k)
-  info = {"dir": bank_dir, "views": k, "records": bank.num_records, "entries": bank.num_entries,
-          "bytes": bank_lib.disk_bytes(bank_dir), "build_seconds_total": bank.build_seconds,
-          "built_now": stats["built"], "seconds_now": time.time() - t0,
-          "seconds_per_view": bank.build_seconds / max(bank.num_entries, 1)}
-  logging.info("latent bank %s: %d views x %d records, %.1f MiB on disk, built in %.1fs in all "
-               "(%.3f s/view); this run built %d shard(s) in %.1fs", bank_dir, k,
-               bank.num_records, info["bytes"] / 2**20, bank.build_seconds,
-               info["seconds_per_view"], stats["built"], info["seconds_now"])
+  info = {
+    "dir": bank_dir,
+    "views": k,
+    "records": bank.num_records,
+    "entries": bank.num_entries,
+    "bytes": bank_lib.disk_bytes(bank_dir),
+    "build_seconds_total": bank.build_seconds,
+    "built_now": stats["built"],
+    "seconds_now": time.time() - t0,
+    "seconds_per_view": bank.build_seconds / max(bank.num_entries, 1),
+  }
+  logging.info(
+    "latent bank %s: %d views x %d records, %.1f MiB on disk, built in %.1fs in all "
+    "(%.3f s/view); this run built %d shard(s) in %.1fs",
+    bank_dir,
+    k,
+    bank.num_records,
+    info["bytes"] / 2**20,
+    bank.build_seconds,
+    info["seconds_per_view"],
+    stats["built"],
+    info["seconds_now"],
+  )
   return bank, info

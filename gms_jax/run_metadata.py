@@ -28,31 +28,53 @@ from gms_jax.models.latent_mapper import MapperConfig
 @dataclasses.dataclass(frozen=True)
 class RunMetadata:
   """Typed view of a workdir's checkpoint metadata (see the module docstring)."""
+
   config: dict[str, Any]
   mapper: MapperConfig
   tokenizer: dict[str, Any]
   init: dict[str, Any] | None = None
 
   @classmethod
-  def for_run(cls, config: ml_collections.ConfigDict, mapper: MapperConfig, tokenizer: Any, *,
-              init: Mapping[str, Any] | None = None) -> "RunMetadata":
+  def for_run(
+    cls,
+    config: ml_collections.ConfigDict,
+    mapper: MapperConfig,
+    tokenizer: Any,
+    *,
+    init: Mapping[str, Any] | None = None,
+  ) -> "RunMetadata":
     """From a training config, the mapper config and the loaded :class:`~gms_jax.tokenizers.Tokenizer`."""
-    return cls(config=json.loads(config.to_json_best_effort()), mapper=mapper,
-               tokenizer={"name": str(config.tokenizer.name), "path": str(config.tokenizer.path),
-                          "family": tokenizer.family, "latent_channels": int(tokenizer.latent_channels)},
-               init=None if init is None else dict(init))
+    return cls(
+      config=json.loads(config.to_json_best_effort()),
+      mapper=mapper,
+      tokenizer={
+        "name": str(config.tokenizer.name),
+        "path": str(config.tokenizer.path),
+        "family": tokenizer.family,
+        "latent_channels": int(tokenizer.latent_channels),
+      },
+      init=None if init is None else dict(init),
+    )
 
   def to_dict(self) -> dict[str, Any]:
-    return {"config": self.config, "mapper": self.mapper.to_dict(), "tokenizer": dict(self.tokenizer),
-            "init": self.init}
+    return {
+      "config": self.config,
+      "mapper": self.mapper.to_dict(),
+      "tokenizer": dict(self.tokenizer),
+      "init": self.init,
+    }
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], *, source: str = "workdir") -> "RunMetadata":
     missing = [k for k in ("config", "mapper") if k not in d]
     if missing:
       raise FileNotFoundError(f"{source}: checkpoint metadata has no {', '.join(missing)}")
-    return cls(config=dict(d["config"]), mapper=MapperConfig.from_dict(d["mapper"]),
-               tokenizer=dict(d.get("tokenizer") or {}), init=d.get("init"))
+    return cls(
+      config=dict(d["config"]),
+      mapper=MapperConfig.from_dict(d["mapper"]),
+      tokenizer=dict(d.get("tokenizer") or {}),
+      init=d.get("init"),
+    )
 
   @property
   def run_config(self) -> ml_collections.ConfigDict:
@@ -70,7 +92,8 @@ def cpu_info(path: str = "/proc/cpuinfo") -> dict[str, Any]:
   Wall-clock numbers on CPU depend on it: XLA's CPU code uses the widest vectors the host has,
   and the same fast run is ~2x slower on an AVX2-only host than on an AVX-512 one (README).
   """
-  import os  # pylint: disable=import-outside-toplevel
+  import os
+
   model, mhz, flags = "", 0.0, set()
   try:
     with open(path, encoding="utf-8") as f:
@@ -85,8 +108,15 @@ def cpu_info(path: str = "/proc/cpuinfo") -> dict[str, Any]:
           flags = set(value.split())
   except (OSError, ValueError):
     pass
-  simd = ("avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags
-          else "other" if flags else "")
+  simd = (
+    "avx512"
+    if "avx512f" in flags
+    else "avx2"
+    if {"avx2", "fma"} <= flags
+    else "other"
+    if flags
+    else ""
+  )
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return {"model": model, "cores": int(cores or 0), "mhz": mhz, "simd": simd}
 
@@ -94,7 +124,9 @@ def cpu_info(path: str = "/proc/cpuinfo") -> dict[str, Any]:
 def describe_host() -> str:
   """One log line's worth of :func:`cpu_info`, e.g. ``AMD EPYC x2 cores, 2596 MHz, avx512``."""
   c = cpu_info()
-  return f"{c['model'] or 'unknown CPU'} x{c['cores']} cores, {c['mhz']:.0f} MHz, {c['simd'] or '?'}"
+  return (
+    f"{c['model'] or 'unknown CPU'} x{c['cores']} cores, {c['mhz']:.0f} MHz, {c['simd'] or '?'}"
+  )
 
 
 def restore_mapper(workdir: str, which: str | int = "best"):
@@ -103,11 +135,13 @@ def restore_mapper(workdir: str, which: str | int = "best"):
   Returns ``(mapper, config, step)``: the ``ResAttnUNet_DS`` NNX model (params on the default
   device, compute dtype from ``config.precision``), the run's resolved config, and the step.
   """
-  # pylint: disable-next=import-outside-toplevel
+
   import jax
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
-  from gms_jax.models import latent_mapper  # pylint: disable=import-outside-toplevel
+  from flax import nnx
+
+  from gms_jax import tokenizers
+  from gms_jax.models import latent_mapper
+
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True, async_save=False)
   try:
     meta = RunMetadata.read(ckpt)
@@ -117,8 +151,9 @@ def restore_mapper(workdir: str, which: str | int = "best"):
     graphdef, abstract_state = nnx.split(latent_mapper.abstract(meta.mapper, dtype), nnx.Param)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract_params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        nnx.to_pure_dict(abstract_state))
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      nnx.to_pure_dict(abstract_state),
+    )
     params = ckpt.restore_params(step, abstract_params)
   finally:
     ckpt.close()

@@ -36,16 +36,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from gms_jax import configuration
-from gms_jax import inference
+from gms_jax import configuration, inference, parallel, tokenizers
 from gms_jax import loss as loss_lib
-from gms_jax import parallel
-from gms_jax import tokenizers
 from gms_jax.models import latent_mapper
 from gms_jax.models.latent_mapper import MapperConfig
 
@@ -72,19 +68,25 @@ def learning_rate(config: ml_collections.ConfigDict, global_bs: int) -> float:
   o = config.optimizer
   rule = str(o.get("lr_scaling", "none"))
   if rule not in LR_SCALING:
-    raise ValueError(f"config.optimizer.lr_scaling must be one of {sorted(LR_SCALING)}, "
-                     f"got {rule!r}")
+    raise ValueError(
+      f"config.optimizer.lr_scaling must be one of {sorted(LR_SCALING)}, got {rule!r}"
+    )
   base = int(o.get("lr_base_batch", 8))
   return float(o.learning_rate) * (global_bs / base) ** LR_SCALING[rule]
 
 
-def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                  peak_lr: float | None = None) -> Callable:
+def make_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, peak_lr: float | None = None
+) -> Callable:
   """Optimizer-step count -> learning rate: linear warm-up from 0 over ``warmup_epochs``, cosine
   to 0 at ``num_epochs``; per integer epoch (``schedule.per_epoch``) or per step."""
   epoch_schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.optimizer.learning_rate if peak_lr is None else peak_lr,
-      warmup_steps=config.schedule.warmup_epochs, decay_steps=config.num_epochs, end_value=0.0)
+    init_value=0.0,
+    peak_value=config.optimizer.learning_rate if peak_lr is None else peak_lr,
+    warmup_steps=config.schedule.warmup_epochs,
+    decay_steps=config.num_epochs,
+    end_value=0.0,
+  )
   per_epoch = bool(config.schedule.per_epoch)
 
   def schedule(count):
@@ -95,15 +97,17 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
   return schedule
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   schedule: Callable) -> optax.GradientTransformation:
+def make_optimizer(
+  config: ml_collections.ConfigDict, schedule: Callable
+) -> optax.GradientTransformation:
   """AdamW (SPEC §3: lr 2e-3, betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01)."""
   o = config.optimizer
   return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
 
 
-def resolve_batch_decode(value: Any, platform: str | None = None, *,
-                         name: str = "batch_decode") -> bool:
+def resolve_batch_decode(
+  value: Any, platform: str | None = None, *, name: str = "batch_decode"
+) -> bool:
   """``config.loss.batch_decode`` / ``batch_encode``: ``"auto"`` makes one tokenizer call for the
   heads (for images and masks) on GPU/TPU and one call per head (per input) on CPU, where the
   larger activations fall out of cache (measured on a 2-core CPU, TAEF2 batch 8 x 224²:
@@ -122,8 +126,9 @@ def resolve_batch_decode(value: Any, platform: str | None = None, *,
 
 
 # config.cpu_library_fusion names -> XLA's LibraryFusionType (xla_cpu_experimental_ynn_fusion_type)
-CPU_LIBRARY_FUSIONS = {n: "LIBRARY_FUSION_TYPE_" + n.upper()
-                       for n in configuration.CPU_LIBRARY_FUSIONS}
+CPU_LIBRARY_FUSIONS = {
+  n: "LIBRARY_FUSION_TYPE_" + n.upper() for n in configuration.CPU_LIBRARY_FUSIONS
+}
 
 
 def cpu_compiler_options(fusion: str, platform: str | None = None) -> dict[str, str] | None:
@@ -137,8 +142,9 @@ def cpu_compiler_options(fusion: str, platform: str | None = None) -> dict[str, 
   return {"xla_cpu_experimental_ynn_fusion_type": ",".join(CPU_LIBRARY_FUSIONS[n] for n in names)}
 
 
-def compiler_options(config: ml_collections.ConfigDict,
-                     platform: str | None = None) -> dict[str, str] | None:
+def compiler_options(
+  config: ml_collections.ConfigDict, platform: str | None = None
+) -> dict[str, str] | None:
   """``compiler_options`` of every jit a trainer builds from ``config`` (see
   :func:`cpu_compiler_options`; ``config.cpu_library_fusion``, "" by default)."""
   return cpu_compiler_options(str(config.get("cpu_library_fusion", "") or ""), platform)
@@ -146,17 +152,28 @@ def compiler_options(config: ml_collections.ConfigDict,
 
 def loss_kwargs(config: ml_collections.ConfigDict, platform: str | None = None) -> dict[str, Any]:
   """The keyword arguments of :func:`gms_jax.loss.train_loss` that ``config.loss`` sets."""
-  return dict(noise_prob=float(config.loss.noise_prob), heads=tuple(config.loss.heads),
-              rec_weight=float(config.loss.rec_weight), dice_weight=float(config.loss.dice_weight),
-              batch_decode=resolve_batch_decode(config.loss.get("batch_decode", "auto"), platform),
-              batch_encode=resolve_batch_decode(config.loss.get("batch_encode", "auto"), platform,
-                                                name="batch_encode"))
+  return dict(
+    noise_prob=float(config.loss.noise_prob),
+    heads=tuple(config.loss.heads),
+    rec_weight=float(config.loss.rec_weight),
+    dice_weight=float(config.loss.dice_weight),
+    batch_decode=resolve_batch_decode(config.loss.get("batch_decode", "auto"), platform),
+    batch_encode=resolve_batch_decode(
+      config.loss.get("batch_encode", "auto"), platform, name="batch_encode"
+    ),
+  )
 
 
-def make_train_step(graphdef: Any, tokenizer: tokenizers.Tokenizer,
-                    tx: optax.GradientTransformation, schedule: Callable,
-                    loss_kw: dict[str, Any], *, banked: bool = False,
-                    ema_decay: float = 0.0) -> Callable:
+def make_train_step(
+  graphdef: Any,
+  tokenizer: tokenizers.Tokenizer,
+  tx: optax.GradientTransformation,
+  schedule: Callable,
+  loss_kw: dict[str, Any],
+  *,
+  banked: bool = False,
+  ema_decay: float = 0.0,
+) -> Callable:
   """The (un-jitted) step ``(state, tok_params, batch) -> (state, metrics)`` of either recipe.
 
   ``state`` (:func:`make_state_fn`) = ``{"step", "params" (pure dict of mapper params),
@@ -181,15 +198,24 @@ def make_train_step(graphdef: Any, tokenizer: tokenizers.Tokenizer,
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(weights)
     updates, opt_state = tx.update(grads, state["opt_state"], weights)
     weights = optax.apply_updates(weights, updates)
-    new_state = {"step": state["step"] + 1, "params": weights, "opt_state": opt_state,
-                 "rng": state["rng"]}
+    new_state = {
+      "step": state["step"] + 1,
+      "params": weights,
+      "opt_state": opt_state,
+      "rng": state["rng"],
+    }
     if ema:
       d = ema_decay_at(ema_decay, state["step"])
       new_state["train_params"] = weights
-      new_state["params"] = jax.tree.map(lambda e, w: d * e + (1.0 - d) * w, state["params"],
-                                         weights)
-    metrics = {"loss": loss, **terms, "lr": schedule(state["step"]),
-               "grad_norm": optax.tree.norm(grads)}
+      new_state["params"] = jax.tree.map(
+        lambda e, w: d * e + (1.0 - d) * w, state["params"], weights
+      )
+    metrics = {
+      "loss": loss,
+      **terms,
+      "lr": schedule(state["step"]),
+      "grad_norm": optax.tree.norm(grads),
+    }
     return new_state, metrics
 
   return train_step
@@ -202,8 +228,9 @@ def ema_decay_at(decay: float, step):
   return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
 
 
-def banked_loss_kwargs(config: ml_collections.ConfigDict, *, dice: bool,
-                       platform: str | None = None) -> dict[str, Any]:
+def banked_loss_kwargs(
+  config: ml_collections.ConfigDict, *, dice: bool, platform: str | None = None
+) -> dict[str, Any]:
   """``config.loss`` as :func:`gms_jax.loss.banked_train_loss` keywords; ``dice=False`` = phase 1
   (latent term only: the decoder is not in the program)."""
   kw = loss_kwargs(config, platform)
@@ -212,8 +239,12 @@ def banked_loss_kwargs(config: ml_collections.ConfigDict, *, dice: bool,
   return kw
 
 
-def make_fast_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                       phase1_steps: int, peak_lr: float | None = None) -> Callable:
+def make_fast_schedule(
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  phase1_steps: int,
+  peak_lr: float | None = None,
+) -> Callable:
   """The fast recipe's LR: phase 1 is :func:`make_schedule` (warm-up + cosine to 0 at
   ``num_epochs``, peaking at ``peak_lr``); from step ``phase1_steps`` on (phase 2) the constant
   ``fast.dice_learning_rate``, scaled by the same rule as the peak (:func:`learning_rate`)."""
@@ -249,12 +280,17 @@ def phase_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tupl
 
 def mapper_config(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) -> MapperConfig:
   """The one construction of a run's :class:`MapperConfig` (channels from the tokenizer)."""
-  return MapperConfig(in_channels=tok.latent_channels, out_channels=tok.latent_channels,
-                      ch=int(config.mapper.ch), ch_mult=tuple(config.mapper.ch_mult))
+  return MapperConfig(
+    in_channels=tok.latent_channels,
+    out_channels=tok.latent_channels,
+    ch=int(config.mapper.ch),
+    ch_mult=tuple(config.mapper.ch_mult),
+  )
 
 
-def make_state_fn(mcfg: MapperConfig, dtype: Any, tx: optax.GradientTransformation, seed: int,
-                  *, ema: bool = False) -> Callable[[], dict[str, Any]]:
+def make_state_fn(
+  mcfg: MapperConfig, dtype: Any, tx: optax.GradientTransformation, seed: int, *, ema: bool = False
+) -> Callable[[], dict[str, Any]]:
   """The one train-state constructor: ``() -> {"step", "params", "opt_state", "rng"}`` (+
   ``"train_params"``, a copy of the weights the optimizer moves, when ``ema``). Keys:
   ``fold_in(PRNGKey(seed), 0)`` initialises the mapper, ``fold_in(..., 1)`` is the noise key.
@@ -265,8 +301,12 @@ def make_state_fn(mcfg: MapperConfig, dtype: Any, tx: optax.GradientTransformati
     init_key, noise_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
     model = latent_mapper.create(mcfg, init_key, dtype=dtype)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-             "rng": noise_key}
+    state = {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "opt_state": tx.init(params),
+      "rng": noise_key,
+    }
     if ema:  # "params" = the moving average, "train_params" = the optimizer's weights
       state["train_params"] = jax.tree.map(jnp.copy, params)
     return state
@@ -284,8 +324,9 @@ def with_weights(state: dict[str, Any], weights: Any) -> dict[str, Any]:
 
 
 def _with_sharding(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
-                      shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+  )
 
 
 def bank_encode_fn(tok: tokenizers.Tokenizer) -> Callable:
@@ -311,6 +352,7 @@ class Step:
   metrics)`` (state donated): ``"exact"`` for the exact recipe; ``"phase1"`` (latent term, no
   decoder) and ``"phase2"`` (+ decoder Dice) for the fast recipe. ``batch_shapes[name]`` is the
   global batch each takes; :meth:`step_name` says which one step ``s`` runs."""
+
   config: ml_collections.ConfigDict
   mesh: Mesh
   platform: str  # the mesh's: "cpu" / "gpu" / "tpu"
@@ -374,17 +416,20 @@ class Step:
   def images_shape(self, n: int) -> jax.ShapeDtypeStruct:
     """(n, S, S, 3) float32 images, batch-sharded (``n`` must divide over the devices)."""
     parallel.check_batch_size(n, self.mesh, "inference batch")
-    return jax.ShapeDtypeStruct((n, self.image_size, self.image_size, 3), jnp.float32,
-                                sharding=self.data_sharding)
+    return jax.ShapeDtypeStruct(
+      (n, self.image_size, self.image_size, 3), jnp.float32, sharding=self.data_sharding
+    )
 
   def lower_train(self, name: str | None = None):
     name = name or self.step_names[0]
-    return self.train_steps[name].lower(self.abstract_state, self.abstract_tok_params,
-                                        self.batch_shapes[name])
+    return self.train_steps[name].lower(
+      self.abstract_state, self.abstract_tok_params, self.batch_shapes[name]
+    )
 
   def lower_predict(self, n: int):
-    return self.predict.lower(self.abstract_state["params"], self.abstract_tok_params,
-                              self.images_shape(n))
+    return self.predict.lower(
+      self.abstract_state["params"], self.abstract_tok_params, self.images_shape(n)
+    )
 
   def lower_bank_encode(self, n: int):
     images = self.images_shape(n)
@@ -392,13 +437,16 @@ class Step:
     return self.bank_encode.lower(self.abstract_tok_params, images, masks)
 
 
-def batch_shapes(recipe_name: str, global_bs: int, image_size: int, latent_shape, *,
-                 has_std: bool, sharding=None) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+def batch_shapes(
+  recipe_name: str, global_bs: int, image_size: int, latent_shape, *, has_std: bool, sharding=None
+) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
   """The global batch of each step of a recipe: images and masks (exact), or what
   :meth:`gms_jax.bank.Bank.gather` returns (banked: latents, the std where the tokenizer has a
   posterior, and the full-resolution mask in phase 2)."""
+
   def s(shape):
     return jax.ShapeDtypeStruct((global_bs, *shape), jnp.float32, sharding=sharding)
+
   if recipe_name == "exact":
     return {"exact": {"image": s((image_size, image_size, 3)), "mask": s((image_size, image_size))}}
   out = {}
@@ -412,9 +460,15 @@ def batch_shapes(recipe_name: str, global_bs: int, image_size: int, latent_shape
   return out
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
-          tokenizer: tokenizers.Tokenizer | None = None, steps_per_epoch: int = 1,
-          global_batch: int | None = None, platform: str | None = None) -> Step:
+def build(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  *,
+  tokenizer: tokenizers.Tokenizer | None = None,
+  steps_per_epoch: int = 1,
+  global_batch: int | None = None,
+  platform: str | None = None,
+) -> Step:
   """Every program of ``config``'s recipe on ``mesh`` (module docstring): the train step(s),
   inference and (fast recipe) the bank encoder.
 
@@ -434,11 +488,14 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
   rname = recipe(config)
   tok = tokenizer if tokenizer is not None else tokenizers.abstract_from_config(config)
   global_bs = parallel.check_batch_size(
-      int(global_batch) if global_batch else global_batch_size(config, mesh.devices.size), mesh)
+    int(global_batch) if global_batch else global_batch_size(config, mesh.devices.size), mesh
+  )
   image_size = int(config.data.image_size)
   if image_size % tok.downsample:
-    raise ValueError(f"config.data.image_size={image_size} is not a multiple of "
-                     f"{tok.downsample} (the tokenizer's downsampling)")
+    raise ValueError(
+      f"config.data.image_size={image_size} is not a multiple of "
+      f"{tok.downsample} (the tokenizer's downsampling)"
+    )
   f = tok.downsample
   latent_shape = (image_size // f, image_size // f, int(tok.latent_channels))
   repl, data_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
@@ -465,8 +522,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
   tok_shapes = tokenizers.shapes(tok)
   tok_sharding = parallel.replicate_tree(tok_shapes, mesh)
   abstract_tok = _with_sharding(tok_shapes, tok_sharding)
-  shapes = batch_shapes(rname, global_bs, image_size, latent_shape,
-                        has_std=tok.has_posterior, sharding=data_sharding)
+  shapes = batch_shapes(
+    rname, global_bs, image_size, latent_shape, has_std=tok.has_posterior, sharding=data_sharding
+  )
 
   # ---------------------------------------------------------------- jitted functions
   init_jit = jax.jit(init_fn, out_shardings=state_sharding)
@@ -482,47 +540,94 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
   if rname == "exact":
     loss_kws = {"exact": loss_kw}
   else:
-    loss_kws = {"phase1": banked_loss_kwargs(config, dice=False, platform=platform),
-                "phase2": banked_loss_kwargs(config, dice=True, platform=platform)}
+    loss_kws = {
+      "phase1": banked_loss_kwargs(config, dice=False, platform=platform),
+      "phase2": banked_loss_kwargs(config, dice=True, platform=platform),
+    }
   train_steps = {
-      name: jax.jit(make_train_step(graphdef, tok, tx, schedule, kw, banked=rname == "fast",
-                                    ema_decay=ema_decay),
-                    in_shardings=(state_sharding, tok_sharding, data_sharding),
-                    out_shardings=(state_sharding, repl), donate_argnums=(0,),
-                    compiler_options=opts)
-      for name, kw in loss_kws.items()}
+    name: jax.jit(
+      make_train_step(graphdef, tok, tx, schedule, kw, banked=rname == "fast", ema_decay=ema_decay),
+      in_shardings=(state_sharding, tok_sharding, data_sharding),
+      out_shardings=(state_sharding, repl),
+      donate_argnums=(0,),
+      compiler_options=opts,
+    )
+    for name, kw in loss_kws.items()
+  }
   params_sharding = state_sharding["params"]
-  predict = jax.jit(lambda p, t, x: inference.predict_probs(graphdef, p, tok, t, x),
-                    in_shardings=(params_sharding, tok_sharding, data_sharding),
-                    out_shardings=data_sharding, compiler_options=opts)
-  predict_latents = jax.jit(lambda p, t, z: inference.probs_from_latents(graphdef, p, tok, t, z),
-                            in_shardings=(params_sharding, tok_sharding, data_sharding),
-                            out_shardings=data_sharding, compiler_options=opts)
-  encode_images = jax.jit(lambda t, x: tok.encode(t, x).z,
-                          in_shardings=(tok_sharding, data_sharding), out_shardings=data_sharding,
-                          compiler_options=opts)
-  bank_encode = jax.jit(bank_encode_fn(tok), in_shardings=(tok_sharding, data_sharding,
-                                                           data_sharding),
-                        out_shardings=data_sharding, compiler_options=opts)
-  return Step(config=config, mesh=mesh, platform=platform, recipe=rname, tokenizer=tok,
-              mapper_cfg=mcfg, graphdef=graphdef, dtype=dtype, global_batch_size=global_bs,
-              image_size=image_size, latent_shape=latent_shape, peak_lr=peak_lr,
-              steps_per_epoch=int(steps_per_epoch), phase1_steps=phase1, total_steps=total,
-              loss_kw=loss_kw, loss_kws=loss_kws, compiler_options=opts, schedule=schedule,
-              tx=tx, replicated=repl, data_sharding=data_sharding,
-              state_sharding=state_sharding, abstract_state=abstract_state,
-              tok_sharding=tok_sharding, abstract_tok_params=abstract_tok, batch_shapes=shapes,
-              init=init, train_steps=train_steps, predict=predict,
-              predict_latents=predict_latents, encode_images=encode_images,
-              bank_encode=bank_encode)
-
+  predict = jax.jit(
+    lambda p, t, x: inference.predict_probs(graphdef, p, tok, t, x),
+    in_shardings=(params_sharding, tok_sharding, data_sharding),
+    out_shardings=data_sharding,
+    compiler_options=opts,
+  )
+  predict_latents = jax.jit(
+    lambda p, t, z: inference.probs_from_latents(graphdef, p, tok, t, z),
+    in_shardings=(params_sharding, tok_sharding, data_sharding),
+    out_shardings=data_sharding,
+    compiler_options=opts,
+  )
+  encode_images = jax.jit(
+    lambda t, x: tok.encode(t, x).z,
+    in_shardings=(tok_sharding, data_sharding),
+    out_shardings=data_sharding,
+    compiler_options=opts,
+  )
+  bank_encode = jax.jit(
+    bank_encode_fn(tok),
+    in_shardings=(tok_sharding, data_sharding, data_sharding),
+    out_shardings=data_sharding,
+    compiler_options=opts,
+  )
+  return Step(
+    config=config,
+    mesh=mesh,
+    platform=platform,
+    recipe=rname,
+    tokenizer=tok,
+    mapper_cfg=mcfg,
+    graphdef=graphdef,
+    dtype=dtype,
+    global_batch_size=global_bs,
+    image_size=image_size,
+    latent_shape=latent_shape,
+    peak_lr=peak_lr,
+    steps_per_epoch=int(steps_per_epoch),
+    phase1_steps=phase1,
+    total_steps=total,
+    loss_kw=loss_kw,
+    loss_kws=loss_kws,
+    compiler_options=opts,
+    schedule=schedule,
+    tx=tx,
+    replicated=repl,
+    data_sharding=data_sharding,
+    state_sharding=state_sharding,
+    abstract_state=abstract_state,
+    tok_sharding=tok_sharding,
+    abstract_tok_params=abstract_tok,
+    batch_shapes=shapes,
+    init=init,
+    train_steps=train_steps,
+    predict=predict,
+    predict_latents=predict_latents,
+    encode_images=encode_images,
+    bank_encode=bank_encode,
+  )
 
 
 # ----------------------------------------------------------------------------- compiled-program facts
 
 
-COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter",
-               "collective-broadcast", "ragged-all-to-all")
+COLLECTIVES = (
+  "all-reduce",
+  "all-gather",
+  "all-to-all",
+  "collective-permute",
+  "reduce-scatter",
+  "collective-broadcast",
+  "ragged-all-to-all",
+)
 
 
 def collective_counts(hlo_text: str) -> dict[str, int]:

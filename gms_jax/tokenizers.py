@@ -39,8 +39,6 @@ from flax import nnx
 
 from gms_jax.convert import core
 
-SD_SCALE = 0.18215
-
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -48,6 +46,7 @@ class Family:
 
   ``models.<module>`` holds the config dataclass and the NNX model (no I/O);
   ``convert.<module>.load(path, **kw) -> (flat params, config)`` reads its checkpoints."""
+
   name: str
   module: str
   config_class: str
@@ -68,20 +67,43 @@ class Family:
 
 
 REGISTRY = {
-    "sd-vae": Family("sd-vae", "sd_vae", "AutoencoderKLConfig", "AutoencoderKL", signed=True,
-                     posterior=True, scale=lambda c: float(c.scaling_factor),
-                     downsample=lambda c: int(c.downsample_factor)),
-    "tae": Family("tae", "tae", "TAEConfig", "TAE", signed=False, posterior=False,
-                  scale=lambda c: 1.0, downsample=lambda c: 8),
+  "sd-vae": Family(
+    "sd-vae",
+    "sd_vae",
+    "AutoencoderKLConfig",
+    "AutoencoderKL",
+    signed=True,
+    posterior=True,
+    scale=lambda c: float(c.scaling_factor),
+    downsample=lambda c: int(c.downsample_factor),
+  ),
+  "tae": Family(
+    "tae",
+    "tae",
+    "TAEConfig",
+    "TAE",
+    signed=False,
+    posterior=False,
+    scale=lambda c: 1.0,
+    downsample=lambda c: 8,
+  ),
 }
-FAMILIES = tuple(REGISTRY)
-_ALIASES = {"sd-vae": "sd-vae", "sd_vae": "sd-vae", "sd": "sd-vae",
-            "tae": "tae", "taef2": "tae", "taesd": "tae", "taesdxl": "tae", "taef1": "tae",
-            "taesd3": "tae"}
+_ALIASES = {
+  "sd-vae": "sd-vae",
+  "sd_vae": "sd-vae",
+  "sd": "sd-vae",
+  "tae": "tae",
+  "taef2": "tae",
+  "taesd": "tae",
+  "taesdxl": "tae",
+  "taef1": "tae",
+  "taesd3": "tae",
+}
 
 
 class Latents(NamedTuple):
   """``z``: the (scaled) latent; ``std``: the posterior std, unscaled (zeros without a posterior)."""
+
   z: jax.Array
   std: jax.Array
 
@@ -96,6 +118,7 @@ def canonical_family(family: str) -> str:
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: usable as a jit static arg
 class Tokenizer:
   """A frozen autoencoder and its conventions; all methods take ``params`` explicitly."""
+
   family: str
   graphdef: Any
   params: nnx.State
@@ -171,14 +194,24 @@ def _abstract(family: str, cfg, dtype):
 
 def _make(family: str, graphdef, params, cfg, *, dtype, remat_decoder: bool) -> Tokenizer:
   fam = REGISTRY[family]
-  return Tokenizer(family=family, graphdef=graphdef, params=params, scale=fam.scale(cfg),
-                   latent_channels=int(cfg.latent_channels), downsample=fam.downsample(cfg),
-                   remat_decoder=remat_decoder, dtype=dtype, config=cfg, signed=fam.signed,
-                   posterior=fam.posterior)
+  return Tokenizer(
+    family=family,
+    graphdef=graphdef,
+    params=params,
+    scale=fam.scale(cfg),
+    latent_channels=int(cfg.latent_channels),
+    downsample=fam.downsample(cfg),
+    remat_decoder=remat_decoder,
+    dtype=dtype,
+    config=cfg,
+    signed=fam.signed,
+    posterior=fam.posterior,
+  )
 
 
-def from_flat(family: str, flat, cfg, *, dtype=None, remat_decoder: bool = False,
-              source: str = "params") -> Tokenizer:
+def from_flat(
+  family: str, flat, cfg, *, dtype=None, remat_decoder: bool = False, source: str = "params"
+) -> Tokenizer:
   """Flat ``/``-joined Flax params (from a converter or ``core.load_params``) -> Tokenizer.
 
   The model is built abstractly (no random init) and filled strictly: any missing, extra or
@@ -190,18 +223,29 @@ def from_flat(family: str, flat, cfg, *, dtype=None, remat_decoder: bool = False
   return _make(family, graphdef, params, cfg, dtype=dtype, remat_decoder=remat_decoder)
 
 
-def from_model(family: str, model: nnx.Module, *, dtype=None, remat_decoder: bool = False) -> Tokenizer:
+def from_model(
+  family: str, model: nnx.Module, *, dtype=None, remat_decoder: bool = False
+) -> Tokenizer:
   """Wraps an existing NNX model (e.g. random weights in tests); its ``cfg`` attribute is used.
 
   With ``dtype``, the graph is rebuilt with that compute dtype around the same params."""
   family = canonical_family(family)
   cfg = model.cfg
   if dtype is not None:
-    return from_flat(family, core.model_to_flat(model), cfg, dtype=dtype, remat_decoder=remat_decoder,
-                     source="model")
-  graphdef, params = nnx.split(nnx.clone(model), nnx.Param)  # clone: later edits of `model` stay out
-  return _make(family, graphdef, params, cfg, dtype=getattr(model, "dtype", None),
-               remat_decoder=remat_decoder)
+    return from_flat(
+      family,
+      core.model_to_flat(model),
+      cfg,
+      dtype=dtype,
+      remat_decoder=remat_decoder,
+      source="model",
+    )
+  graphdef, params = nnx.split(
+    nnx.clone(model), nnx.Param
+  )  # clone: later edits of `model` stay out
+  return _make(
+    family, graphdef, params, cfg, dtype=getattr(model, "dtype", None), remat_decoder=remat_decoder
+  )
 
 
 def abstract(family: str, cfg=None, *, dtype=None, remat_decoder: bool = False) -> Tokenizer:
@@ -235,8 +279,15 @@ def _load_flax_file(family: str, path: str):
   return flat, REGISTRY[family].config_cls().from_dict(config)
 
 
-def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg=None,
-         scaling_factor: float | None = None) -> Tokenizer:
+def load(
+  family: str,
+  path: str,
+  *,
+  dtype=None,
+  remat_decoder: bool = False,
+  cfg=None,
+  scaling_factor: float | None = None,
+) -> Tokenizer:
   """Loads a frozen tokenizer.
 
   Args:
@@ -255,35 +306,42 @@ def load(family: str, path: str, *, dtype=None, remat_decoder: bool = False, cfg
   """
   family = canonical_family(family)
   if str(path).startswith("hf:"):
-    from gms_jax.convert import hub  # pylint: disable=import-outside-toplevel
+    from gms_jax.convert import hub
+
     path = hub.resolve(str(path), family)
   if core.is_flax_params_file(path):
     flat, file_cfg = _load_flax_file(family, path)
     if cfg is not None and family == "sd-vae":
-      from gms_jax.convert import sd_vae  # pylint: disable=import-outside-toplevel
+      from gms_jax.convert import sd_vae
+
       sd_vae.check_against(cfg, file_cfg, source=path)
     cfg = file_cfg
   else:
     flat, cfg = REGISTRY[family].converter().load(path, cfg=cfg)
   if scaling_factor:
     if not hasattr(cfg, "scaling_factor"):
-      from gms_jax import errors  # pylint: disable=import-outside-toplevel
-      raise errors.ConfigError(f"config.tokenizer.scaling_factor={scaling_factor}: {family!r} "
-                               "tokenizers have no latent scale (leave it 0)")
+      from gms_jax import errors
+
+      raise errors.ConfigError(
+        f"config.tokenizer.scaling_factor={scaling_factor}: {family!r} "
+        "tokenizers have no latent scale (leave it 0)"
+      )
     cfg = dataclasses.replace(cfg, scaling_factor=float(scaling_factor))
   return from_flat(family, flat, cfg, dtype=dtype, remat_decoder=remat_decoder, source=path)
 
 
 def packaged_path(family: str) -> str:
   """Path of the weights shipped inside the package for ``family`` (only TAEF2 ships)."""
-  import importlib.resources  # pylint: disable=import-outside-toplevel
+  import importlib.resources
+
   family = canonical_family(family)
   p = importlib.resources.files("gms_jax") / "assets" / "taef2.safetensors"
   if family != "tae" or not p.is_file():
     raise FileNotFoundError(
-        f"no packaged weights for tokenizer family {family!r}: set the checkpoint path "
-        "(--config.tokenizer.path); for 'sd-vae' that is your SD VAE (diffusers folder or "
-        "safetensors, LDM .ckpt, or a `gms-jax convert` output)")
+      f"no packaged weights for tokenizer family {family!r}: set the checkpoint path "
+      "(--config.tokenizer.path); for 'sd-vae' that is your SD VAE (diffusers folder or "
+      "safetensors, LDM .ckpt, or a `gms-jax convert` output)"
+    )
   return os.fspath(p)
 
 
@@ -304,9 +362,13 @@ def from_config(config) -> Tokenizer:
   t = config.tokenizer
   precision = str(config.get("precision", "float32"))
   path = str(t.path) or packaged_path(str(t.name))
-  return load(str(t.name), path, dtype=compute_dtype(precision),
-              remat_decoder=bool(t.get("remat_decoder", False)),
-              scaling_factor=float(t.get("scaling_factor", 0.0) or 0.0) or None)
+  return load(
+    str(t.name),
+    path,
+    dtype=compute_dtype(precision),
+    remat_decoder=bool(t.get("remat_decoder", False)),
+    scaling_factor=float(t.get("scaling_factor", 0.0) or 0.0) or None,
+  )
 
 
 def abstract_from_config(config) -> Tokenizer:
@@ -316,30 +378,39 @@ def abstract_from_config(config) -> Tokenizer:
   precision = str(config.get("precision", "float32"))
   family, cfg, path = canonical_family(str(t.name)), None, str(t.path)
   if path and core.is_flax_params_file(path):
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    from safetensors import safe_open
+
     with safe_open(path, framework="numpy") as f:
       meta = f.metadata() or {}
     if meta.get("config"):
       cfg = REGISTRY[family].config_cls().from_dict(json.loads(meta["config"]))
   elif family == "tae" and hasattr(REGISTRY[family].config_cls(), str(t.name).lower()):
     cfg = getattr(REGISTRY[family].config_cls(), str(t.name).lower())()  # e.g. TAEConfig.taesd()
-  tok = abstract(family, cfg, dtype=compute_dtype(precision),
-                 remat_decoder=bool(t.get("remat_decoder", False)))
+  tok = abstract(
+    family, cfg, dtype=compute_dtype(precision), remat_decoder=bool(t.get("remat_decoder", False))
+  )
   scale = float(t.get("scaling_factor", 0.0) or 0.0)
   if scale and hasattr(tok.config, "scaling_factor"):
-    tok = abstract(family, dataclasses.replace(tok.config, scaling_factor=scale),
-                   dtype=tok.dtype, remat_decoder=tok.remat_decoder)
+    tok = abstract(
+      family,
+      dataclasses.replace(tok.config, scaling_factor=scale),
+      dtype=tok.dtype,
+      remat_decoder=tok.remat_decoder,
+    )
   return tok
 
 
 def save(tok: Tokenizer, path: str) -> None:
   """Writes the tokenizer's params as a converted Flax ``.safetensors`` that :func:`load` reads."""
-  flat = {"/".join(str(p) for p in k): np.asarray(v.get_value())
-          for k, v in nnx.to_flat_state(tok.params)}
+  flat = {
+    "/".join(str(p) for p in k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(tok.params)
+  }
   core.save_params(path, flat, family=tok.family, config=tok.config.to_dict())
 
 
 def describe(tok: Tokenizer) -> str:
   n = sum(int(x.size) for x in jax.tree.leaves(tok.params))
-  return (f"{tok.family} tokenizer: {n:,} params, latent {tok.latent_channels}ch /{tok.downsample}, "
-          f"scale {tok.scale}, config {json.dumps(tok.config.to_dict())}")
+  return (
+    f"{tok.family} tokenizer: {n:,} params, latent {tok.latent_channels}ch /{tok.downsample}, "
+    f"scale {tok.scale}, config {json.dumps(tok.config.to_dict())}"
+  )

@@ -26,27 +26,17 @@ import sys
 import time
 from typing import Any
 
-from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from ml_collections import config_flags
+from absl import logging
 
 from gms_jax import checkpoint as ckpt_lib
-from gms_jax import configuration
-from gms_jax import errors
-from gms_jax import parallel
-from gms_jax import pretrained
-from gms_jax import recipes
-from gms_jax import run_metadata
+from gms_jax import configuration, errors, parallel, pretrained, recipes, run_metadata, tokenizers
 from gms_jax import step as step_lib
-from gms_jax import tokenizers
 
-
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN/inf; the workdir keeps the last good checkpoint."""
+NonFiniteLossError = errors.NonFiniteLossError  # raised by the loop (check_finite)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -65,7 +55,8 @@ class MetricsWriter:
     self._tb = None
     self._jsonl = None
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(os.path.join(workdir, ckpt_lib.TENSORBOARD_SUBDIR))
       self._jsonl = open(os.path.join(workdir, ckpt_lib.METRICS_FILE), "a", buffering=1)
 
@@ -74,13 +65,22 @@ class MetricsWriter:
       return
     for k, v in scalars.items():
       self._tb.add_scalar(f"{prefix}{k}", float(v), int(step))
-    self._jsonl.write(json.dumps({"step": int(step), "wall_time": round(time.time(), 3),
-                                  **{f"{prefix}{k}": float(v) for k, v in scalars.items()}}) + "\n")
+    self._jsonl.write(
+      json.dumps(
+        {
+          "step": int(step),
+          "wall_time": round(time.time(), 3),
+          **{f"{prefix}{k}": float(v) for k, v in scalars.items()},
+        }
+      )
+      + "\n"
+    )
 
   def event(self, step: int, **fields) -> None:
     if self._enabled:
-      self._jsonl.write(json.dumps({"step": int(step), "wall_time": round(time.time(), 3),
-                                    **fields}) + "\n")
+      self._jsonl.write(
+        json.dumps({"step": int(step), "wall_time": round(time.time(), 3), **fields}) + "\n"
+      )
 
   def flush(self) -> None:
     if self._enabled:
@@ -94,9 +94,16 @@ class MetricsWriter:
 
 
 def _progress(total: int, initial: int, enabled: bool):
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.1,
-              disable=(not enabled) or not sys.stderr.isatty())
+  from tqdm import tqdm
+
+  return tqdm(
+    total=total,
+    initial=initial,
+    unit="step",
+    dynamic_ncols=True,
+    smoothing=0.1,
+    disable=(not enabled) or not sys.stderr.isatty(),
+  )
 
 
 class _LibraryInfoFilter:
@@ -112,47 +119,60 @@ def quiet_library_logs() -> None:
     handler.addFilter(_LibraryInfoFilter())
 
 
-def check_finite(step: int, m: dict[str, np.ndarray], workdir: str,
-                 last_saved: int | None) -> None:
+def check_finite(step: int, m: dict[str, np.ndarray], workdir: str, last_saved: int | None) -> None:
   """Raises :class:`NonFiniteLossError` (naming the last good checkpoint) on a NaN/inf loss."""
   loss = float(m["loss"])
   if not math.isfinite(loss):
-    where = (f"the last good checkpoint (step {last_saved}) is kept in "
-             f"{ckpt_lib.checkpoint_dir(workdir)}"
-             if last_saved is not None else "no checkpoint had been saved yet")
+    where = (
+      f"the last good checkpoint (step {last_saved}) is kept in {ckpt_lib.checkpoint_dir(workdir)}"
+      if last_saved is not None
+      else "no checkpoint had been saved yet"
+    )
     raise NonFiniteLossError(
-        f"non-finite training loss {loss} at step {step} (rec={float(m['rec'])}, "
-        f"dice={float(m['dice'])}); training stopped and nothing after step {step - 1} was "
-        f"saved; {where}. Lower the learning rate or use --config.precision=float32.")
+      f"non-finite training loss {loss} at step {step} (rec={float(m['rec'])}, "
+      f"dice={float(m['dice'])}); training stopped and nothing after step {step - 1} was "
+      f"saved; {where}. Lower the learning rate or use --config.precision=float32."
+    )
 
 
-def window_scalars(window: list[dict[str, np.ndarray]], steps: int, seconds: float
-                   ) -> dict[str, float]:
+def window_scalars(
+  window: list[dict[str, np.ndarray]], steps: int, seconds: float
+) -> dict[str, float]:
   """The mean of each metric over a logging window, plus ``steps_per_sec``."""
   scalars = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
   scalars["steps_per_sec"] = steps / max(seconds, 1e-9)
   return scalars
 
 
-def log_progress(step: int, total_steps: int, scalars: dict[str, float],
-                 last_eval: dict[str, float]) -> None:
+def log_progress(
+  step: int, total_steps: int, scalars: dict[str, float], last_eval: dict[str, float]
+) -> None:
   """One progress line per log interval when stderr is not a terminal (no progress bar)."""
   if sys.stderr.isatty():
     return
   sec = 1.0 / max(scalars["steps_per_sec"], 1e-9)
   val = f"{last_eval['val_dice']:.4f}" if last_eval else "n/a"
-  logging.info("step %d/%d: loss %.4f, val Dice %s, %.2f s/step, ETA %s", step, total_steps,
-               scalars["loss"], val, sec, _eta(sec * (total_steps - step)))
+  logging.info(
+    "step %d/%d: loss %.4f, val Dice %s, %.2f s/step, ETA %s",
+    step,
+    total_steps,
+    scalars["loss"],
+    val,
+    sec,
+    _eta(sec * (total_steps - step)),
+  )
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
   """``tokenizers.from_config``, with an unreadable/wrong weights file as one ConfigError line."""
   try:
     return tokenizers.from_config(config)
-  except Exception as e:  # pylint: disable=broad-except  (any loader failure names the file)
+  except Exception as e:  # any loader failure names the file
     path = str(config.tokenizer.path) or "<packaged>"
-    raise errors.ConfigError(f"config.tokenizer.path={path}: cannot load "
-                             f"{config.tokenizer.name} weights: {errors.describe(e)}") from e
+    raise errors.ConfigError(
+      f"config.tokenizer.path={path}: cannot load "
+      f"{config.tokenizer.name} weights: {errors.describe(e)}"
+    ) from e
 
 
 def _eta(seconds: float) -> str:
@@ -164,9 +184,13 @@ def _eta(seconds: float) -> str:
 # ----------------------------------------------------------------------------- training
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       tokenizer: tokenizers.Tokenizer | None = None,
-                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  tokenizer: tokenizers.Tokenizer | None = None,
+  devices: list[jax.Device] | None = None,
+) -> dict[str, Any]:
   """Trains (resuming from ``workdir`` if it holds checkpoints); returns a summary dict.
 
   Args:
@@ -179,8 +203,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Nothing is written before the config is validated and the workdir is known to be this run's.
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
-  configuration.validate(config, n_devices=len(devices or jax.devices()),
-                         n_processes=jax.process_count(), check_tokenizer=tokenizer is None)
+  configuration.validate(
+    config,
+    n_devices=len(devices or jax.devices()),
+    n_processes=jax.process_count(),
+    check_tokenizer=tokenizer is None,
+  )
   fresh = claim_workdir(config, workdir, write=is_main)
   progress = {"started": False}
   try:
@@ -191,8 +219,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise
 
 
-def claim_workdir(config: ml_collections.ConfigDict, workdir: str, *, write: bool
-                  ) -> list[str] | None:
+def claim_workdir(
+  config: ml_collections.ConfigDict, workdir: str, *, write: bool
+) -> list[str] | None:
   """Makes ``workdir`` this run's, or raises :class:`gms_jax.errors.ConfigError`.
 
   A missing or empty folder becomes a new run (``config.json`` written; returns the entries
@@ -219,27 +248,35 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
       with open(config_path) as f:
         saved = json.load(f)
     except (OSError, ValueError) as e:
-      raise errors.ConfigError(f"{config_path}: unreadable ({errors.one_line(e)}); use a new "
-                               "--workdir") from None
+      raise errors.ConfigError(
+        f"{config_path}: unreadable ({errors.one_line(e)}); use a new --workdir"
+      ) from None
     configuration.check_resume(saved, config, workdir)
     return "resume"
   if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
     raise errors.ConfigError(
-        f"{workdir} exists and is not a gms-jax workdir (no {ckpt_lib.CONFIG_FILE}); refusing "
-        "to write into it: use a new or empty --workdir")
+      f"{workdir} exists and is not a gms-jax workdir (no {ckpt_lib.CONFIG_FILE}); refusing "
+      "to write into it: use a new or empty --workdir"
+    )
   return "new"
 
 
 # What a run writes into its workdir before its first step (config, logs, checkpoints, bank).
-RUN_ENTRIES = (ckpt_lib.CONFIG_FILE, ckpt_lib.METRICS_FILE, ckpt_lib.TENSORBOARD_SUBDIR,
-               ckpt_lib.CHECKPOINT_SUBDIR, ckpt_lib.BANK_SUBDIR)
+RUN_ENTRIES = (
+  ckpt_lib.CONFIG_FILE,
+  ckpt_lib.METRICS_FILE,
+  ckpt_lib.TENSORBOARD_SUBDIR,
+  ckpt_lib.CHECKPOINT_SUBDIR,
+  ckpt_lib.BANK_SUBDIR,
+)
 
 
 def release_workdir(workdir: str, created: list[str]) -> None:
   """Undoes :func:`claim_workdir` for a run that never reached its first step: removes the
   entries a run writes (:data:`RUN_ENTRIES`), then the folder itself if this run created it and
   it is empty; anything else (a file someone put there meanwhile) is left alone."""
-  import shutil  # pylint: disable=import-outside-toplevel
+  import shutil
+
   if not os.path.isdir(workdir):
     return
   for name in RUN_ENTRIES:
@@ -262,18 +299,28 @@ def _init_weights(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer, 
   return weights
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, *,
-         tokenizer: tokenizers.Tokenizer | None, devices: list[jax.Device] | None,
-         progress: dict[str, bool]) -> dict[str, Any]:
+def _run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  tokenizer: tokenizers.Tokenizer | None,
+  devices: list[jax.Device] | None,
+  progress: dict[str, bool],
+) -> dict[str, Any]:
   """Setup, then the one loop, for either recipe (:mod:`gms_jax.recipes`)."""
   t_launch = time.time()
   # ---------------------------------------------------------------- logging
   is_main = jax.process_index() == 0
   writer = MetricsWriter(workdir, enabled=is_main)
   logging.info("host: %s", run_metadata.describe_host())
-  logging.info("recipe %s; workdir %s; process %d/%d; local devices %s",
-               step_lib.recipe(config), workdir, jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  logging.info(
+    "recipe %s; workdir %s; process %d/%d; local devices %s",
+    step_lib.recipe(config),
+    workdir,
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
 
   # ---------------------------------------------------------------- mesh
   step_lib.enable_compilation_cache(config)
@@ -282,11 +329,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *,
   global_bs = parallel.check_batch_size(step_lib.global_batch_size(config, n_dev), mesh)
   eval_bs = -(-int(config.eval_batch_size) // n_dev) * n_dev
   parallel.check_batch_size(eval_bs, mesh, "eval_batch_size (rounded up to the device count)")
-  logging.info("mesh %s over %d devices; global batch %d (%d per process)", dict(mesh.shape),
-               n_dev, global_bs, parallel.local_batch_size(global_bs))
+  logging.info(
+    "mesh %s over %d devices; global batch %d (%d per process)",
+    dict(mesh.shape),
+    n_dev,
+    global_bs,
+    parallel.local_batch_size(global_bs),
+  )
 
   # ---------------------------------------------------------------- input (splits)
-  from gms_jax.data import builder, pipeline  # pylint: disable=import-outside-toplevel
+  from gms_jax.data import builder, pipeline
+
   sources = builder.prepare(config.data)
   steps_per_epoch = pipeline.steps_per_epoch(len(sources["train"]), global_bs)
 
@@ -295,31 +348,48 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("%s", tokenizers.describe(tok))
 
   # ---------------------------------------------------------------- every program: the builder
-  built = step_lib.build(config, mesh, tokenizer=tok, steps_per_epoch=steps_per_epoch,
-                         global_batch=global_bs)
+  built = step_lib.build(
+    config, mesh, tokenizer=tok, steps_per_epoch=steps_per_epoch, global_batch=global_bs
+  )
   total_steps = built.total_steps
-  logging.info("mapper %s: %s params, compute dtype %s; peak LR %g; steps %s; XLA options %s",
-               built.mapper_cfg, f"{param_count(built.abstract_state['params']):,}",
-               jnp.dtype(built.dtype or jnp.float32).name, built.peak_lr,
-               ", ".join(built.step_names), built.compiler_options)
-  logging.info("data %s: train %d, validation %d, test %d (test is never used here); "
-               "%d steps/epoch, %d steps (%s)", config.data.name, len(sources["train"]),
-               len(sources["validation"]), len(sources["test"]), steps_per_epoch, total_steps,
-               ", ".join(f"{n}: {built.loss_kws[n]['dice_weight']:g} x Dice"
-                         for n in built.step_names))
+  logging.info(
+    "mapper %s: %s params, compute dtype %s; peak LR %g; steps %s; XLA options %s",
+    built.mapper_cfg,
+    f"{param_count(built.abstract_state['params']):,}",
+    jnp.dtype(built.dtype or jnp.float32).name,
+    built.peak_lr,
+    ", ".join(built.step_names),
+    built.compiler_options,
+  )
+  logging.info(
+    "data %s: train %d, validation %d, test %d (test is never used here); "
+    "%d steps/epoch, %d steps (%s)",
+    config.data.name,
+    len(sources["train"]),
+    len(sources["validation"]),
+    len(sources["test"]),
+    steps_per_epoch,
+    total_steps,
+    ", ".join(f"{n}: {built.loss_kws[n]['dice_weight']:g} x Dice" for n in built.step_names),
+  )
   init_weights = _init_weights(config, tok, built.mapper_cfg)  # checked before any work
 
   # ---------------------------------------------------------------- recipe (the bank: fast)
-  recipe = recipes.RECIPES[built.recipe](config, built, sources, workdir=workdir, tokenizer=tok,
-                                         progress=progress)
+  recipe = recipes.RECIPES[built.recipe](
+    config, built, sources, workdir=workdir, tokenizer=tok, progress=progress
+  )
   tok_params = jax.tree.map(lambda x: parallel.replicate_array(np.asarray(x), mesh), tok.params)
 
   # ---------------------------------------------------------------- jit init (created sharded)
   t0 = time.time()
   state = built.init()
   if init_weights is not None:
-    state = step_lib.with_weights(state, jax.tree.map(
-        lambda x: parallel.replicate_array(x, mesh), pretrained.nested_params(init_weights)))
+    state = step_lib.with_weights(
+      state,
+      jax.tree.map(
+        lambda x: parallel.replicate_array(x, mesh), pretrained.nested_params(init_weights)
+      ),
+    )
     logging.info("mapper init from %s (sha256 %s)", init_weights.source, init_weights.sha256)
   jax.block_until_ready(state)
   logging.info("init: %.1fs", time.time() - t0)
@@ -335,10 +405,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *,
     return compiled[name]
 
   # ---------------------------------------------------------------- restore
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints), metadata=(
+  ckpt = ckpt_lib.Checkpointer(
+    workdir,
+    keep=int(config.keep_checkpoints),
+    metadata=(
       run_metadata.RunMetadata.for_run(
-          config, built.mapper_cfg, tok,
-          init=None if init_weights is None else init_weights.provenance("mapper.init")).to_dict()))
+        config,
+        built.mapper_cfg,
+        tok,
+        init=None if init_weights is None else init_weights.provenance("mapper.init"),
+      ).to_dict()
+    ),
+  )
   latest = ckpt.latest_step()
   if latest is not None:
     t0 = time.time()
@@ -353,25 +431,47 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt_every = recipes.every(config.checkpoint_every_steps, eval_every)
   log_every = recipes.every(config.log_every_steps, 1)
   setup_seconds = time.time() - t_launch
-  writer.event(step, event="start", recipe=built.recipe, total_steps=total_steps,
-               resumed=latest is not None, process_count=jax.process_count(), devices=n_dev,
-               global_batch=global_bs, peak_lr=built.peak_lr,
-               setup_seconds=round(setup_seconds, 3), **({"bank": recipe.info} if recipe.info
-                                                         else {}))
+  writer.event(
+    step,
+    event="start",
+    recipe=built.recipe,
+    total_steps=total_steps,
+    resumed=latest is not None,
+    process_count=jax.process_count(),
+    devices=n_dev,
+    global_batch=global_bs,
+    peak_lr=built.peak_lr,
+    setup_seconds=round(setup_seconds, 3),
+    **({"bank": recipe.info} if recipe.info else {}),
+  )
 
   # ---------------------------------------------------------------- the loop
-  logging.info("training steps %d..%d: log every %d, validate every %d, checkpoint every %d",
-               step + 1, total_steps, log_every, eval_every, ckpt_every)
+  logging.info(
+    "training steps %d..%d: log every %d, validate every %d, checkpoint every %d",
+    step + 1,
+    total_steps,
+    log_every,
+    eval_every,
+    ckpt_every,
+  )
   bar = _progress(total_steps, step, is_main)
   last_saved = latest
   pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked on the host
   window: list[dict[str, np.ndarray]] = []
   t_window, steps_window = time.time(), 0
   last_eval: dict[str, float] = {}
-  seconds = {"setup": setup_seconds, "bank": float(recipe.info.get("seconds_now", 0.0)),
-             "train": 0.0, "validation": 0.0, "checkpoint": 0.0}
-  summary: dict[str, Any] = {"first_step": step + 1, "global_batch": global_bs,
-                             "peak_lr": built.peak_lr}
+  seconds = {
+    "setup": setup_seconds,
+    "bank": float(recipe.info.get("seconds_now", 0.0)),
+    "train": 0.0,
+    "validation": 0.0,
+    "checkpoint": 0.0,
+  }
+  summary: dict[str, Any] = {
+    "first_step": step + 1,
+    "global_batch": global_bs,
+    "peak_lr": built.peak_lr,
+  }
   if recipe.info:
     summary["bank"] = recipe.info
 
@@ -416,8 +516,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *,
         last_eval = validate(state["params"])
         seconds["validation"] += time.time() - t0
         writer.write(step, {**last_eval, "seconds": time.time() - t0}, prefix="eval/")
-        logging.info("step %d: validation Dice %.4f IoU %.4f", step, last_eval["val_dice"],
-                     last_eval["val_iou"])
+        logging.info(
+          "step %d: validation Dice %.4f IoU %.4f",
+          step,
+          last_eval["val_dice"],
+          last_eval["val_iou"],
+        )
       if do_ckpt:
         t0 = time.time()
         ckpt.save(step, state, recipe.data_iter, metrics=last_eval if do_eval else None)
@@ -432,12 +536,22 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.wait()
     writer.event(step, event="end", seconds={k: round(v, 3) for k, v in seconds.items()})
     writer.close()
-  summary.update(step=step, val=last_eval, best_step=ckpt.best_step(),
-                 latest_step=ckpt.latest_step(), seconds=seconds)
+  summary.update(
+    step=step,
+    val=last_eval,
+    best_step=ckpt.best_step(),
+    latest_step=ckpt.latest_step(),
+    seconds=seconds,
+  )
   ckpt.close()
-  logging.info("done: step %d, best checkpoint %s (validation Dice), last validation %s; wall "
-               "time of this run: %s", step, summary["best_step"], last_eval,
-               {k: round(v, 1) for k, v in seconds.items()})
+  logging.info(
+    "done: step %d, best checkpoint %s (validation Dice), last validation %s; wall "
+    "time of this run: %s",
+    step,
+    summary["best_step"],
+    last_eval,
+    {k: round(v, 1) for k, v in seconds.items()},
+  )
   return summary
 
 
@@ -446,51 +560,3 @@ def param_count(tree: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- entry point
-
-FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file, e.g. configs/gms.py:busi", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json")
-
-
-_USAGE = "--config NAME --workdir DIR [--config.key=value ...]"
-
-
-def main(argv: list[str] | None = None) -> int:
-  """absl entry point: ``argv[0]`` is the program name, the rest are flags. Errors are raised
-  (as :class:`gms_jax.errors.GmsError` where they are the user's to fix); ``gms_jax.cli`` prints
-  them as one line."""
-  argv = list(sys.argv if argv is None else argv)
-  if any(a in ("-h", "--help", "-help") for a in argv[1:]):
-    print(f"usage: {argv[0]} {_USAGE}\n\n"
-          "NAME: a dataset (sample, busi, bus-bra, ph2, drive, chase_db1, folder) with optional\n"
-          "modifiers, e.g. smoke | busi,taef2 | ph2,bf16 (see configs/gms.py). Training resumes\n"
-          "from the latest checkpoint in DIR when DIR holds a run of the same config (a different\n"
-          "model, data or schedule is refused); DIR/metrics.jsonl, DIR/tensorboard, DIR/config.json.")
-    return 0
-  argv = configuration.resolve_config_argv(argv)
-  try:
-    extra = FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except  (absl/ml_collections raise many types)
-    raise configuration.flag_error(argv, e, f"usage: gms-jax train {_USAGE}") from None
-  if len(extra) > 1:
-    raise errors.UsageError(f"unexpected arguments {extra[1:]}; usage: {_USAGE}")
-  if _CONFIG.value is None or not _WORKDIR.value:
-    raise errors.UsageError(f"--config and --workdir are required; usage: {_USAGE}")
-  config = _CONFIG.value
-  configuration.validate(config)  # before any logging or work (again with devices in training)
-  check_workdir(config, os.path.abspath(_WORKDIR.value))
-  logging.use_absl_handler()
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.INFO)
-  quiet_library_logs()
-  parallel.initialize_distributed(config.distributed)
-  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
-               jax.local_devices())
-  train_and_evaluate(config, _WORKDIR.value)
-  return 0
-
-
-if __name__ == "__main__":
-  from gms_jax import cli  # pylint: disable=import-outside-toplevel
-  sys.exit(cli.main(["train"] + sys.argv[1:]))

@@ -21,32 +21,49 @@ import _train_helpers as H  # noqa: E402
 
 
 def manifest_for(spec: dict, source, tok):
-  from gms_jax import bank as bank_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax import bank as bank_lib
+
   s = int(spec["image_size"])
   f = tok.downsample
   return bank_lib.make_manifest(
-      tokenizer={"name": "sd-vae", "path": "", "family": tok.family,
-                 "latent_channels": tok.latent_channels,
-                 "params_sha256": bank_lib.params_sha256(tok.params)},
-      precision="float32", image_size=s, source=source, seed=int(spec["seed"]),
-      num_views=int(spec["num_views"]), shard_size=int(spec["shard_size"]),
-      has_std=tok.has_posterior, latent_shape=(s // f, s // f, tok.latent_channels),
-      extras=tuple(spec.get("extras", ())))
+    tokenizer={
+      "name": "sd-vae",
+      "path": "",
+      "family": tok.family,
+      "latent_channels": tok.latent_channels,
+      "params_sha256": bank_lib.params_sha256(tok.params),
+    },
+    precision="float32",
+    image_size=s,
+    source=source,
+    seed=int(spec["seed"]),
+    num_views=int(spec["num_views"]),
+    shard_size=int(spec["shard_size"]),
+    has_std=tok.has_posterior,
+    latent_shape=(s // f, s // f, tok.latent_channels),
+    extras=tuple(spec.get("extras", ())),
+  )
 
 
 def build(spec: dict):
-  import jax  # pylint: disable=import-outside-toplevel
-  from gms_jax import bank as bank_lib  # pylint: disable=import-outside-toplevel
-  from gms_jax import recipes  # pylint: disable=import-outside-toplevel
-  from gms_jax.data import builder  # pylint: disable=import-outside-toplevel
+  import jax
+
+  from gms_jax import bank as bank_lib
+  from gms_jax import recipes
+  from gms_jax.data import builder
+
   source = builder.prepare({"name": "sample", "tfds_dir": spec["tfds_dir"]})["train"]
   tok = H.tiny_tokenizer(int(spec.get("tokenizer_seed", 0)))
   manifest = bank_lib.prepare_manifest(spec["bank_dir"], manifest_for(spec, source, tok))
-  return bank_lib.build(spec["bank_dir"], source, manifest,
-                        recipes.make_encode_fn(tok, jax.local_devices()[:1]),
-                        encode_batch_size=int(spec.get("encode_batch_size", 8)),
-                        process_index=int(spec.get("process_index", 0)),
-                        process_count=int(spec.get("process_count", 1)))
+  return bank_lib.build(
+    spec["bank_dir"],
+    source,
+    manifest,
+    recipes.make_encode_fn(tok, jax.local_devices()[:1]),
+    encode_batch_size=int(spec.get("encode_batch_size", 8)),
+    process_index=int(spec.get("process_index", 0)),
+    process_count=int(spec.get("process_count", 1)),
+  )
 
 
 def _main(spec_path: str) -> int:
@@ -54,7 +71,8 @@ def _main(spec_path: str) -> int:
   sys.modules.setdefault("torch", None)
   kill = spec.get("kill_at_save")
   if kill is not None:
-    import numpy as np  # pylint: disable=import-outside-toplevel
+    import numpy as np
+
     original, calls = np.save, []
 
     def save_then_die(*args, **kwargs):

@@ -70,11 +70,12 @@ def tiny_tokenizer(seed: int = 0):
 
   Filled from numpy rather than initialised by jax: no compilation, identical in every process.
   """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
-  from gms_jax.convert import core  # pylint: disable=import-outside-toplevel
-  # pylint: disable-next=import-outside-toplevel
+  from flax import nnx
+
+  from gms_jax import tokenizers
+  from gms_jax.convert import core
   from gms_jax.models.sd_vae import AutoencoderKL, AutoencoderKLConfig
+
   cfg = AutoencoderKLConfig.tiny()
   abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
   shapes = core.flat_shapes(nnx.state(abstract, nnx.Param))
@@ -106,11 +107,15 @@ def train_losses(workdir) -> dict[int, float]:
 
 
 def params_at(workdir, which="latest") -> tuple[dict[str, np.ndarray], int]:
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gms_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  mapper, _, step = checkpoint.restore_mapper(str(workdir), which)
-  flat = {"/".join(map(str, k)): np.asarray(v.get_value())
-          for k, v in nnx.to_flat_state(nnx.state(mapper, nnx.Param))}
+  from flax import nnx
+
+  from gms_jax import run_metadata
+
+  mapper, _, step = run_metadata.restore_mapper(str(workdir), which)
+  flat = {
+    "/".join(map(str, k)): np.asarray(v.get_value())
+    for k, v in nnx.to_flat_state(nnx.state(mapper, nnx.Param))
+  }
   return flat, step
 
 
@@ -132,8 +137,13 @@ def subprocess_env(cache_dir: str | None = None, n_devices: int | None = None) -
 
 def launch(spec: dict, spec_path, *, env: dict) -> subprocess.Popen:
   Path(spec_path).write_text(json.dumps(spec))
-  return subprocess.Popen([sys.executable, str(HELPER), str(spec_path)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, str(HELPER), str(spec_path)],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def run(spec: dict, spec_path, *, env: dict, timeout: float = 300) -> tuple[int, str]:
@@ -153,10 +163,12 @@ def run(spec: dict, spec_path, *, env: dict, timeout: float = 300) -> tuple[int,
 def _main(spec_path: str) -> int:
   spec = json.loads(Path(spec_path).read_text())
   sys.modules.setdefault("torch", None)  # not needed here; tensorboardX would import it (~2 s)
-  import jax  # pylint: disable=import-outside-toplevel
-  from absl import logging  # pylint: disable=import-outside-toplevel
-  from gms_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from gms_jax import parallel, train  # pylint: disable=import-outside-toplevel
+  import jax
+  from absl import logging
+
+  from gms_jax import checkpoint as ckpt_lib
+  from gms_jax import parallel, train
+
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
   train.quiet_library_logs()
@@ -203,15 +215,25 @@ def _main(spec_path: str) -> int:
     summaries[str(n)] = {k: v for k, v in s.items() if k != "losses"}
   if spec.get("out"):
     Path(spec["out"]).write_text(json.dumps(summaries))
-  print("PROCESS", jax.process_index(), "OF", jax.process_count(), "DONE", json.dumps(summaries),
-        flush=True)
+  print(
+    "PROCESS",
+    jax.process_index(),
+    "OF",
+    jax.process_count(),
+    "DONE",
+    json.dumps(summaries),
+    flush=True,
+  )
   return 0
 
 
 def _compile_only(spec: dict, config, tok) -> int:
-  import re  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from gms_jax import parallel, step  # pylint: disable=import-outside-toplevel
+  import re
+
+  import jax
+
+  from gms_jax import parallel, step
+
   n = (spec.get("devices") or [jax.device_count()])[0]
   built = step.build(config, parallel.make_mesh(jax.devices()[:n]), tokenizer=tok)
   size = built.image_size
@@ -219,15 +241,26 @@ def _compile_only(spec: dict, config, tok) -> int:
   steps = {}
   for name in built.step_names:
     hlo = built.lower_train(name).compile().as_text()
-    steps[name] = {"collectives": step.collective_counts(hlo),
-                   "full_resolution_arrays": len(full_res.findall(hlo))}
+    steps[name] = {
+      "collectives": step.collective_counts(hlo),
+      "full_resolution_arrays": len(full_res.findall(hlo)),
+    }
   predict_hlo = built.lower_predict(built.global_batch_size).compile().as_text()
-  Path(spec["out"]).write_text(json.dumps({
-      "devices": n, "platform": built.platform, "recipe": built.recipe,
-      "global_batch": built.global_batch_size, "peak_lr": built.peak_lr,
-      "loss": {k: v for k, v in built.loss_kw.items() if k.startswith("batch_")},
-      "steps": steps, "train": steps[built.step_names[0]]["collectives"],
-      "predict": step.collective_counts(predict_hlo)}))
+  Path(spec["out"]).write_text(
+    json.dumps(
+      {
+        "devices": n,
+        "platform": built.platform,
+        "recipe": built.recipe,
+        "global_batch": built.global_batch_size,
+        "peak_lr": built.peak_lr,
+        "loss": {k: v for k, v in built.loss_kw.items() if k.startswith("batch_")},
+        "steps": steps,
+        "train": steps[built.step_names[0]]["collectives"],
+        "predict": step.collective_counts(predict_hlo),
+      }
+    )
+  )
   return 0
 
 

@@ -33,8 +33,14 @@ def cli_env(**extra) -> dict:
 
 
 def run_cli(*args, timeout: float = 600, **env) -> subprocess.CompletedProcess:
-  return subprocess.run(gms_jax_command() + [str(a) for a in args], env=cli_env(**env),
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return subprocess.run(
+    gms_jax_command() + [str(a) for a in args],
+    env=cli_env(**env),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +48,22 @@ def smoke_run(tmp_path_factory):
   """``gms-jax train --config configs/gms.py:smoke`` once per session (stderr is not a TTY).
 
   Returns ``(workdir, tfds_dir, completed_process)``; tests must not modify the workdir."""
-  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
+  from gms_jax import tokenizers
+
   try:
     tokenizers.packaged_path("taef2")
   except FileNotFoundError as e:
     pytest.skip(f"packaged TAEF2 weights missing: {e}")
   root = tmp_path_factory.mktemp("smoke")
   workdir, tfds = root / "smoke", root / "tfds"
-  p = run_cli("train", "--config", f"{REPO / 'configs' / 'gms.py'}:smoke", "--workdir", workdir,
-              f"--config.data.tfds_dir={tfds}", timeout=600)
+  p = run_cli(
+    "train",
+    "--config",
+    f"{REPO / 'configs' / 'gms.py'}:smoke",
+    "--workdir",
+    workdir,
+    f"--config.data.tfds_dir={tfds}",
+    timeout=600,
+  )
   assert p.returncode == 0, p.stderr[-6000:]
   return workdir, str(tfds), p

@@ -12,14 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _bank_helpers as BH
+import _train_helpers as H
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import _bank_helpers as BH
-import _train_helpers as H
 from gms_jax import bank as bank_lib
 from gms_jax import loss as loss_lib
 from gms_jax.models.latent_mapper import MapperConfig, ResAttnUNet_DS
@@ -34,8 +34,15 @@ def dirs(tmp_path_factory):
 
 
 def _spec(dirs, name, **kw):
-  spec = {"tfds_dir": dirs["tfds"], "bank_dir": str(dirs["root"] / name), "seed": 7,
-          "num_views": K, "shard_size": SHARD, "image_size": S, "tokenizer_seed": 0}
+  spec = {
+    "tfds_dir": dirs["tfds"],
+    "bank_dir": str(dirs["root"] / name),
+    "seed": 7,
+    "num_views": K,
+    "shard_size": SHARD,
+    "image_size": S,
+    "tokenizer_seed": 0,
+  }
   spec.update(kw)
   return spec
 
@@ -45,8 +52,14 @@ def _build_subprocess(dirs, spec, timeout=300):
   path.write_text(json.dumps(spec))
   env = H.subprocess_env(dirs["cache"])
   env["PYTHONPATH"] = f"{H.REPO / 'tests'}:{env['PYTHONPATH']}"
-  p = subprocess.run([sys.executable, str(H.REPO / "tests" / "_bank_helpers.py"), str(path)],
-                     env=env, capture_output=True, text=True, timeout=timeout, check=False)
+  p = subprocess.run(
+    [sys.executable, str(H.REPO / "tests" / "_bank_helpers.py"), str(path)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
   return p.returncode, p.stdout + p.stderr
 
 
@@ -66,7 +79,8 @@ def reference(dirs):
 
 @pytest.fixture(scope="module")
 def source(dirs, reference):
-  from gms_jax.data import builder  # pylint: disable=import-outside-toplevel
+  from gms_jax.data import builder
+
   return builder.prepare({"name": "sample", "tfds_dir": dirs["tfds"]})["train"]
 
 
@@ -87,17 +101,18 @@ def test_bank_layout_and_manifest(reference, source):
   for key in ("z_image", "std_image", "z_mask"):
     np.testing.assert_array_equal(got[key], arrays[key][views * n + records])
   np.testing.assert_array_equal(
-      got["mask"], bank_lib.unpack_masks(arrays["mask_bits"][views * n + records], S))
+    got["mask"], bank_lib.unpack_masks(arrays["mask_bits"][views * n + records], S)
+  )
 
 
 def _view(source, seed, i, k, extras=()):
   """View k of record i written out from the definition: the SPEC §3 Augmenter (with the
   optional extras) drawing from default_rng(SeedSequence([seed, i, k]))."""
-  from gms_jax.data import augment  # pylint: disable=import-outside-toplevel
+  from gms_jax.data import augment
+
   rec = source[i]
   rng = np.random.default_rng(np.random.SeedSequence([seed, i, k]))
-  return augment.Augmenter(S, augment=True, extras=extras)(
-      rec["image"], rec["mask"], rng)
+  return augment.Augmenter(S, augment=True, extras=extras)(rec["image"], rec["mask"], rng)
 
 
 def test_views_reproducible_and_seeded(dirs, reference, source):
@@ -159,9 +174,15 @@ def test_two_processes_build_their_shares_of_the_same_bank(dirs, reference):
     spec = _spec(dirs, "pod", process_index=i, process_count=2)
     path = dirs["root"] / f"pod{i}.json"
     path.write_text(json.dumps(spec))
-    procs.append(subprocess.Popen([sys.executable, str(H.REPO / "tests" / "_bank_helpers.py"),
-                                   str(path)], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, str(H.REPO / "tests" / "_bank_helpers.py"), str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
   assert all('"built": 4' in o for o in outs), outs  # 8 shards, 4 each
@@ -176,11 +197,11 @@ def test_mismatched_bank_refused_with_one_line(dirs, reference, source):
   good = BH.manifest_for(_spec(dirs, "x"), source, tok)
   bank_lib.prepare_manifest(reference, good, write=False)  # the same run: accepted
   cases = {
-      "tokenizer.params_sha256": BH.manifest_for(_spec(dirs, "x"), source, H.tiny_tokenizer(1)),
-      "image_size": dict(good, image_size=32),
-      "split.names_sha256": dict(good, split=dict(good["split"], names_sha256="0" * 64)),
-      "seed": dict(good, seed=8),
-      "augmentation": BH.manifest_for(_spec(dirs, "x", extras=["intensity"]), source, tok),
+    "tokenizer.params_sha256": BH.manifest_for(_spec(dirs, "x"), source, H.tiny_tokenizer(1)),
+    "image_size": dict(good, image_size=32),
+    "split.names_sha256": dict(good, split=dict(good["split"], names_sha256="0" * 64)),
+    "seed": dict(good, seed=8),
+    "augmentation": BH.manifest_for(_spec(dirs, "x", extras=["intensity"]), source, tok),
   }
   scanner = BH.manifest_for(_spec(dirs, "x", extras=["intensity", "scanner"]), source, tok)
   for key, expected in [*cases.items(), ("augmentation", scanner)]:
@@ -189,7 +210,8 @@ def test_mismatched_bank_refused_with_one_line(dirs, reference, source):
     msg = str(e.value)
     assert "\n" not in msg and key in msg and str(Path(reference) / "manifest.json") in msg, msg
   # a folder that is not a bank (here: shards whose manifest is gone) is never written into
-  from gms_jax import errors  # pylint: disable=import-outside-toplevel
+  from gms_jax import errors
+
   orphan = Path(reference).parent / "orphan"
   (orphan / "shards").mkdir(parents=True)
   with pytest.raises(errors.OutputError, match="not a latent bank"):
@@ -205,25 +227,27 @@ def test_intensity_bank_holds_the_intensity_views(dirs, reference, source, scann
   """bank.intensity_augment (and bank.scanner_augment): the manifest names them, and view k of
   image i is the encoding of the Augmenter(extras=("intensity", ["scanner"])) view drawn from
   (seed, i, k), not the SPEC §3 one."""
-  from gms_jax import recipes  # pylint: disable=import-outside-toplevel
+  from gms_jax import recipes
+
   extras = ["intensity", "scanner"] if scanner else ["intensity"]
   spec = _spec(dirs, "-".join(extras), extras=extras)
   rc, out = _build_subprocess(dirs, spec)
   assert rc == 0, out[-4000:]
   b, a = _arrays(spec["bank_dir"])
   # the manifest strings of banks built before the extras were a tuple (format kept)
-  assert b.manifest["augmentation"] == ("spec3-albumentations-v1+intensity-v1"
-                                        + ("+scanner-v1" if scanner else ""))
+  assert b.manifest["augmentation"] == (
+    "spec3-albumentations-v1+intensity-v1" + ("+scanner-v1" if scanner else "")
+  )
   assert bank_lib.augmentation_extras(b.manifest["augmentation"]) == tuple(extras)
   assert bank_lib.Bank(reference).manifest["augmentation"] == "spec3-albumentations-v1"
   n = len(source)
   entries = [(0, 0), (5, 1), (n - 1, 1), (12, 0)]
-  imgs, masks = zip(*[_view(source, 7, i, k, extras=extras)
-                      for i, k in entries])
+  imgs, masks = zip(*[_view(source, 7, i, k, extras=extras) for i, k in entries])
   plain = [_view(source, 7, i, k)[0] for i, k in entries]
   assert any(not np.allclose(x, y) for x, y in zip(imgs, plain))
   enc = recipes.make_encode_fn(H.tiny_tokenizer(0), jax.local_devices()[:1])(
-      np.stack(imgs), np.stack(masks))
+    np.stack(imgs), np.stack(masks)
+  )
   rows = [k * n + i for i, k in entries]
   for key in ("z_image", "std_image", "z_mask"):
     np.testing.assert_allclose(a[key][rows], enc[key], rtol=0, atol=1e-5, err_msg=key)
@@ -248,21 +272,24 @@ def test_banked_loss_equals_exact_loss_on_the_same_views(reference, source):
 
   @jax.jit
   def both(params, tp, images, masks, batch, apply):
-    exact = loss_lib.gms_loss(graphdef, params, tok, tp, images, masks, apply_noise=apply,
-                              eps=eps)
-    banked = loss_lib.banked_loss(graphdef, params, tok, tp, batch, apply_noise=apply, eps=eps,
-                                  dice_weight=1.0)
+    exact = loss_lib.gms_loss(graphdef, params, tok, tp, images, masks, apply_noise=apply, eps=eps)
+    banked = loss_lib.banked_loss(
+      graphdef, params, tok, tp, batch, apply_noise=apply, eps=eps, dice_weight=1.0
+    )
     rec_only = loss_lib.banked_loss(graphdef, params, tok, tp, batch, apply_noise=apply, eps=eps)
     return exact, banked, rec_only
 
   batch = b.gather(views, records, masks=True)
   np.testing.assert_array_equal(batch["mask"], masks)
   for apply in (True, False):
-    (l_ex, t_ex), (l_b, t_b), (l_r, t_r) = both(params, tok.params, images, masks, batch,
-                                                jnp.asarray(apply))
-    print(f"\n[banked noise={apply}] exact rec {float(t_ex['rec']):.7f} dice "
-          f"{float(t_ex['dice']):.7f}; banked rec {float(t_b['rec']):.7f} dice "
-          f"{float(t_b['dice']):.7f}")
+    (l_ex, t_ex), (l_b, t_b), (l_r, t_r) = both(
+      params, tok.params, images, masks, batch, jnp.asarray(apply)
+    )
+    print(
+      f"\n[banked noise={apply}] exact rec {float(t_ex['rec']):.7f} dice "
+      f"{float(t_ex['dice']):.7f}; banked rec {float(t_b['rec']):.7f} dice "
+      f"{float(t_b['dice']):.7f}"
+    )
     assert float(t_ex["rec"]) > 1e-3
     assert abs(float(t_r["rec"]) - float(t_ex["rec"])) <= 1e-5
     assert float(l_r) == pytest.approx(float(t_r["rec"]), abs=1e-7)  # phase 1: latent term only

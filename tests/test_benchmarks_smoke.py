@@ -21,9 +21,15 @@ TIMEOUT_S = 600  # a loaded 2-core CI machine; a quiet one needs well under a mi
 
 def _run(script: str, out: Path, *extra: str) -> dict:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--out",
-                         str(out), *extra], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=TIMEOUT_S, check=False)
+  proc = subprocess.run(
+    [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--out", str(out), *extra],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+    check=False,
+  )
   assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
   assert "|" in proc.stdout  # printed a table
   return json.loads(out.read_text())
@@ -42,11 +48,23 @@ def test_train_step_quick(tmp_path):
   _check_machine(d, "train_step")
   recs = d["records"]
   assert {(r["framework"], r["tokenizer"], r["variant"]) for r in recs} == {
-      ("jax", "sd-vae", "no-remat"), ("torch", "sd-vae", "no-remat")}
+    ("jax", "sd-vae", "no-remat"),
+    ("torch", "sd-vae", "no-remat"),
+  }
   for r in recs:
     assert "error" not in r, r.get("error")
-    for key in ("median_s", "min_s", "max_s", "iqr_s", "times_s", "images_per_s",
-                "step_peak_rss_bytes", "ru_maxrss_bytes", "check_loss", "last_loss"):
+    for key in (
+      "median_s",
+      "min_s",
+      "max_s",
+      "iqr_s",
+      "times_s",
+      "images_per_s",
+      "step_peak_rss_bytes",
+      "ru_maxrss_bytes",
+      "check_loss",
+      "last_loss",
+    ):
       assert key in r, key
     assert r["median_s"] > 0 and r["step_peak_rss_bytes"] > 0
     # two rounds of one repeat each, pooled
@@ -63,7 +81,10 @@ def test_inference_quick(tmp_path):
   d = _run("inference.py", tmp_path / "inference.json")
   _check_machine(d, "inference")
   recs = d["records"]
-  assert {(r["framework"], r["tokenizer"]) for r in recs} == {("jax", "sd-vae"), ("torch", "sd-vae")}
+  assert {(r["framework"], r["tokenizer"]) for r in recs} == {
+    ("jax", "sd-vae"),
+    ("torch", "sd-vae"),
+  }
   for r in recs:
     assert "error" not in r, r.get("error")
     assert r["best"]["images_per_s"] > 0 and r["batch1"]["batch"] == 1

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO, run_cli
+from PIL import Image
 
 SMOKE = f"{REPO / 'configs' / 'gms.py'}:smoke"
 SAMPLE_IMAGES = sorted((REPO / "data" / "sample" / "images").iterdir())
@@ -99,22 +98,34 @@ def test_evaluate_replaces_only_its_own_output(smoke_run, tmp_path):
 def test_evaluate_bad_arguments_are_one_line_and_leave_nothing(smoke_run, tmp_path):
   workdir, _, _ = smoke_run
   out = tmp_path / "ev"
-  error_line(run_cli("evaluate", "--workdir", workdir, "--out", out, "--batch-size", "0"),
-             code=2, names=("--batch-size",))
-  error_line(run_cli("evaluate", "--workdir", workdir, "--out", out, "--checkpoint", "foo"),
-             code=2, names=("--checkpoint", "'foo'"))
-  error_line(run_cli("evaluate", "--workdir", workdir, "--out", out, "--split", "bogus"),
-             code=2, names=("--split",))
+  error_line(
+    run_cli("evaluate", "--workdir", workdir, "--out", out, "--batch-size", "0"),
+    code=2,
+    names=("--batch-size",),
+  )
+  error_line(
+    run_cli("evaluate", "--workdir", workdir, "--out", out, "--checkpoint", "foo"),
+    code=2,
+    names=("--checkpoint", "'foo'"),
+  )
+  error_line(
+    run_cli("evaluate", "--workdir", workdir, "--out", out, "--split", "bogus"),
+    code=2,
+    names=("--split",),
+  )
   assert os.listdir(tmp_path) == []  # no <out>, no <out>.tmp
   empty = tmp_path / "empty"
   empty.mkdir()
-  error_line(run_cli("evaluate", "--workdir", tmp_path / "missing"), code=2,
-             names=(str(tmp_path / "missing"), "no such folder"))
-  error_line(run_cli("evaluate", "--workdir", empty), code=2,
-             names=(str(empty), "not a gms-jax workdir"))
+  error_line(
+    run_cli("evaluate", "--workdir", tmp_path / "missing"),
+    code=2,
+    names=(str(tmp_path / "missing"), "no such folder"),
+  )
+  error_line(
+    run_cli("evaluate", "--workdir", empty), code=2, names=(str(empty), "not a gms-jax workdir")
+  )
   (empty / "config.json").write_text("{}")
-  error_line(run_cli("evaluate", "--workdir", empty), code=2,
-             names=(str(empty), "no checkpoint"))
+  error_line(run_cli("evaluate", "--workdir", empty), code=2, names=(str(empty), "no checkpoint"))
   assert os.listdir(empty) == ["config.json"]
 
 
@@ -186,30 +197,46 @@ def test_one_bad_image_costs_only_itself(smoke_run, images, tmp_path):
 def test_predict_bad_arguments(smoke_run, images, tmp_path):
   workdir, _, _ = smoke_run
   out = tmp_path / "out"
-  error_line(run_cli("predict", "--workdir", workdir, images, "--out", out, "--checkpoint", "foo"),
-             code=2, names=("--checkpoint", "'foo'"))
-  error_line(run_cli("predict", "--workdir", workdir, tmp_path / "nope.png", "--out", out),
-             code=2, names=("nope.png", "no such file"))
-  error_line(run_cli("predict", "--workdir", tmp_path / "nowork", images, "--out", out),
-             code=2, names=("nowork", "no such folder"))
-  error_line(run_cli("predict", "--workdir", workdir, images, "--out", out, "--batch-size", "0"),
-             code=2, names=("--batch-size",))
+  error_line(
+    run_cli("predict", "--workdir", workdir, images, "--out", out, "--checkpoint", "foo"),
+    code=2,
+    names=("--checkpoint", "'foo'"),
+  )
+  error_line(
+    run_cli("predict", "--workdir", workdir, tmp_path / "nope.png", "--out", out),
+    code=2,
+    names=("nope.png", "no such file"),
+  )
+  error_line(
+    run_cli("predict", "--workdir", tmp_path / "nowork", images, "--out", out),
+    code=2,
+    names=("nowork", "no such folder"),
+  )
+  error_line(
+    run_cli("predict", "--workdir", workdir, images, "--out", out, "--batch-size", "0"),
+    code=2,
+    names=("--batch-size",),
+  )
   assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- 4. train workdirs
 
 
-@pytest.mark.parametrize("overrides,keys", [
+@pytest.mark.parametrize(
+  "overrides,keys",
+  [
     (["--config.data.image_size=64"], ["data.image_size: 32 -> 64"]),
     (["--config.mapper.ch=16"], ["mapper.ch: 32 -> 16"]),
     (["--config.num_epochs=20", "--config.seed=1"], ["num_epochs: 10 -> 20", "seed: 2333 -> 1"]),
-])
+  ],
+)
 def test_train_refuses_a_workdir_of_another_config(smoke_run, overrides, keys):
   workdir, tfds, _ = smoke_run
   before = snapshot(workdir)
-  p = run_cli("train", "--config", SMOKE, "--workdir", workdir, f"--config.data.tfds_dir={tfds}",
-              *overrides)
+  p = run_cli(
+    "train", "--config", SMOKE, "--workdir", workdir, f"--config.data.tfds_dir={tfds}", *overrides
+  )
   error_line(p, code=2, names=(str(workdir), "another config", *keys))
   assert snapshot(workdir) == before
 
@@ -221,8 +248,16 @@ def test_train_resume_allows_harmless_keys(smoke_run, tmp_path):
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
   before = snapshot(copy / "checkpoints", copy / "config.json")
-  p = run_cli("train", "--config", SMOKE, "--workdir", copy, f"--config.data.tfds_dir={tfds}",
-              "--config.log_every_steps=1", "--config.data.worker_count=0")
+  p = run_cli(
+    "train",
+    "--config",
+    SMOKE,
+    "--workdir",
+    copy,
+    f"--config.data.tfds_dir={tfds}",
+    "--config.log_every_steps=1",
+    "--config.data.worker_count=0",
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert "resumed from step 30" in p.stderr
   assert snapshot(copy / "checkpoints", copy / "config.json") == before
@@ -241,14 +276,22 @@ def test_failed_train_leaves_no_workdir(tmp_path):
   """A truncated weights file fails before the first step: one error line (not two), and the
   workdir is gone (new) or as it was (empty)."""
   trunc = tmp_path / "vae.safetensors"
-  from gms_jax import tokenizers  # pylint: disable=import-outside-toplevel
+  from gms_jax import tokenizers
+
   trunc.write_bytes(Path(tokenizers.packaged_path("taef2")).read_bytes()[:1000])
   empty = tmp_path / "empty"
   empty.mkdir()
   for workdir in (tmp_path / "new", empty):
-    p = run_cli("train", "--config", SMOKE, "--workdir", workdir,
-                "--config.tokenizer.name=sd-vae", f"--config.tokenizer.path={trunc}",
-                f"--config.data.tfds_dir={tmp_path / 'tfds'}")
+    p = run_cli(
+      "train",
+      "--config",
+      SMOKE,
+      "--workdir",
+      workdir,
+      "--config.tokenizer.name=sd-vae",
+      f"--config.tokenizer.path={trunc}",
+      f"--config.data.tfds_dir={tmp_path / 'tfds'}",
+    )
     error_line(p, code=2, names=("config.tokenizer.path", str(trunc)), only_line=False)
   assert not (tmp_path / "new").exists()
   assert os.listdir(empty) == []
@@ -257,7 +300,8 @@ def test_failed_train_leaves_no_workdir(tmp_path):
 def test_release_workdir_removes_only_what_a_run_writes(tmp_path):
   """A run that fails before its first step removes its own entries and nothing else: a file
   that appeared meanwhile survives byte-identical, in a created folder and in a pre-existing one."""
-  from gms_jax import train  # pylint: disable=import-outside-toplevel
+  from gms_jax import train
+
   for name, created in (("created", True), ("existing", False)):
     workdir = tmp_path / name
     (workdir / "checkpoints" / "0").mkdir(parents=True)
@@ -278,7 +322,9 @@ def test_release_workdir_removes_only_what_a_run_writes(tmp_path):
 # ----------------------------------------------------------------------------- 7. config errors
 
 
-@pytest.mark.parametrize("args,names", [
+@pytest.mark.parametrize(
+  "args,names",
+  [
     (["--config.precision=float16"], ["config.precision", "float16"]),
     (["--config.batch_size=0"], ["config.batch_size"]),
     (["--config.data.image_size=30"], ["config.data.image_size", "multiple of 8"]),
@@ -289,23 +335,37 @@ def test_release_workdir_removes_only_what_a_run_writes(tmp_path):
     (["--config.batch_size=abc"], ["batch_size", "abc"]),
     (["--config.optimizer.learning_rate=-1"], ["config.optimizer.learning_rate"]),
     (["--config.loss.noise_prob=2"], ["config.loss.noise_prob"]),
-])
+  ],
+)
 def test_train_config_errors_are_one_line_before_any_work(tmp_path, args, names):
   workdir = tmp_path / "w"
-  p = run_cli("train", "--config", SMOKE, "--workdir", workdir,
-              f"--config.data.tfds_dir={tmp_path / 'tfds'}", *args)
+  p = run_cli(
+    "train",
+    "--config",
+    SMOKE,
+    "--workdir",
+    workdir,
+    f"--config.data.tfds_dir={tmp_path / 'tfds'}",
+    *args,
+  )
   error_line(p, code=2, names=tuple(names))
   assert os.listdir(tmp_path) == []  # no workdir, no dataset build
 
 
 def test_unknown_config_name_and_missing_flags(tmp_path):
-  error_line(run_cli("train", "--config", f"{REPO / 'configs' / 'gms.py'}:bogus", "--workdir",
-                     tmp_path / "w"), code=2, names=("bogus", "unknown dataset"))
+  error_line(
+    run_cli(
+      "train", "--config", f"{REPO / 'configs' / 'gms.py'}:bogus", "--workdir", tmp_path / "w"
+    ),
+    code=2,
+    names=("bogus", "unknown dataset"),
+  )
   error_line(run_cli("train", "--config", SMOKE), code=2, names=("--workdir",))
   error_line(run_cli("nonsense"), code=2, names=("nonsense",))
   # --verbose brings the traceback back
-  p = run_cli("train", "--config", SMOKE, "--workdir", tmp_path / "w", "--config.batch_size=0",
-              "--verbose")
+  p = run_cli(
+    "train", "--config", SMOKE, "--workdir", tmp_path / "w", "--config.batch_size=0", "--verbose"
+  )
   assert p.returncode == 2 and "Traceback" in p.stderr
   assert os.listdir(tmp_path) == []
 
@@ -333,7 +393,8 @@ def test_convert_never_replaces_a_file_and_writes_with_the_umask(tmp_path):
   p = run_cli("convert", "--format", "ldm", tmp_path / "missing.ckpt", tmp_path / "new.safetensors")
   error_line(p, code=1, names=("missing.ckpt",))
   assert not (tmp_path / "new.safetensors").exists()
-  from gms_jax.convert import core  # pylint: disable=import-outside-toplevel
+  from gms_jax.convert import core
+
   path = tmp_path / "p.safetensors"
   core.save_params(str(path), {"a": np.zeros((2,), np.float32)}, family="mapper", config={})
   assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~0o022

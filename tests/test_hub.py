@@ -10,8 +10,8 @@ import os
 import sys
 
 import numpy as np
-from flax import nnx
 import pytest
+from flax import nnx
 
 from gms_jax import cli, errors, pretrained, tokenizers
 from gms_jax.convert import hub
@@ -25,8 +25,9 @@ huggingface_hub = pytest.importorskip("huggingface_hub")
 from gms_jax.testing import torch_refs  # noqa: E402  (needs torch)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-VAE_CFG = AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
-                              scaling_factor=0.13025)
+VAE_CFG = AutoencoderKLConfig(
+  block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, scaling_factor=0.13025
+)
 
 
 @pytest.fixture
@@ -56,7 +57,10 @@ def _umask():
 def test_parse():
   assert hub.parse("hf:stabilityai/sd-vae-ft-mse") == ("stabilityai/sd-vae-ft-mse", None, "")
   assert hub.parse("hf:stabilityai/stable-diffusion-2@v1.0/vae") == (
-      "stabilityai/stable-diffusion-2", "v1.0", "vae")
+    "stabilityai/stable-diffusion-2",
+    "v1.0",
+    "vae",
+  )
   assert hub.parse("hf:org/repo/sub/dir") == ("org/repo", None, "sub/dir")
   assert hub.family_of("hf:madebyollin/taesdxl") == "tae"
   with pytest.raises(errors.ConfigError, match="hf:OWNER/REPO"):
@@ -67,9 +71,13 @@ def test_diffusers_vae_in_a_subfolder(cache):
   torch.manual_seed(0)
   n = len(VAE_CFG.block_out_channels)
   vae = diffusers.AutoencoderKL(
-      down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-      block_out_channels=VAE_CFG.block_out_channels, layers_per_block=VAE_CFG.layers_per_block,
-      latent_channels=VAE_CFG.latent_channels, scaling_factor=VAE_CFG.scaling_factor)
+    down_block_types=("DownEncoderBlock2D",) * n,
+    up_block_types=("UpDecoderBlock2D",) * n,
+    block_out_channels=VAE_CFG.block_out_channels,
+    layers_per_block=VAE_CFG.layers_per_block,
+    latent_channels=VAE_CFG.latent_channels,
+    scaling_factor=VAE_CFG.scaling_factor,
+  )
   snap = _snapshot(cache, "someorg/tiny-sd")
   vae.save_pretrained(snap / "vae")
   want, _ = conv_sd.load_diffusers(str(snap / "vae"))
@@ -78,8 +86,9 @@ def test_diffusers_vae_in_a_subfolder(cache):
     tok = tokenizers.load("sd-vae", spec)
     assert tok.family == "sd-vae" and tok.scale == pytest.approx(0.13025)  # from config.json
     assert tok.config == VAE_CFG
-    got = {"/".join(map(str, k)): np.asarray(v.get_value())
-           for k, v in nnx.to_flat_state(tok.params)}
+    got = {
+      "/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(tok.params)
+    }
     assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
   converted = snap / "vae" / "gms_jax-sd-vae.safetensors"
   assert converted.is_file() and (os.stat(converted).st_mode & 0o777) == 0o666 & ~_umask()
@@ -101,8 +110,10 @@ def test_taesd_id_converts_once_then_needs_no_torch(cache, monkeypatch):
   tok = tokenizers.load("taesd", "hf:madebyollin/taesd")
   assert tok.family == "tae" and tok.latent_channels == 4 and tok.config == cfg
   assert (snap / "gms_jax-tae.safetensors").is_file()
-  flat = lambda t: {"/".join(map(str, k)): np.asarray(v.get_value())  # noqa: E731
-                    for k, v in nnx.to_flat_state(t.params)}
+  flat = lambda t: {
+    "/".join(map(str, k)): np.asarray(v.get_value())  # noqa: E731
+    for k, v in nnx.to_flat_state(t.params)
+  }
   assert all(np.array_equal(flat(tok)[k], want[k]) for k in want)
   monkeypatch.setitem(sys.modules, "torch", None)  # the second start reads the converted file
   again = tokenizers.load("taesd", "hf:madebyollin/taesd")
@@ -127,12 +138,22 @@ def test_offline_error_through_import_cli(cache, tmp_path, capsys):
   """What a user sees: `gms-jax import` with an hf: tokenizer that is not cached, offline."""
   model = torch_refs.ResAttnUNet_DS(4, 4, 16, (1, 2, 4, 4))
   mapper = str(tmp_path / "m.safetensors")
-  pretrained.save_official({k: v.detach().numpy() for k, v in model.state_dict().items()}, mapper,
-                           "safetensors")
+  pretrained.save_official(
+    {k: v.detach().numpy() for k, v in model.state_dict().items()}, mapper, "safetensors"
+  )
   config = os.path.join(os.path.dirname(__file__), "..", "configs", "gms.py")
-  rc = cli.main(["import",
-      "--config", f"{config}:sample", "--config.tokenizer.path=hf:stabilityai/sd-vae-ft-mse@main/vae",
-      "--mapper", mapper, "--workdir", str(tmp_path / "wd")])
+  rc = cli.main(
+    [
+      "import",
+      "--config",
+      f"{config}:sample",
+      "--config.tokenizer.path=hf:stabilityai/sd-vae-ft-mse@main/vae",
+      "--mapper",
+      mapper,
+      "--workdir",
+      str(tmp_path / "wd"),
+    ]
+  )
   err = capsys.readouterr().err.strip()
   assert rc == 2 and len(err.splitlines()) == 1, err
   assert "hf:stabilityai/sd-vae-ft-mse@main/vae" in err

@@ -34,8 +34,15 @@ def test_upsample2x_conv3x3_matches_upsample_then_conv(use_bias, hw):
 def test_upsample2x_conv3x3_is_exact_in_float64():
   """Only the order of additions differs: in float64 the two agree to rounding (~1e-15)."""
   with jax.enable_x64(True):
-    conv = nnx.Conv(3, 4, (3, 3), padding=((1, 1), (1, 1)), dtype=jnp.float64,
-                    param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    conv = nnx.Conv(
+      3,
+      4,
+      (3, 3),
+      padding=((1, 1), (1, 1)),
+      dtype=jnp.float64,
+      param_dtype=jnp.float64,
+      rngs=nnx.Rngs(0),
+    )
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 6, 5, 3), jnp.float64)
     err = float(jnp.max(jnp.abs(layers.upsample2x_conv3x3(conv, x) - _reference(conv, x))))
   assert err < 1e-12
@@ -46,5 +53,7 @@ def test_is_same_conv3x3():
   assert layers.is_same_conv3x3(nnx.Conv(2, 2, (3, 3), padding=((1, 1), (1, 1)), rngs=r))
   assert layers.is_same_conv3x3(nnx.Conv(2, 2, (3, 3), padding="SAME", rngs=r))
   assert not layers.is_same_conv3x3(nnx.Conv(2, 2, (3, 3), padding="VALID", rngs=r))
-  assert not layers.is_same_conv3x3(nnx.Conv(2, 2, (3, 3), strides=2, padding=((1, 1), (1, 1)), rngs=r))
+  assert not layers.is_same_conv3x3(
+    nnx.Conv(2, 2, (3, 3), strides=2, padding=((1, 1), (1, 1)), rngs=r)
+  )
   assert not layers.is_same_conv3x3(nnx.Conv(2, 2, (1, 1), rngs=r))

@@ -45,10 +45,16 @@ def _torch_models(seed=0):
   n = len(VAE.block_out_channels)
   torch.manual_seed(seed)
   vae = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-      up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=VAE.block_out_channels,
-      layers_per_block=VAE.layers_per_block, latent_channels=VAE.latent_channels,
-      norm_num_groups=VAE.norm_num_groups, scaling_factor=VAE.scaling_factor)
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * n,
+    up_block_types=("UpDecoderBlock2D",) * n,
+    block_out_channels=VAE.block_out_channels,
+    layers_per_block=VAE.layers_per_block,
+    latent_channels=VAE.latent_channels,
+    norm_num_groups=VAE.norm_num_groups,
+    scaling_factor=VAE.scaling_factor,
+  )
   with torch.no_grad():
     for name, p in vae.named_parameters():
       if name.endswith("bias"):
@@ -58,7 +64,8 @@ def _torch_models(seed=0):
       elif re.search(r"decoder\.conv_out\.weight", name):
         p.mul_(0.3)  # keep most decoded pixels inside (-1, 1): the clip is not everything
   mapper = torch_refs.randomize_(
-      torch_refs.ResAttnUNet_DS(in_channel=4, out_channels=4, ch=MAPPER.ch), seed=seed)
+    torch_refs.ResAttnUNet_DS(in_channel=4, out_channels=4, ch=MAPPER.ch), seed=seed
+  )
   with torch.no_grad():
     for name, p in mapper.named_parameters():
       if re.fullmatch(r"convds\d\.2\.weight", name):
@@ -114,23 +121,36 @@ def case():
   def jax_losses(params, tok_params, images, masks, apply, eps):
     kw = dict(apply_noise=apply, eps=eps)
     batched = loss_lib.gms_loss(graphdef, params, tok, tok_params, images, masks, **kw)
-    per_head = loss_lib.gms_loss(graphdef, params, tok, tok_params, images, masks,
-                                 batch_decode=False, batch_encode=False, **kw)
+    per_head = loss_lib.gms_loss(
+      graphdef, params, tok, tok_params, images, masks, batch_decode=False, batch_encode=False, **kw
+    )
     return batched, per_head  # per_head: also images and masks encoded in separate calls
 
-  return dict(vae=vae, mapper=mapper, tok=tok, params=nnx.to_pure_dict(state), images=images,
-              masks=masks, eps=eps, jax_losses=jax_losses)
+  return dict(
+    vae=vae,
+    mapper=mapper,
+    tok=tok,
+    params=nnx.to_pure_dict(state),
+    images=images,
+    masks=masks,
+    eps=eps,
+    jax_losses=jax_losses,
+  )
 
 
 @pytest.mark.parametrize("apply_noise", [False, True])
 def test_loss_matches_torch_reference(case, apply_noise):
   c = case
-  want, want_rec, want_dice = _torch_loss(c["vae"], c["mapper"], c["images"], c["masks"],
-                                          apply_noise, c["eps"])
-  (got, terms), (got_ph, _) = c["jax_losses"](c["params"], c["tok"].params, c["images"],
-                                              c["masks"], jnp.asarray(apply_noise), c["eps"])
-  print(f"\n[loss noise={apply_noise}] torch {want:.7f} (rec {want_rec:.6f}, dice {want_dice:.6f})"
-        f" jax {float(got):.7f} per-head {float(got_ph):.7f}")
+  want, want_rec, want_dice = _torch_loss(
+    c["vae"], c["mapper"], c["images"], c["masks"], apply_noise, c["eps"]
+  )
+  (got, terms), (got_ph, _) = c["jax_losses"](
+    c["params"], c["tok"].params, c["images"], c["masks"], jnp.asarray(apply_noise), c["eps"]
+  )
+  print(
+    f"\n[loss noise={apply_noise}] torch {want:.7f} (rec {want_rec:.6f}, dice {want_dice:.6f})"
+    f" jax {float(got):.7f} per-head {float(got_ph):.7f}"
+  )
   assert want_rec > 1e-3 and 0.05 < want_dice < 2.95  # neither term is trivial
   assert abs(float(terms["rec"]) - want_rec) <= 1e-5
   assert abs(float(terms["dice"]) - want_dice) <= 1e-5
@@ -141,15 +161,18 @@ def test_loss_matches_torch_reference(case, apply_noise):
 
 def test_noise_is_one_draw_per_batch():
   rng = jax.random.PRNGKey(0)
-  draws = [bool(loss_lib.sample_latent_noise(jax.random.fold_in(rng, i), (2, 2, 2, 4), 0.5)[0])
-           for i in range(64)]
+  draws = [
+    bool(loss_lib.sample_latent_noise(jax.random.fold_in(rng, i), (2, 2, 2, 4), 0.5)[0])
+    for i in range(64)
+  ]
   assert 16 < sum(draws) < 48  # p = 0.5, one Bernoulli per batch (a scalar)
   apply, eps = loss_lib.sample_latent_noise(rng, (2, 2, 2, 4), 0.5)
   assert apply.shape == () and eps.shape == (2, 2, 2, 4)
 
 
 def test_batch_decode_config_resolution():
-  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax import step as step_lib
+
   assert step_lib.resolve_batch_decode("auto", "cpu") is False
   assert step_lib.resolve_batch_decode("auto", "gpu") is True
   assert step_lib.resolve_batch_decode("auto", "tpu") is True
@@ -157,7 +180,8 @@ def test_batch_decode_config_resolution():
   assert step_lib.resolve_batch_decode(True, "cpu") is True
   with pytest.raises(ValueError, match="batch_decode"):
     step_lib.resolve_batch_decode("sometimes", "cpu")
-  from _train_helpers import load_config  # pylint: disable=import-outside-toplevel
+  from _train_helpers import load_config
+
   cfg = load_config("sample")
   assert cfg.loss.batch_decode == cfg.loss.batch_encode == "auto"
   kw = step_lib.loss_kwargs(cfg, "cpu")

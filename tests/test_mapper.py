@@ -12,8 +12,13 @@ from flax import nnx
 from gms_jax.convert import core
 from gms_jax.convert import mapper as conv
 from gms_jax.models import latent_mapper
-from gms_jax.models.latent_mapper import (Head, MapperConfig, ResBlock,
-                                         SpatialSelfAttention, num_params)
+from gms_jax.models.latent_mapper import (
+  Head,
+  MapperConfig,
+  ResBlock,
+  SpatialSelfAttention,
+  num_params,
+)
 
 torch = pytest.importorskip("torch")
 from gms_jax.testing import torch_refs  # noqa: E402  (needs torch)
@@ -60,10 +65,17 @@ def test_param_counts(torch_mapper):
 
 def test_official_keys_present(torch_mapper):
   keys = set(torch_mapper.state_dict())
-  for k in ("input_blocks.weight", "conv1_0.resblock.conv1.0.weight", "conv1_0.resblock.conv1.1.weight",
-            "conv1_0.resblock.act1.weight", "conv1_0.resblock.conv1.2.bias",
-            "conv2_0.resblock.skip_connection.weight", "conv1_0.attention.proj_out.weight",
-            "convds0.0.bias", "convds0.2.weight"):
+  for k in (
+    "input_blocks.weight",
+    "conv1_0.resblock.conv1.0.weight",
+    "conv1_0.resblock.conv1.1.weight",
+    "conv1_0.resblock.act1.weight",
+    "conv1_0.resblock.conv1.2.bias",
+    "conv2_0.resblock.skip_connection.weight",
+    "conv1_0.attention.proj_out.weight",
+    "convds0.0.bias",
+    "convds0.2.weight",
+  ):
     assert k in keys, k
   assert "conv1_0.resblock.skip_connection.weight" not in keys  # 32 -> 32: identity
 
@@ -94,8 +106,10 @@ def test_forward_matches_torch_float64(torch_mapper):
   with jax.enable_x64(True):
     model = _build({k: v.astype(np.float64) for k, v in flat.items()})
     out = nnx.jit(lambda m, z: m(z))(model, jnp.asarray(x))
-    errs = {k: float(np.max(np.abs(np.asarray(out[k]) - ref[k].permute(0, 2, 3, 1).numpy())))
-            for k in HEADS}
+    errs = {
+      k: float(np.max(np.abs(np.asarray(out[k]) - ref[k].permute(0, 2, 3, 1).numpy())))
+      for k in HEADS
+    }
   print(f"mapper float64 max errors: { {k: f'{e:.1e}' for k, e in errs.items()} }")
   assert out["out"].dtype == jnp.float64 and max(errs.values()) < 1e-10
 
@@ -105,9 +119,14 @@ def test_init_follows_spec():
 
   Checked on one residual block, one attention and one head (initialising the whole model costs compile time
   for nothing: every block is built by the same code)."""
-  rngs = nnx.Rngs(jax.random.key(0, impl="unsafe_rbg"))  # same law as threefry, far cheaper to compile
-  modules = {"resblock": ResBlock(256, 128, CFG, rngs=rngs),
-             "attention": SpatialSelfAttention(32, CFG, rngs=rngs), "convds0": Head(32, 4, CFG, rngs=rngs)}
+  rngs = nnx.Rngs(
+    jax.random.key(0, impl="unsafe_rbg")
+  )  # same law as threefry, far cheaper to compile
+  modules = {
+    "resblock": ResBlock(256, 128, CFG, rngs=rngs),
+    "attention": SpatialSelfAttention(32, CFG, rngs=rngs),
+    "convds0": Head(32, 4, CFG, rngs=rngs),
+  }
   flat = {f"{name}/{k}": v for name, m in modules.items() for k, v in core.model_to_flat(m).items()}
   k = flat["resblock/conv1/kernel"]  # (3,3,256,128): fan_out = 128*9
   assert k.shape == (3, 3, 256, 128)
@@ -128,7 +147,8 @@ def test_init_follows_spec():
 
 
 def test_cli_converter_and_data_parallel_prefix(torch_mapper, checkpoint):
-  from gms_jax.convert import convert  # pylint: disable=import-outside-toplevel
+  from gms_jax.convert import convert
+
   flat, family, config = convert("gms-mapper", checkpoint)
   assert family == "mapper" and MapperConfig.from_dict(config) == CFG
   wrapped = {f"module.{k}": v for k, v in _numpy_sd(torch_mapper).items()}

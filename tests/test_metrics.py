@@ -20,20 +20,22 @@ def test_dice_iou_hand_computed():
 def test_dice_iou_batched_and_zero_denominator():
   pred = np.zeros((3, 4, 4), bool)
   gt = np.zeros((3, 4, 4), bool)
-  pred[1, :2] = True              # prediction only: DSC = IoU = 0
+  pred[1, :2] = True  # prediction only: DSC = IoU = 0
   gt[2, 1:3, 1:3] = True
-  pred[2, 1:3, 1:3] = True        # perfect
+  pred[2, 1:3, 1:3] = True  # perfect
   d, i = metrics.dice_iou(pred, gt)
-  np.testing.assert_array_equal(d, [0.0, 0.0, 1.0])   # image 0: both empty -> 0 by SPEC §4
+  np.testing.assert_array_equal(d, [0.0, 0.0, 1.0])  # image 0: both empty -> 0 by SPEC §4
   np.testing.assert_array_equal(i, [0.0, 0.0, 1.0])
 
 
 def _brute_hd95(a, b):
   """Independent reference: explicit surfaces and all pairwise distances."""
+
   def surface(m):
     m = np.pad(m, 1)
     inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
     return np.argwhere(m[1:-1, 1:-1] & ~inner).astype(float)
+
   sa, sb = surface(a), surface(b)
   dist = np.sqrt(((sa[:, None, :] - sb[None, :, :]) ** 2).sum(-1))
   return np.percentile(np.concatenate([dist.min(1), dist.min(0)]), 95)
@@ -49,8 +51,8 @@ def test_hd95_concentric_disks_known_distance(d):
   gt = _disk(96, 20, 48, 48)
   pred = _disk(96, 20 + d, 48, 48)
   h = metrics.hd95(pred, gt)
-  assert abs(h - d) <= 1.0, h                         # geometry: the rings are d apart
-  assert h == pytest.approx(_brute_hd95(pred, gt))   # exact against brute force
+  assert abs(h - d) <= 1.0, h  # geometry: the rings are d apart
+  assert h == pytest.approx(_brute_hd95(pred, gt))  # exact against brute force
 
 
 def test_hd95_shifted_square_matches_brute_force():

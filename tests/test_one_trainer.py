@@ -19,15 +19,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import _train_helpers as H
+import pytest
 from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_before_one_trainer.json"
-MOVES_ACTIVATIONS = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter",
-                     "collective-broadcast", "ragged-all-to-all")
+MOVES_ACTIVATIONS = (
+  "all-gather",
+  "all-to-all",
+  "collective-permute",
+  "reduce-scatter",
+  "collective-broadcast",
+  "ragged-all-to-all",
+)
 
 
 # ----------------------------------------------------------------------------- preserved numbers
@@ -36,13 +41,22 @@ MOVES_ACTIVATIONS = ("all-gather", "all-to-all", "collective-permute", "reduce-s
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["exact", "fast"])
 def test_smoke_runs_match_the_numbers_before_one_trainer(recipe, tmp_path):
-  from gms_jax import run_metadata  # pylint: disable=import-outside-toplevel
+  from gms_jax import run_metadata
+
   fixture = json.loads(FIXTURE.read_text())
   cfg = "smoke" if recipe == "exact" else "smoke,fast"
   extra = [] if recipe == "exact" else ["--config.fast.dice_steps=3"]
   workdir = tmp_path / recipe
-  p = run_cli("train", "--config", f"{REPO / 'configs' / 'gms.py'}:{cfg}", "--workdir", workdir,
-              f"--config.data.tfds_dir={tmp_path / 'tfds'}", "--config.log_every_steps=1", *extra)
+  p = run_cli(
+    "train",
+    "--config",
+    f"{REPO / 'configs' / 'gms.py'}:{cfg}",
+    "--workdir",
+    workdir,
+    f"--config.data.tfds_dir={tmp_path / 'tfds'}",
+    "--config.log_every_steps=1",
+    *extra,
+  )
   assert p.returncode == 0, p.stderr[-4000:]
   rows = H.read_jsonl(workdir / "metrics.jsonl")
   losses = {str(r["step"]): r["train/loss"] for r in rows if "train/loss" in r}
@@ -93,11 +107,18 @@ print("MATRIX" + json.dumps(out))
 def _matrix(n_devices: int, tmp_path) -> dict:
   env = H.subprocess_env(n_devices=n_devices)
   env["PYTHONPATH"] = str(Path(__file__).parent) + ":" + env["PYTHONPATH"]
-  p = subprocess.run([sys.executable, "-c", _MATRIX_SCRIPT], env=env, capture_output=True,
-                     text=True, timeout=300, cwd=tmp_path, check=False)
+  p = subprocess.run(
+    [sys.executable, "-c", _MATRIX_SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=tmp_path,
+    check=False,
+  )
   assert p.returncode == 0, p.stderr[-4000:]
   line = [x for x in p.stdout.splitlines() if x.startswith("MATRIX")][-1]
-  return json.loads(line[len("MATRIX"):])
+  return json.loads(line[len("MATRIX") :])
 
 
 @pytest.mark.parametrize("n_devices", [1, 8])
@@ -116,8 +137,9 @@ def test_config_matrix_global_batch_lr_dtype_and_compiler_options(n_devices, tmp
       assert g["peak_lr"] == pytest.approx(want_lr, rel=1e-9), where
       assert ("bfloat16" in g["dtype"]) == (mod in ("accel", "bf16")), where
       # cpu_library_fusion="dot" reaches XLA's option on a CPU mesh
-      assert g["options"] == {"xla_cpu_experimental_ynn_fusion_type":
-                              "LIBRARY_FUSION_TYPE_DOT"}, where
+      assert g["options"] == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}, (
+        where
+      )
       # Warm-up from 0: per integer epoch (the first epoch at LR 0) unless stepwise (per step;
       # the fast recipe is stepwise). warmup_epochs = 5 at 10 steps per epoch.
       per_step = mod == "stepwise" or recipe == "fast"
@@ -137,29 +159,52 @@ def test_config_matrix_global_batch_lr_dtype_and_compiler_options(n_devices, tmp
 def test_fast_recipe_trains_at_per_device_batch_on_4_devices(tmp_path):
   """The measured failure: on 4 devices with per_device_batch_size=4 the fast recipe ran at the
   global batch 8 (9 steps for 3 epochs of 29 images); it must run at 16 (3 steps), LR by rule."""
-  spec = {"workdir": str(tmp_path / "w"), "tfds_dir": str(tmp_path / "tfds"), "devices": [4],
-          "out": str(tmp_path / "summary.json"),
-          "overrides": {"recipe": "fast", "bank.num_views": 2, "num_train_steps": -1,
-                        "num_epochs": 3, "fast.dice_steps": 0, "per_device_batch_size": 4,
-                        "optimizer.lr_scaling": "sqrt", "eval_every_steps": 3,
-                        "checkpoint_every_steps": 3}}
+  spec = {
+    "workdir": str(tmp_path / "w"),
+    "tfds_dir": str(tmp_path / "tfds"),
+    "devices": [4],
+    "out": str(tmp_path / "summary.json"),
+    "overrides": {
+      "recipe": "fast",
+      "bank.num_views": 2,
+      "num_train_steps": -1,
+      "num_epochs": 3,
+      "fast.dice_steps": 0,
+      "per_device_batch_size": 4,
+      "optimizer.lr_scaling": "sqrt",
+      "eval_every_steps": 3,
+      "checkpoint_every_steps": 3,
+    },
+  }
   rc, out = H.run(spec, tmp_path / "spec.json", env=H.subprocess_env(n_devices=4), timeout=600)
   assert rc == 0, out[-6000:]
   s = json.loads(Path(spec["out"]).read_text())["4"]
   assert s["global_batch"] == 16 and s["step"] == 3, s
   assert s["peak_lr"] == pytest.approx(2e-3 * math.sqrt(16 / 8), rel=1e-9)
-  start = [r for r in H.read_jsonl(tmp_path / "w" / "4dev" / "metrics.jsonl")
-           if r.get("event") == "start"]
-  assert start[0]["recipe"] == "fast" and start[0]["global_batch"] == 16 and start[0]["devices"] == 4
+  start = [
+    r for r in H.read_jsonl(tmp_path / "w" / "4dev" / "metrics.jsonl") if r.get("event") == "start"
+  ]
+  assert (
+    start[0]["recipe"] == "fast" and start[0]["global_batch"] == 16 and start[0]["devices"] == 4
+  )
 
 
 @pytest.mark.slow
 def test_fast_config_compiles_banked_steps_without_decoder_and_only_all_reduces(tmp_path):
   """Batched decode forced on (what "auto" picks on GPU/TPU), 4 fake CPU devices."""
-  spec = {"workdir": str(tmp_path / "w"), "tfds_dir": str(tmp_path / "tfds"),
-          "compile_only": True, "devices": [4], "out": str(tmp_path / "facts.json"),
-          "overrides": {"recipe": "fast", "fast.dice_steps": 2, "num_train_steps": 4,
-                        "loss.batch_decode": "true"}}
+  spec = {
+    "workdir": str(tmp_path / "w"),
+    "tfds_dir": str(tmp_path / "tfds"),
+    "compile_only": True,
+    "devices": [4],
+    "out": str(tmp_path / "facts.json"),
+    "overrides": {
+      "recipe": "fast",
+      "fast.dice_steps": 2,
+      "num_train_steps": 4,
+      "loss.batch_decode": "true",
+    },
+  }
   rc, out = H.run(spec, tmp_path / "spec.json", env=H.subprocess_env(n_devices=4), timeout=600)
   assert rc == 0, out[-6000:]
   facts = json.loads(Path(spec["out"]).read_text())

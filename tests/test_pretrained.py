@@ -12,11 +12,12 @@ import hashlib
 import json
 import os
 
+import _train_helpers as H
 import numpy as np
 import pytest
 
-import _train_helpers as H
-from gms_jax import checkpoint, cli, evaluate, pretrained, run_metadata, tokenizers
+from gms_jax import checkpoint, cli, pretrained, run_metadata, tokenizers
+from gms_jax.cli import evaluate as evaluate_cli
 from gms_jax.predict import Segmenter
 
 torch = pytest.importorskip("torch")
@@ -57,9 +58,19 @@ def official(root):
 
 
 def _import_args(root, tok_file, mapper, workdir, *extra):
-  return ["--config", f"{CONFIG}:sample", "--config.data.image_size=16",
-          f"--config.data.tfds_dir={root / 'tfds'}", "--config.tokenizer.name=sd-vae",
-          f"--config.tokenizer.path={tok_file}", *extra, "--mapper", mapper, "--workdir", workdir]
+  return [
+    "--config",
+    f"{CONFIG}:sample",
+    "--config.data.image_size=16",
+    f"--config.data.tfds_dir={root / 'tfds'}",
+    "--config.tokenizer.name=sd-vae",
+    f"--config.tokenizer.path={tok_file}",
+    *extra,
+    "--mapper",
+    mapper,
+    "--workdir",
+    workdir,
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +81,15 @@ def imported(root, tok_file, official):
 
 
 def test_import_metadata(imported, official):
-  meta = run_metadata.RunMetadata.read(
-      checkpoint.Checkpointer(imported, read_only=True))
+  meta = run_metadata.RunMetadata.read(checkpoint.Checkpointer(imported, read_only=True))
   with open(official[1], "rb") as f:
     digest = hashlib.sha256(f.read()).hexdigest()
-  assert meta.init == {"how": "import", "source": official[1], "format": "gms-torch", "sha256": digest}
+  assert meta.init == {
+    "how": "import",
+    "source": official[1],
+    "format": "gms-torch",
+    "sha256": digest,
+  }
   assert meta.mapper.in_channels == 4 and meta.mapper.ch == 32
   assert meta.tokenizer["family"] == "sd-vae" and meta.tokenizer["latent_channels"] == 4
   assert os.listdir(os.path.join(imported, "checkpoints", "0"))  # step 0, same layout as training
@@ -101,7 +116,7 @@ def test_imported_predictions_match_torch(imported, official, tok, tok_file):
 
 
 def test_import_then_evaluate_on_sample(imported, capsys):
-  assert evaluate.main(["--workdir", imported, "--montage", "0", "--max-overlays", "0"]) == 0
+  assert evaluate_cli.main(["--workdir", imported, "--montage", "0", "--max-overlays", "0"]) == 0
   with open(os.path.join(imported, "eval", "sample-test", "summary.json")) as f:
     summary = json.load(f)
   with open(H.REPO / "data" / "sample" / "split.json") as f:
@@ -111,27 +126,46 @@ def test_import_then_evaluate_on_sample(imported, capsys):
   assert "sample/test: n=" in capsys.readouterr().out
 
 
-def test_inference_takes_the_workdirs_cpu_library_fusion_unless_told(imported, tmp_path, monkeypatch):
+def test_inference_takes_the_workdirs_cpu_library_fusion_unless_told(
+  imported, tmp_path, monkeypatch
+):
   """Segmenter.from_workdir / evaluate: default = the run config's cpu_library_fusion, the flag
   overrides it; the probabilities agree to float32 rounding either way."""
   plain = Segmenter.from_workdir(imported)
-  restore = checkpoint.restore_mapper
+  restore = run_metadata.restore_mapper
 
   def restore_fused(*args, **kwargs):  # the same workdir, as if trained with the option
     mapper, config, step = restore(*args, **kwargs)
     config.cpu_library_fusion = "dot,reduce"
     return mapper, config, step
 
-  monkeypatch.setattr(checkpoint, "restore_mapper", restore_fused)
+  monkeypatch.setattr(run_metadata, "restore_mapper", restore_fused)
   fused = Segmenter.from_workdir(imported)
   assert (plain.cpu_library_fusion, fused.cpu_library_fusion) == ("", "dot,reduce")
   assert Segmenter.from_workdir(imported, cpu_library_fusion="").cpu_library_fusion == ""
   monkeypatch.undo()
   images = np.random.default_rng(1).uniform(size=(3, 16, 16, 3)).astype(np.float32)
-  np.testing.assert_allclose(fused.predict_probs(images), plain.predict_probs(images), rtol=0, atol=1e-4)
+  np.testing.assert_allclose(
+    fused.predict_probs(images), plain.predict_probs(images), rtol=0, atol=1e-4
+  )
   out = str(tmp_path / "eval")
-  assert evaluate.main(["--workdir", imported, "--montage", "0", "--max-overlays", "0", "--out", out,
-                        "--cpu-library-fusion", "reduce,dot"]) == 0
+  assert (
+    evaluate_cli.main(
+      [
+        "--workdir",
+        imported,
+        "--montage",
+        "0",
+        "--max-overlays",
+        "0",
+        "--out",
+        out,
+        "--cpu-library-fusion",
+        "reduce,dot",
+      ]
+    )
+    == 0
+  )
   with open(os.path.join(out, "summary.json")) as f:
     assert json.load(f)["cpu_library_fusion"] == "reduce,dot"
 
@@ -160,7 +194,8 @@ def test_export_gives_back_the_official_tensors(imported, official, root):
     rel = np.max(np.abs(np.asarray(have[k]) - w)) / np.max(np.abs(w))
     assert rel <= 1e-5, (k, rel)
   # safetensors: the same state dict, no torch needed to read it.
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file
+
   st = str(root / "exported.safetensors")
   assert pretrained.export_main(["--workdir", imported, "--format", "safetensors", st]) == 0
   arrays = load_file(st)
@@ -231,15 +266,21 @@ def small_official(root):
   subprocess runs without torch)."""
   model, _ = _official(root, "small_best_model.pth", 16, 2)
   path = str(root / "small_best_model.safetensors")
-  pretrained.save_official({k: v.numpy() for k, v in model.state_dict().items()}, path, "safetensors")
+  pretrained.save_official(
+    {k: v.numpy() for k, v in model.state_dict().items()}, path, "safetensors"
+  )
   return model, path
 
 
 def _train(root, name, workdir, **overrides):
-  spec = {"workdir": workdir, "tfds_dir": str(root / "tfds"),
-          "overrides": {"optimizer.learning_rate": 1e-30, **overrides}}
-  rc, out = H.run(spec, root / f"{name}.json", timeout=600,
-                  env=H.subprocess_env(str(root / "jax_cache")))
+  spec = {
+    "workdir": workdir,
+    "tfds_dir": str(root / "tfds"),
+    "overrides": {"optimizer.learning_rate": 1e-30, **overrides},
+  }
+  rc, out = H.run(
+    spec, root / f"{name}.json", timeout=600, env=H.subprocess_env(str(root / "jax_cache"))
+  )
   assert rc == 0, out[-6000:]
 
 
@@ -273,7 +314,8 @@ def test_fine_tune_resumes_an_imported_workdir(root, tok, small_official):
 
 
 def test_mapper_init_config_mismatch_names_the_key(root, tok, small_official):
-  from gms_jax import train  # pylint: disable=import-outside-toplevel
+  from gms_jax import train
+
   config = H.tiny_config(str(root / "tfds"), **{"mapper.ch": 32, "mapper.init": small_official[1]})
   with pytest.raises(pretrained.WeightsError, match=r"ch=32 \(weights: 16\)"):
     train.train_and_evaluate(config, str(root / "mismatch"), tokenizer=tok)
@@ -294,26 +336,42 @@ def _one_error_line(p, code: int) -> str:
 def test_train_mapper_init_errors_are_one_line(root, official):
   """`gms-jax train --config.mapper.init=...`: a missing file is refused before any work; a mapper
   of 4 channels against TAEF2's 32 latent channels is one line, and no workdir is left behind."""
-  from conftest import REPO, run_cli  # pylint: disable=import-outside-toplevel
+  from conftest import REPO, run_cli
+
   smoke = f"{REPO / 'configs' / 'gms.py'}:smoke"
   wd = root / "cli_init"
-  p = run_cli("train", "--config", smoke, "--workdir", wd, "--config.mapper.init=/no/such/best_model.pth")
+  p = run_cli(
+    "train", "--config", smoke, "--workdir", wd, "--config.mapper.init=/no/such/best_model.pth"
+  )
   assert "config.mapper.init=/no/such/best_model.pth" in _one_error_line(p, 2)
   assert not wd.exists()
-  p = run_cli("train", "--config", smoke, "--workdir", wd, f"--config.data.tfds_dir={root / 'tfds'}",
-              f"--config.mapper.init={official[1]}")
+  p = run_cli(
+    "train",
+    "--config",
+    smoke,
+    "--workdir",
+    wd,
+    f"--config.data.tfds_dir={root / 'tfds'}",
+    f"--config.mapper.init={official[1]}",
+  )
   line = _one_error_line(p, 2)
   assert official[1] in line and "4 -> 4 latent channels" in line and "has 32" in line, line
   assert not wd.exists()
 
 
-@pytest.mark.parametrize("args,names", [
-    (["--config", f"{CONFIG}:sample", "--config.mapper.chh=3"], ["config.mapper.chh", "config.mapper.ch"]),
+@pytest.mark.parametrize(
+  "args,names",
+  [
+    (
+      ["--config", f"{CONFIG}:sample", "--config.mapper.chh=3"],
+      ["config.mapper.chh", "config.mapper.ch"],
+    ),
     (["--config", "no/such/config.py:sample"], ["no/such/config.py"]),
     (["--config", f"{CONFIG}:bogus"], ["bogus", "unknown dataset"]),
     (["--config", f"{CONFIG}:sample"], ["config.tokenizer.path"]),  # sd-vae has no packaged weights
     (["--config", f"{CONFIG}:sample,taef2", "--config.batch_size=0"], ["config.batch_size"]),
-])
+  ],
+)
 def test_import_config_errors_are_one_line(root, official, args, names, capsys):
   wd = root / "never"
   assert cli.main(["import", *args, "--mapper", official[1], "--workdir", str(wd)]) == 2
@@ -325,7 +383,8 @@ def test_import_config_errors_are_one_line(root, official, args, names, capsys):
 
 def test_every_mapper_source_reads_the_same_weights(root, official, imported):
   """best_model.pth, its `gms-jax convert` output and the imported workdir hold the same params."""
-  from gms_jax import convert  # pylint: disable=import-outside-toplevel
+  from gms_jax.cli import convert
+
   converted = str(root / "mapper_converted.safetensors")
   assert convert.main(["--format", "gms-mapper", official[1], converted]) == 0
   ref = pretrained.read_mapper(official[1])
@@ -341,9 +400,14 @@ def test_evaluate_tta_writes_beside_the_plain_evaluation(imported, capsys):
   """--tta goes to its own default folder (eval/<dataset>-<split>-tta-<views>): the SPEC §4
   evaluation of the same workdir is never replaced."""
   plain = os.path.join(imported, "eval", "sample-test")
-  assert evaluate.main(["--workdir", imported, "--montage", "0", "--max-overlays", "0"]) == 0
+  assert evaluate_cli.main(["--workdir", imported, "--montage", "0", "--max-overlays", "0"]) == 0
   before = open(os.path.join(plain, "summary.json")).read()
-  assert evaluate.main(["--workdir", imported, "--montage", "0", "--max-overlays", "0", "--tta", "flip"]) == 0
+  assert (
+    evaluate_cli.main(
+      ["--workdir", imported, "--montage", "0", "--max-overlays", "0", "--tta", "flip"]
+    )
+    == 0
+  )
   assert open(os.path.join(plain, "summary.json")).read() == before
   with open(os.path.join(imported, "eval", "sample-test-tta-flip", "summary.json")) as f:
     tta = json.load(f)

@@ -4,8 +4,10 @@ from gms_jax import run_metadata
 
 
 def _cpuinfo(tmp_path, flags):
-  text = "".join(f"processor\t: {i}\nmodel name\t: Test CPU 9000\ncpu MHz\t\t: 2596.146\n"
-                 f"flags\t\t: {flags}\n\n" for i in range(2))
+  text = "".join(
+    f"processor\t: {i}\nmodel name\t: Test CPU 9000\ncpu MHz\t\t: 2596.146\nflags\t\t: {flags}\n\n"
+    for i in range(2)
+  )
   path = tmp_path / "cpuinfo"
   path.write_text(text)
   return str(path)

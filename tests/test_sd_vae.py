@@ -4,7 +4,6 @@ import dataclasses
 import json
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,11 +29,17 @@ def _torch_vae(cfg: AutoencoderKLConfig, seed: int):
   n = len(cfg.block_out_channels)
   torch.manual_seed(seed)
   vae = diffusers.AutoencoderKL(
-      in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-      down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-      block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-      latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-      scaling_factor=cfg.scaling_factor, mid_block_add_attention=cfg.mid_attention)
+    in_channels=cfg.in_channels,
+    out_channels=cfg.out_channels,
+    down_block_types=("DownEncoderBlock2D",) * n,
+    up_block_types=("UpDecoderBlock2D",) * n,
+    block_out_channels=cfg.block_out_channels,
+    layers_per_block=cfg.layers_per_block,
+    latent_channels=cfg.latent_channels,
+    norm_num_groups=cfg.norm_num_groups,
+    scaling_factor=cfg.scaling_factor,
+    mid_block_add_attention=cfg.mid_attention,
+  )
   with torch.no_grad():
     for name, p in vae.named_parameters():
       if name.endswith("bias"):
@@ -78,8 +83,9 @@ def _to_ldm(sd, n_levels):
     k = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", k)
     k = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", k)
     k = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{n_levels - 1 - int(m[1])}.block.", k)
-    k = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.",
-               lambda m: f"up.{n_levels - 1 - int(m[1])}.upsample.", k)
+    k = re.sub(
+      r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{n_levels - 1 - int(m[1])}.upsample.", k
+    )
     k = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
     if "mid_block.attentions.0." in k:
       k = k.replace("mid_block.attentions.0.", "mid.attn_1.")
@@ -96,8 +102,9 @@ def _check_ldm_renaming(vae, ldm_sd):
   """diffusers' own LDM → diffusers converter must give back exactly the original state dict."""
   orig = vae.state_dict()
   back = single_file_utils.convert_ldm_vae_checkpoint(
-      {"first_stage_model." + k: torch.from_numpy(np.asarray(v)) for k, v in ldm_sd.items()},
-      vae.config)
+    {"first_stage_model." + k: torch.from_numpy(np.asarray(v)) for k, v in ldm_sd.items()},
+    vae.config,
+  )
   assert sorted(back) == sorted(orig)
   for k, v in orig.items():
     assert back[k].shape == v.shape and torch.equal(back[k], v), k
@@ -159,8 +166,10 @@ def test_tiny_parity(tiny_case, fmt):
   assert [g.shape for g in got] == [r.shape for r in ref]
   errs = _errors(got, ref)
   scales = [float(np.abs(r).max()) for r in ref]
-  print(f"\n[sd_vae tiny {fmt}] max abs err mean={errs[0]:.2e} logvar={errs[1]:.2e} "
-        f"decode={errs[2]:.2e} (max |ref| {scales[0]:.2f}/{scales[1]:.2f}/{scales[2]:.2f})")
+  print(
+    f"\n[sd_vae tiny {fmt}] max abs err mean={errs[0]:.2e} logvar={errs[1]:.2e} "
+    f"decode={errs[2]:.2e} (max |ref| {scales[0]:.2f}/{scales[1]:.2f}/{scales[2]:.2f})"
+  )
   assert min(scales) > 0.1  # the outputs are not trivially ~0
   assert max(errs) <= 1e-5, errs
 
@@ -185,8 +194,10 @@ def test_full_sd_parity():
     got = _flax_run(model, xh, zh)
     errs = _errors(got, ref)
     rel = [e / float(np.abs(r).max()) for e, r in zip(errs, ref)]
-    print(f"\n[sd_vae full {fmt}] max abs err mean={errs[0]:.2e} logvar={errs[1]:.2e} "
-          f"decode={errs[2]:.2e}; relative {rel[0]:.1e}/{rel[1]:.1e}/{rel[2]:.1e}")
+    print(
+      f"\n[sd_vae full {fmt}] max abs err mean={errs[0]:.2e} logvar={errs[1]:.2e} "
+      f"decode={errs[2]:.2e}; relative {rel[0]:.1e}/{rel[1]:.1e}/{rel[2]:.1e}"
+    )
     assert max(rel) <= 1e-4, rel
 
 
@@ -204,7 +215,9 @@ def test_load_diffusers_folder_and_bare_file(tmp_path):
     assert cfg == TINY
     assert sorted(flat) == sorted(want)
     assert all(np.array_equal(flat[k], want[k]) for k in want)
-  flat, cfg = conv.load_diffusers(str(tmp_path / "st" / "diffusion_pytorch_model.safetensors"), cfg=TINY)
+  flat, cfg = conv.load_diffusers(
+    str(tmp_path / "st" / "diffusion_pytorch_model.safetensors"), cfg=TINY
+  )
   assert cfg == TINY and all(np.array_equal(flat[k], want[k]) for k in want)
   # A bare file: the architecture comes from the weights; GroupNorm groups cannot, SD's 32 is assumed.
   flat, cfg = conv.load_diffusers(str(tmp_path / "st" / "diffusion_pytorch_model.safetensors"))
@@ -214,8 +227,10 @@ def test_load_diffusers_folder_and_bare_file(tmp_path):
 def test_load_ldm_ckpt(tmp_path):
   vae = _torch_vae(TINY, seed=5)
   want = conv.convert_state_dict(vae.state_dict(), TINY)
-  ldm = {"first_stage_model." + k: torch.from_numpy(np.asarray(v))
-         for k, v in _to_ldm(_numpy_sd(vae), len(TINY.block_out_channels)).items()}
+  ldm = {
+    "first_stage_model." + k: torch.from_numpy(np.asarray(v))
+    for k, v in _to_ldm(_numpy_sd(vae), len(TINY.block_out_channels)).items()
+  }
   ldm["loss.foo"] = torch.zeros(3)
   ldm["model_ema.x"] = torch.zeros(2, 2)
   path = tmp_path / "vae.ckpt"
@@ -224,7 +239,9 @@ def test_load_ldm_ckpt(tmp_path):
   assert cfg == TINY and sorted(flat) == sorted(want)
   assert all(np.array_equal(flat[k], want[k]) for k in want)
   # Without the prefix (a VAE-only LDM file, as GMS ships): loss.* is still ignored.
-  bare = {k[len("first_stage_model."):]: v for k, v in ldm.items() if k.startswith("first_stage_model.")}
+  bare = {
+    k[len("first_stage_model.") :]: v for k, v in ldm.items() if k.startswith("first_stage_model.")
+  }
   bare["loss.logvar"] = torch.zeros(())
   torch.save({"state_dict": bare}, tmp_path / "bare.ckpt")
   flat, _ = conv.load_ldm(str(tmp_path / "bare.ckpt"), cfg=TINY)
@@ -240,7 +257,9 @@ def test_strict_one_error_lists_all_problems(fmt):
   if fmt == "ldm":
     sd = _to_ldm(sd, len(TINY.block_out_channels))
   dropped = "encoder.conv_in.bias"
-  extra = "encoder.conv_in.extra_weight" if fmt == "ldm" else "decoder.up_blocks.0.resnets.9.conv1.weight"
+  extra = (
+    "encoder.conv_in.extra_weight" if fmt == "ldm" else "decoder.up_blocks.0.resnets.9.conv1.weight"
+  )
   reshaped = "decoder.conv_out.weight"
   del sd[dropped]
   sd[extra] = np.zeros((3,), np.float32)
@@ -278,7 +297,9 @@ def test_downsample_pads_bottom_right():
   assert got.shape == ref.shape == (1, 4, 5, 4)
   np.testing.assert_allclose(got, ref, atol=1e-5)
   sym = torch.nn.functional.conv2d(xt, w, b, stride=2, padding=1).numpy().transpose(0, 2, 3, 1)
-  assert sym.shape == got.shape and np.abs(got - sym).max() > 1e-2  # "SAME"-like padding would be caught
+  assert (
+    sym.shape == got.shape and np.abs(got - sym).max() > 1e-2
+  )  # "SAME"-like padding would be caught
 
 
 def test_config_roundtrip_and_diffusers_json():
@@ -309,11 +330,15 @@ def test_bfloat16_compute_close_to_float32(tiny_case):
 # folder, bare safetensors, LDM-renamed .ckpt) and compute what torch computes.
 
 ARCHS = {
-    "2lvl-lpb1-z4": AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4),
-    "3lvl-lpb2-z8-sdxl-scale": AutoencoderKLConfig(block_out_channels=(32, 32, 64), layers_per_block=2,
-                                                   latent_channels=8, scaling_factor=0.13025),
-    "2lvl-z16-no-mid-attn": AutoencoderKLConfig(block_out_channels=(64, 32), layers_per_block=1,
-                                                latent_channels=16, mid_attention=False),
+  "2lvl-lpb1-z4": AutoencoderKLConfig(
+    block_out_channels=(32, 64), layers_per_block=1, latent_channels=4
+  ),
+  "3lvl-lpb2-z8-sdxl-scale": AutoencoderKLConfig(
+    block_out_channels=(32, 32, 64), layers_per_block=2, latent_channels=8, scaling_factor=0.13025
+  ),
+  "2lvl-z16-no-mid-attn": AutoencoderKLConfig(
+    block_out_channels=(64, 32), layers_per_block=1, latent_channels=16, mid_attention=False
+  ),
 }
 
 
@@ -331,8 +356,14 @@ def test_architecture_inferred_from_weights(name, tmp_path):
   ldm = _to_ldm(_numpy_sd(vae), len(cfg.block_out_channels))
   if cfg.mid_attention:
     _check_ldm_renaming(vae, ldm)  # the test's renaming agrees with diffusers' own converter
-  torch.save({"state_dict": {"first_stage_model." + k: torch.from_numpy(np.asarray(v))
-                             for k, v in ldm.items()}}, tmp_path / "vae.ckpt")
+  torch.save(
+    {
+      "state_dict": {
+        "first_stage_model." + k: torch.from_numpy(np.asarray(v)) for k, v in ldm.items()
+      }
+    },
+    tmp_path / "vae.ckpt",
+  )
   flat_ldm, got_ldm = conv.load_ldm(str(tmp_path / "vae.ckpt"))
   assert got_ldm == got_bare
   for other in (flat_bare, flat_ldm):
@@ -348,8 +379,10 @@ def test_contradicting_config_names_the_fields(tmp_path):
   cfg = ARCHS["2lvl-lpb1-z4"]
   vae = _torch_vae(cfg, seed=12)
   ldm = _to_ldm(_numpy_sd(vae), 2)
-  torch.save({"state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in ldm.items()}},
-             tmp_path / "vae.ckpt")
+  torch.save(
+    {"state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in ldm.items()}},
+    tmp_path / "vae.ckpt",
+  )
   with pytest.raises(core.ConversionError) as e:
     conv.load_ldm(str(tmp_path / "vae.ckpt"), cfg=AutoencoderKLConfig.sd())  # kl-f8 assumed
   msg = str(e.value)
@@ -362,13 +395,18 @@ def test_contradicting_config_names_the_fields(tmp_path):
   d["latent_channels"] = 8
   with open(tmp_path / "d" / "config.json", "w") as f:
     json.dump(d, f)
-  with pytest.raises(core.ConversionError, match=r"config.json contradicts the weights: latent_channels=8 \(weights: 4\)"):
+  with pytest.raises(
+    core.ConversionError,
+    match=r"config.json contradicts the weights: latent_channels=8 \(weights: 4\)",
+  ):
     conv.load_diffusers(str(tmp_path / "d"))
 
 
 def test_convert_cli_scaling_factor(tmp_path):
   """`gms-jax convert --format diffusers BARE.safetensors OUT --scaling-factor 0.13025`."""
-  from gms_jax import convert, tokenizers  # pylint: disable=import-outside-toplevel
+  from gms_jax import tokenizers
+  from gms_jax.cli import convert
+
   vae = _torch_vae(ARCHS["2lvl-lpb1-z4"], seed=13)
   vae.save_pretrained(tmp_path / "d")
   bare = str(tmp_path / "d" / "diffusion_pytorch_model.safetensors")

@@ -16,20 +16,24 @@ import json
 import types
 from pathlib import Path
 
+import _train_helpers as H
 import jax
 import numpy as np
 import pytest
-
-import _train_helpers as H
 from conftest import run_cli
-from gms_jax import aot
-from gms_jax import parallel
+
+from gms_jax import aot, parallel, tokenizers
 from gms_jax import step as step_lib
-from gms_jax import tokenizers
 
 REPO = Path(__file__).resolve().parents[1]
-MOVES_ACTIVATIONS = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter",
-                     "collective-broadcast", "ragged-all-to-all")
+MOVES_ACTIVATIONS = (
+  "all-gather",
+  "all-to-all",
+  "collective-permute",
+  "reduce-scatter",
+  "collective-broadcast",
+  "ragged-all-to-all",
+)
 SMOKE = f"{REPO / 'configs' / 'gms.py'}:smoke"
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
@@ -40,23 +44,35 @@ def _only_all_reduce(counts: dict[str, int]) -> None:
 
 
 def test_collective_counts_reads_optimized_hlo():
-  hlo = "\n".join([
+  hlo = "\n".join(
+    [
       "  %all-reduce.1 = (f32[16]{0}, /*index=1*/f32[]) all-reduce(f32[16]{0} %a, f32[] %b), "
       "channel_id=1, metadata={op_name=\"all-to-all(x)\"}",
       "  %ag = f32[8,4]{1,0} all-gather-start(f32[1,4]{1,0} %p), dimensions={0}",
       "  %agd = f32[8,4]{1,0} all-gather-done(f32[8,4]{1,0} %ag)",
       "  ROOT %cp = f32[2]{0} collective-permute(f32[2]{0} %q), source_target_pairs={{0,1}}",
-      "  %x = f32[2]{0} add(f32[2]{0} %all-reduce.1, f32[2]{0} %y)"])
+      "  %x = f32[2]{0} add(f32[2]{0} %all-reduce.1, f32[2]{0} %y)",
+    ]
+  )
   counts = step_lib.collective_counts(hlo)
-  assert (counts["all-reduce"], counts["all-gather"], counts["collective-permute"],
-          counts["all-to-all"]) == (1, 1, 1, 0)
+  assert (
+    counts["all-reduce"],
+    counts["all-gather"],
+    counts["collective-permute"],
+    counts["all-to-all"],
+  ) == (1, 1, 1, 0)
 
 
 def test_data_parallel_step_on_8_devices_only_all_reduces(tmp_path):
   """Batched encode/decode forced on (what "auto" picks on GPU/TPU), 8 fake CPU devices."""
-  spec = {"workdir": str(tmp_path / "w"), "tfds_dir": str(tmp_path / "tfds"),
-          "compile_only": True, "devices": [8], "out": str(tmp_path / "facts.json"),
-          "overrides": {"loss.batch_decode": "true", "loss.batch_encode": "true"}}
+  spec = {
+    "workdir": str(tmp_path / "w"),
+    "tfds_dir": str(tmp_path / "tfds"),
+    "compile_only": True,
+    "devices": [8],
+    "out": str(tmp_path / "facts.json"),
+    "overrides": {"loss.batch_decode": "true", "loss.batch_encode": "true"},
+  }
   rc, out = H.run(spec, tmp_path / "spec.json", env=H.subprocess_env(n_devices=8), timeout=600)
   assert rc == 0, out[-6000:]
   facts = json.loads(Path(spec["out"]).read_text())
@@ -72,8 +88,13 @@ def _stub_mesh(platform: str):
 
 
 def test_auto_settings_follow_the_mesh_platform():
-  assert [step_lib.mesh_platform(_stub_mesh(p)) for p in ("cpu", "tpu", "cuda", "gpu", "rocm")] \
-      == ["cpu", "tpu", "gpu", "gpu", "gpu"]
+  assert [step_lib.mesh_platform(_stub_mesh(p)) for p in ("cpu", "tpu", "cuda", "gpu", "rocm")] == [
+    "cpu",
+    "tpu",
+    "gpu",
+    "gpu",
+    "gpu",
+  ]
   config = H.load_config("smoke")
   assert config.loss.batch_decode == "auto" and config.loss.batch_encode == "auto"
   mesh = parallel.make_mesh(jax.devices("cpu")[:1])
@@ -87,14 +108,16 @@ def test_auto_settings_follow_the_mesh_platform():
 
 
 def test_abstract_tokenizer_has_the_real_shapes_and_traces():
-  from gms_jax.models.sd_vae import AutoencoderKLConfig  # pylint: disable=import-outside-toplevel
+  from gms_jax.models.sd_vae import AutoencoderKLConfig
+
   real = H.tiny_tokenizer()
   abstract = tokenizers.abstract("sd-vae", AutoencoderKLConfig.tiny())
   shape = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t.params)  # noqa: E731
   assert shape(abstract) == shape(real)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.params))
-  lat = jax.eval_shape(abstract.encode, tokenizers.shapes(abstract),
-                       jax.ShapeDtypeStruct((2, 16, 16, 3), np.float32))
+  lat = jax.eval_shape(
+    abstract.encode, tokenizers.shapes(abstract), jax.ShapeDtypeStruct((2, 16, 16, 3), np.float32)
+  )
   assert lat.z.shape == (2, 8, 8, 4)  # the tiny VAE downsamples by 2
 
 
@@ -121,9 +144,11 @@ def _cli(*args, timeout=900):
 
 
 def test_compile_cli_usage_errors_are_one_line():
-  for args in (["--config", SMOKE],
-               ["--config", SMOKE, "--target", "v99-8"],
-               ["--config", SMOKE, "--target", "v4-8", "--bogus=1"]):
+  for args in (
+    ["--config", SMOKE],
+    ["--config", SMOKE, "--target", "v99-8"],
+    ["--config", SMOKE, "--target", "v4-8", "--bogus=1"],
+  ):
     p = _cli(*args, timeout=120)
     assert p.returncode == 2, (args, p.stderr)
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
@@ -164,8 +189,10 @@ def test_compile_smoke_for_tpu_v4_8(tmp_path):
     assert mem["argument"] > 0 and mem["peak"] >= mem["argument"] and r["fits"] is True
     assert r["hbm_bytes"] == chip.hbm_bytes
     assert r["flops_per_device"] > 0 and r["bytes_accessed_per_device"] > 0 and r["compile_s"] > 0
-    roofline = max(r["flops_per_device"] / chip.peak_flops["float32"],
-                   r["bytes_accessed_per_device"] / chip.hbm_bytes_per_s)
+    roofline = max(
+      r["flops_per_device"] / chip.peak_flops["float32"],
+      r["bytes_accessed_per_device"] / chip.hbm_bytes_per_s,
+    )
     assert r["roofline_s"] == pytest.approx(roofline)
     assert r["images_per_s"] == pytest.approx(images / roofline)
     assert 0 < r["mfu_bound"] <= 1
@@ -191,24 +218,29 @@ def test_cpu_library_fusion_reaches_the_compiled_step_and_keeps_its_values():
     config.cpu_library_fusion = fusion
     built = step_lib.build(config, mesh, tokenizer=tok)
     s = built.image_size
-    batch = {"image": rng.random((built.global_batch_size, s, s, 3), np.float32),
-             "mask": (rng.random((built.global_batch_size, s, s)) > 0.5).astype(np.float32)}
+    batch = {
+      "image": rng.random((built.global_batch_size, s, s, 3), np.float32),
+      "mask": (rng.random((built.global_batch_size, s, s)) > 0.5).astype(np.float32),
+    }
     rng = np.random.default_rng(0)  # the same batch for both settings
     compiled = built.lower_train().compile()
     state, metrics = compiled(built.init(), tok.params, batch)
-    results[fusion] = (compiled.as_text().count('"__ynn_fusion"'), float(metrics["loss"]),
-                       jax.tree.map(np.asarray, state["params"]))
+    results[fusion] = (
+      compiled.as_text().count('"__ynn_fusion"'),
+      float(metrics["loss"]),
+      jax.tree.map(np.asarray, state["params"]),
+    )
   (n_default, loss_default, p_default), (n_fused, loss_fused, p_fused) = results.values()
   assert n_fused != n_default, (n_default, n_fused)
   np.testing.assert_allclose(loss_fused, loss_default, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), p_fused,
-               p_default)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), p_fused, p_default)
   assert step_lib.cpu_compiler_options("dot,reduce", "tpu") is None
   assert step_lib.cpu_compiler_options("", "cpu") is None
   with pytest.raises(ValueError, match="'conv'") as e:
     step_lib.cpu_compiler_options("dot,conv", "cpu")
   assert "\n" not in str(e.value)
-  from gms_jax import configuration, errors  # pylint: disable=import-outside-toplevel
+  from gms_jax import configuration, errors
+
   config.cpu_library_fusion = "dot,conv"
   with pytest.raises(errors.ConfigError, match="cpu_library_fusion"):
     configuration.validate(config, check_tokenizer=False)

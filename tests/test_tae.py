@@ -30,15 +30,18 @@ PSNR_FLOOR_MEAN = 30.0  # measured mean 33.5 dB; broken ports measured at <= 20 
 
 
 def _image(path, size=224):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from PIL import Image
+
   with Image.open(path) as im:
     return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255.0
 
 
 @pytest.fixture(scope="module")
 def images():
-  files = (sorted((DATA / "busi" / "images").glob("*.png"))[:2]
-           + sorted((DATA / "ph2" / "images").glob("*.png"))[:2])
+  files = (
+    sorted((DATA / "busi" / "images").glob("*.png"))[:2]
+    + sorted((DATA / "ph2" / "images").glob("*.png"))[:2]
+  )
   assert len(files) == 4
   return np.stack([_image(f) for f in files])
 
@@ -57,9 +60,11 @@ def run():
 
   def run_(t, params, x):
     if t.graphdef not in cache:
+
       def fn(p, x):
         z = t.encode(p, x).z
         return z, nnx.merge(t.graphdef, p).decode(z)
+
       cache[t.graphdef] = jax.jit(fn)
     return tuple(map(np.asarray, cache[t.graphdef](params, x)))
 
@@ -83,7 +88,9 @@ def test_config_inferred_from_weights():
   assert TAEConfig.from_dict(TAEConfig.taef2().to_dict()) == TAEConfig.taef2()
   flat = conv.convert_state_dict(sd, TAEConfig.taef2())
   assert sum(v.size for v in flat.values()) == sum(v.size for v in sd.values()) == 2_677_027
-  with pytest.raises(core.ConversionError, match=r"unexpected \(24\)"):  # plain variant: 24 pool keys
+  with pytest.raises(
+    core.ConversionError, match=r"unexpected \(24\)"
+  ):  # plain variant: 24 pool keys
     conv.convert_state_dict(sd, TAEConfig(latent_channels=32, midblock_gn=False))
 
 
@@ -96,19 +103,23 @@ def test_matches_torch_reference(images, outputs):
   z, y = outputs
   i = 2  # a PH2 image, 224x224; torch decodes the *Flax* latent so the decoder is compared alone
   with torch.no_grad():
-    z_ref = torch_refs.nchw_to_nhwc(enc(torch_refs.nhwc_to_nchw(images[i:i + 1])))
-    y_ref = torch_refs.nchw_to_nhwc(dec(torch_refs.nhwc_to_nchw(z[i:i + 1])))
+    z_ref = torch_refs.nchw_to_nhwc(enc(torch_refs.nhwc_to_nchw(images[i : i + 1])))
+    y_ref = torch_refs.nchw_to_nhwc(dec(torch_refs.nhwc_to_nchw(z[i : i + 1])))
   assert z.shape == (4, 28, 28, 32) and y.shape == (4, 224, 224, 3)
-  ez, ey = float(np.abs(z[i:i + 1] - z_ref).max()), float(np.abs(y[i:i + 1] - y_ref).max())
-  print(f"\nTAEF2 224x224: encoder max err {ez:.2e} (|z| max {np.abs(z_ref).max():.2f}), "
-        f"decoder max err {ey:.2e}; decoder output range [{y_ref.min():.3f}, {y_ref.max():.3f}]")
+  ez, ey = float(np.abs(z[i : i + 1] - z_ref).max()), float(np.abs(y[i : i + 1] - y_ref).max())
+  print(
+    f"\nTAEF2 224x224: encoder max err {ez:.2e} (|z| max {np.abs(z_ref).max():.2f}), "
+    f"decoder max err {ey:.2e}; decoder output range [{y_ref.min():.3f}, {y_ref.max():.3f}]"
+  )
   assert ez <= 1e-4 and ey <= 1e-4
 
 
 def test_reconstruction_psnr(images, outputs):
   psnr = _psnr(np.clip(outputs[1], 0, 1), images)
-  print(f"\nTAEF2 encode->decode PSNR (BUSI x2, PH2 x2, 224x224): {np.round(psnr, 2)} dB, "
-        f"mean {psnr.mean():.2f}")
+  print(
+    f"\nTAEF2 encode->decode PSNR (BUSI x2, PH2 x2, 224x224): {np.round(psnr, 2)} dB, "
+    f"mean {psnr.mean():.2f}"
+  )
   assert psnr.min() >= PSNR_FLOOR_EACH and psnr.mean() >= PSNR_FLOOR_MEAN
 
 
@@ -125,7 +136,9 @@ def test_broken_ports_fall_below_floor(tok, images, run):
     model.encoder.layers[i].padding = "SAME"
   bad = tokenizers.from_model("tae", model)
   psnr_same = _psnr(np.clip(run(bad, bad.params, images)[1], 0, 1), images)
-  print(f"\nbroken ports: zeroed encoder.12.pool.3 -> mean {psnr_zero.mean():.2f} dB, "
-        f"'SAME' stride-2 padding -> mean {psnr_same.mean():.2f} dB")
+  print(
+    f"\nbroken ports: zeroed encoder.12.pool.3 -> mean {psnr_zero.mean():.2f} dB, "
+    f"'SAME' stride-2 padding -> mean {psnr_same.mean():.2f} dB"
+  )
   assert psnr_zero.mean() < PSNR_FLOOR_MEAN and psnr_same.mean() < PSNR_FLOOR_MEAN
   assert np.any(np.asarray(tok.params["encoder"]["layers"][12]["pool"]["conv_out"]["kernel"][...]))

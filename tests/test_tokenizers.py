@@ -80,12 +80,14 @@ def test_sd_decode_and_decode_mask_formulas(sd_tok):
 
 def _n_checkpoints(fn, *args) -> int:
   """Number of ``jax.checkpoint`` regions at the top level of ``fn``'s jaxpr."""
-  return sum(e.primitive.name in ("checkpoint", "remat", "remat2")
-             for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns)
+  return sum(
+    e.primitive.name in ("checkpoint", "remat", "remat2")
+    for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns
+  )
 
 
 def _check_remat(tok, tok_r, z, n_blocks):
-  loss = lambda t: (lambda z, p: jnp.sum(t.decode_mask(p, z) ** 2))
+  loss = lambda t: lambda z, p: jnp.sum(t.decode_mask(p, z) ** 2)
   vg = lambda t: jax.jit(jax.value_and_grad(loss(t)))
   (v0, g0), (v1, g1) = vg(tok)(z, tok.params), vg(tok_r)(z, tok_r.params)
   np.testing.assert_allclose(v1, v0, rtol=1e-6)
@@ -109,7 +111,8 @@ def test_sd_remat_same_values_and_grads_less_memory(sd_model, sd_tok):
 
 
 def test_tae_remat_same_values_and_grads_less_memory():
-  from gms_jax.models.tae import TAE  # pylint: disable=import-outside-toplevel
+  from gms_jax.models.tae import TAE
+
   cfg = TAEConfig(latent_channels=4, midblock_gn=True, channels=16)
   model = TAE(cfg, rngs=nnx.Rngs(3))
   tok, tok_r = (tokenizers.from_model("tae", model, remat_decoder=r) for r in (False, True))
@@ -124,8 +127,10 @@ def test_sd_save_params_then_load_identical(sd_model, sd_tok, images, tmp_path):
   tok2 = tokenizers.load("sd-vae", path)
   assert tok2.config == TINY and tok2.graphdef == sd_tok.graphdef  # same graph: one compile serves
   f = jax.jit(_all, static_argnums=0)
-  for a, b in zip(jax.tree.leaves(f(sd_tok, sd_tok.params, images)),
-                  jax.tree.leaves(f(sd_tok, tok2.params, images))):
+  for a, b in zip(
+    jax.tree.leaves(f(sd_tok, sd_tok.params, images)),
+    jax.tree.leaves(f(sd_tok, tok2.params, images)),
+  ):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(core.ConversionError, match="sd-vae"):
     tokenizers.load("tae", path)
@@ -140,7 +145,8 @@ def test_sd_save_params_then_load_identical(sd_model, sd_tok, images, tmp_path):
 def taesd_dir(tmp_path_factory):
   """A random TAESD-style (4 latent channels, no midblock GN) .pth pair, as published."""
   torch = pytest.importorskip("torch")
-  from gms_jax.testing import torch_refs  # pylint: disable=import-outside-toplevel
+  from gms_jax.testing import torch_refs
+
   folder = tmp_path_factory.mktemp("taesd")
   torch.manual_seed(0)
   enc = torch_refs.randomize_(torch_refs.tae_encoder(4), seed=1).eval()
@@ -152,7 +158,8 @@ def taesd_dir(tmp_path_factory):
 
 def test_tae_load_conventions_and_parity(taesd_dir, tmp_path):
   torch = pytest.importorskip("torch")
-  from gms_jax.testing import torch_refs  # pylint: disable=import-outside-toplevel
+  from gms_jax.testing import torch_refs
+
   folder, enc, dec = taesd_dir
   tok = tokenizers.load("taesd", str(folder))
   assert tok.family == "tae" and not tok.has_posterior and tok.scale == 1.0
@@ -174,7 +181,9 @@ def test_tae_load_conventions_and_parity(taesd_dir, tmp_path):
   tok2 = tokenizers.load("tae", path)
   assert tok2.config == tok.config
   assert tok2.graphdef == tok.graphdef  # same graph: reuse tok's compiled function
-  for a, b in zip(jax.tree.leaves((lat, img, mask)), jax.tree.leaves(f(tok, tok2.params, jnp.asarray(x)))):
+  for a, b in zip(
+    jax.tree.leaves((lat, img, mask)), jax.tree.leaves(f(tok, tok2.params, jnp.asarray(x)))
+  ):
     np.testing.assert_array_equal(a, b)
 
   tok16 = tokenizers.load("taesd", str(folder), dtype=jnp.bfloat16)
@@ -193,6 +202,7 @@ def test_unknown_family_and_missing_pair(tmp_path):
 
 
 def test_scaling_factor_override_only_where_there_is_a_scale():
-  from gms_jax import errors  # pylint: disable=import-outside-toplevel
+  from gms_jax import errors
+
   with pytest.raises(errors.ConfigError, match="tokenizer.scaling_factor=0.5"):
     tokenizers.load("taef2", tokenizers.packaged_path("taef2"), scaling_factor=0.5)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import re
 import socket
 
+import _train_helpers as H
 import numpy as np
 import pytest
-
-import _train_helpers as H
 
 # The reference run: 6 steps on 1 device, checkpoints (and validation) at steps 3 and 6.
 # optimizer.eps = 1 (SPEC: 1e-8). Summation order differs between 1 and 8 devices, so gradients
@@ -24,8 +23,12 @@ import _train_helpers as H
 # GroupNorm): with eps=1e-8 those parameters take +-lr steps of random sign. With eps=1 the
 # amplification is at most lr (~1e-3), so "same parameters to 1e-6" is a meaningful check of the
 # sharded step; the update rule itself is elementwise on replicated values and mesh independent.
-REF = {"num_train_steps": 6, "checkpoint_every_steps": 3, "eval_every_steps": 3,
-       "optimizer.eps": 1.0}
+REF = {
+  "num_train_steps": 6,
+  "checkpoint_every_steps": 3,
+  "eval_every_steps": 3,
+  "optimizer.eps": 1.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,12 @@ def _spec(dirs, name, **kw):
 
 def _run(dirs, name, *, n_devices=None, timeout=300, **kw):
   spec = _spec(dirs, name, **kw)
-  rc, out = H.run(spec, dirs["root"] / f"{name}.json", timeout=timeout,
-                  env=H.subprocess_env(dirs["cache"], n_devices))
+  rc, out = H.run(
+    spec,
+    dirs["root"] / f"{name}.json",
+    timeout=timeout,
+    env=H.subprocess_env(dirs["cache"], n_devices),
+  )
   return rc, out, spec["workdir"]
 
 
@@ -78,8 +85,9 @@ def test_reference_run(reference):
 
 def test_one_device_vs_eight_devices(dirs, reference):
   """3 steps on an 8-device mesh == the same 3 steps on one device (losses and params)."""
-  rc, out, workdir = _run(dirs, "mesh8", n_devices=8, devices=[8],
-                          overrides={**REF, "num_train_steps": 3})
+  rc, out, workdir = _run(
+    dirs, "mesh8", n_devices=8, devices=[8], overrides={**REF, "num_train_steps": 3}
+  )
   assert rc == 0, out[-6000:]
   assert "mesh {'data': 8} over 8 devices" in out
   ref_losses, got_losses = H.train_losses(reference), H.train_losses(f"{workdir}/8dev")
@@ -92,8 +100,9 @@ def test_one_device_vs_eight_devices(dirs, reference):
   # Adam divides by sqrt(v): for near-zero gradients the summation-order difference above moves
   # a parameter by up to ~1e-5 here (measured 9.8e-6); every Adam step moves each parameter by
   # ~lr = 2e-3, so 5e-5 still fails on any step that differs.
-  worst = _assert_params_close(H.params_at(f"{workdir}/8dev", 3)[0], H.params_at(reference, 3)[0],
-                               atol=5e-5)
+  worst = _assert_params_close(
+    H.params_at(f"{workdir}/8dev", 3)[0], H.params_at(reference, 3)[0], atol=5e-5
+  )
   print(f"\n[1 vs 8 devices] max |param diff| after 3 steps: {worst:.2e}")
 
 
@@ -108,8 +117,8 @@ def test_resume_after_sigkill_is_exact(dirs, reference):
   records = H.read_jsonl(f"{workdir}/metrics.jsonl")
   starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
   assert len(starts) == 2 and records[starts[1]]["step"] == 3 and records[starts[1]]["resumed"]
-  first = [r["step"] for r in records[:starts[1]] if "train/loss" in r]
-  second = [r["step"] for r in records[starts[1]:] if "train/loss" in r]
+  first = [r["step"] for r in records[: starts[1]] if "train/loss" in r]
+  second = [r["step"] for r in records[starts[1] :] if "train/loss" in r]
   assert first == [1, 2, 3] and second == [4, 5, 6]  # no step repeated or skipped
   ref_losses, got_losses = H.train_losses(reference), H.train_losses(workdir)
   for step in range(1, 7):  # same batches and noise after the restart
@@ -122,10 +131,11 @@ def test_resume_after_sigkill_is_exact(dirs, reference):
 def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(dirs, reference):
   rc, out, workdir = _run(dirs, "nan", nan_at_step=5)
   assert rc == 3, out[-6000:]
-  msg = out[out.index("NONFINITE"):]
+  msg = out[out.index("NONFINITE") :]
   assert "non-finite training loss nan at step 5" in msg
   assert "last good checkpoint (step 3)" in msg
-  from gms_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from gms_jax import checkpoint
+
   ck = checkpoint.Checkpointer(workdir, read_only=True, async_save=False)
   try:
     assert ck.all_steps() == [3]
@@ -136,8 +146,21 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(dirs, reference)
   _assert_params_close(params, H.params_at(reference, 3)[0], atol=1e-7)
 
 
-@pytest.mark.parametrize("arg", ["sample", "busi", "bus-bra", "ph2", "drive", "chase_db1", "folder",
-                                 "smoke", "busi,taef2,bf16", "ph2,stepwise"])
+@pytest.mark.parametrize(
+  "arg",
+  [
+    "sample",
+    "busi",
+    "bus-bra",
+    "ph2",
+    "drive",
+    "chase_db1",
+    "folder",
+    "smoke",
+    "busi,taef2,bf16",
+    "ph2,stepwise",
+  ],
+)
 def test_configs(arg):
   c = H.load_config(arg)
   dataset = "sample" if arg == "smoke" else arg.split(",")[0]
@@ -157,7 +180,8 @@ def test_configs(arg):
 
 
 def test_schedule_per_epoch_and_stepwise():
-  from gms_jax import step as step_lib  # pylint: disable=import-outside-toplevel
+  from gms_jax import step as step_lib
+
   c = H.load_config("busi")  # SPEC: warm-up 5 epochs from 0, cosine to 0 at epoch 1000
   per_epoch = step_lib.make_schedule(c, steps_per_epoch=10)
   lr = lambda s: float(per_epoch(s))  # noqa: E731
@@ -177,8 +201,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-_BATCH_LINE = re.compile(r"process (\d): local batch \((\d+), 16, 16, 3\) \(mean ([\d.]+)\) -> "
-                         r"global batch \((\d+), 16, 16, 3\) \(mean ([\d.]+)\)")
+_BATCH_LINE = re.compile(
+  r"process (\d): local batch \((\d+), 16, 16, 3\) \(mean ([\d.]+)\) -> "
+  r"global batch \((\d+), 16, 16, 3\) \(mean ([\d.]+)\)"
+)
 
 
 @pytest.mark.slow
@@ -187,11 +213,21 @@ def test_two_processes_jax_distributed(dirs):
   port = _free_port()
   procs = []
   for pid in range(2):
-    spec = _spec(dirs, "dist", overrides={**REF, "num_train_steps": 3},
-                 distributed={"initialize": True, "coordinator_address": f"localhost:{port}",
-                              "num_processes": 2, "process_id": pid, "timeout_s": 120})
-    procs.append(H.launch(spec, dirs["root"] / f"dist{pid}.json",
-                          env=H.subprocess_env(dirs["cache"])))
+    spec = _spec(
+      dirs,
+      "dist",
+      overrides={**REF, "num_train_steps": 3},
+      distributed={
+        "initialize": True,
+        "coordinator_address": f"localhost:{port}",
+        "num_processes": 2,
+        "process_id": pid,
+        "timeout_s": 120,
+      },
+    )
+    procs.append(
+      H.launch(spec, dirs["root"] / f"dist{pid}.json", env=H.subprocess_env(dirs["cache"]))
+    )
   outs = []
   try:
     for p in procs:

@@ -24,25 +24,60 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_wheel_installed_in_a_fresh_venv_trains_and_evaluates_from_any_folder(tmp_path):
   wheels = tmp_path / "wheels"
-  p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                      "-q", "-w", str(wheels), str(REPO)], capture_output=True, text=True,
-                     timeout=600, check=False)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "--no-deps",
+      "--no-build-isolation",
+      "-q",
+      "-w",
+      str(wheels),
+      str(REPO),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   (wheel,) = wheels.glob("gms_jax-*.whl")
   venv = tmp_path / "venv"
-  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                 timeout=120)
+  subprocess.run(
+    [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+  )
   py = venv / "bin" / "python"
-  purelib = Path(subprocess.check_output(
-      [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-      text=True).strip())
+  purelib = Path(
+    subprocess.check_output(
+      [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip()
+  )
   # The pinned requirements of this environment, but not its gms_jax (editable or not).
-  deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-          *site.getsitepackages()}
+  deps = {
+    sysconfig.get_paths()["purelib"],
+    sysconfig.get_paths()["platlib"],
+    *site.getsitepackages(),
+  }
   (purelib / "_test_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
-  p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                      "--target", str(purelib), str(wheel)], capture_output=True, text=True,
-                     timeout=300, check=False)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "install",
+      "-q",
+      "--no-deps",
+      "--target",
+      str(purelib),
+      str(wheel),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   scripts = tmp_path / "bin"
   scripts.mkdir()
@@ -53,18 +88,40 @@ def test_wheel_installed_in_a_fresh_venv_trains_and_evaluates_from_any_folder(tm
   elsewhere.mkdir()
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GMS_JAX_VERBOSE")}
   env["JAX_PLATFORMS"] = "cpu"
-  where = subprocess.check_output([str(py), "-c", "import gms_jax; print(gms_jax.__file__)"],
-                                  cwd=elsewhere, env=env, text=True).strip()
+  where = subprocess.check_output(
+    [str(py), "-c", "import gms_jax; print(gms_jax.__file__)"], cwd=elsewhere, env=env, text=True
+  ).strip()
   assert Path(where).is_relative_to(purelib), where  # the wheel's copy, not the checkout's
   workdir = tmp_path / "run"
-  p = subprocess.run([str(gms), "train", "--config", "smoke", "--workdir", str(workdir),
-                      f"--config.data.tfds_dir={tmp_path / 'tfds'}"], cwd=elsewhere, env=env,
-                     capture_output=True, text=True, timeout=900, check=False)
+  p = subprocess.run(
+    [
+      str(gms),
+      "train",
+      "--config",
+      "smoke",
+      "--workdir",
+      str(workdir),
+      f"--config.data.tfds_dir={tmp_path / 'tfds'}",
+    ],
+    cwd=elsewhere,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert p.returncode == 0, p.stderr[-4000:]
   config = json.loads((workdir / "config.json").read_text())
   assert config["data"]["name"] == "sample" and config["tokenizer"]["name"] == "taef2"
-  p = subprocess.run([str(gms), "evaluate", "--workdir", str(workdir)], cwd=elsewhere, env=env,
-                     capture_output=True, text=True, timeout=900, check=False)
+  p = subprocess.run(
+    [str(gms), "evaluate", "--workdir", str(workdir)],
+    cwd=elsewhere,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert p.returncode == 0, p.stderr[-4000:]
   summary = json.loads((workdir / "eval" / "sample-test" / "summary.json").read_text())
   assert "sample/test: n=8" in p.stdout and summary  # the packaged sample's test split

@@ -211,7 +211,7 @@ def get_config(arg="sample"):
       c.bank.num_views = 4
       c.fast.dice_steps = 30
       if "smoke" not in mods:  # sized for ~150 min on BUSI at 224² on the 2-core CPU (a plan
-        c.num_epochs = 95      # from measured pieces, README "The fast recipe"; not a result)
+        c.num_epochs = 95  # from measured pieces, README "The fast recipe"; not a result)
         c.schedule.warmup_epochs = 5
         c.log_every_steps = 100
     elif m == "accel":  # estimated best on v4-8 and H100 (benchmarks/RESULTS.md), fits both

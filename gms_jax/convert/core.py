@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Callable, Mapping
 
 import numpy as np
 
+from gms_jax.errors import ConversionError  # re-exported; one exception tree
+
 FLAX_FORMAT = "gms_jax.flax_params/v1"
-
-
-class ConversionError(ValueError):
-  """A checkpoint does not fit the target model; the message lists every problem."""
 
 
 # ----------------------------------------------------------------------------- reading
@@ -31,11 +28,12 @@ class ConversionError(ValueError):
 def torch_module():
   """``torch``, or an ImportError saying how to install it."""
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "Reading a PyTorch pickle (.ckpt/.pth/.bin) needs torch: pip install 'gms-jax[torch]' "
-        "(safetensors files need no torch).") from e
+      "Reading a PyTorch pickle (.ckpt/.pth/.bin) needs torch: pip install 'gms-jax[torch]' "
+      "(safetensors files need no torch)."
+    ) from e
   return torch
 
 
@@ -48,7 +46,8 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such checkpoint file")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import load_file
+
     try:
       sd = load_file(path)
     except Exception as e:  # safetensors raises several types for a bad header
@@ -58,7 +57,9 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
-    raise ConversionError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    raise ConversionError(
+      f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})"
+    ) from e
   if isinstance(obj, Mapping):
     for wrapper in ("state_dict", "model"):
       if wrapper in obj and isinstance(obj[wrapper], Mapping):
@@ -69,7 +70,9 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
   out = {}
   for k, v in obj.items():
     if hasattr(v, "detach"):
-      out[k] = v.detach().to(torch.float32).cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
+      out[k] = (
+        v.detach().to(torch.float32).cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
+      )
   return out
 
 
@@ -95,7 +98,9 @@ def to_flax_layout(name: str, arr: np.ndarray, target_shape: tuple[int, ...]) ->
   else:
     out = arr
   if tuple(out.shape) != target_shape:
-    raise ValueError(f"{name}: torch shape {tuple(arr.shape)} does not fit Flax shape {target_shape}")
+    raise ValueError(
+      f"{name}: torch shape {tuple(arr.shape)} does not fit Flax shape {target_shape}"
+    )
   return np.ascontiguousarray(out, dtype=np.float32)
 
 
@@ -104,7 +109,8 @@ def to_flax_layout(name: str, arr: np.ndarray, target_shape: tuple[int, ...]) ->
 
 def flat_shapes(abstract_state) -> dict[str, tuple[int, ...]]:
   """``{'a/b/kernel': shape}`` of an (abstract) ``nnx.State`` of parameters."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from flax import nnx
+
   out = {}
   for path, leaf in nnx.to_flat_state(abstract_state):
     value = leaf.get_value() if hasattr(leaf, "get_value") else leaf
@@ -113,12 +119,12 @@ def flat_shapes(abstract_state) -> dict[str, tuple[int, ...]]:
 
 
 def strict_convert(
-    state_dict: Mapping[str, np.ndarray],
-    key_map: Callable[[str], str | None],
-    target_shapes: Mapping[str, tuple[int, ...]],
-    *,
-    source: str = "checkpoint",
-    dedupe: Callable[[str], bool] | None = None,
+  state_dict: Mapping[str, np.ndarray],
+  key_map: Callable[[str], str | None],
+  target_shapes: Mapping[str, tuple[int, ...]],
+  *,
+  source: str = "checkpoint",
+  dedupe: Callable[[str], bool] | None = None,
 ) -> dict[str, np.ndarray]:
   """Maps every torch key to its Flax path; raises one error listing all problems.
 
@@ -166,7 +172,9 @@ def strict_convert(
   if duplicated:
     problems.append(f"mapped twice ({len(duplicated)}): " + ", ".join(duplicated))
   if problems:
-    raise ConversionError(f"{source}: checkpoint does not fit the model:\n  " + "\n  ".join(problems))
+    raise ConversionError(
+      f"{source}: checkpoint does not fit the model:\n  " + "\n  ".join(problems)
+    )
   n_expected = sum(int(np.prod(s)) for s in target_shapes.values())
   n_got = sum(int(v.size) for v in out.values())
   if n_expected != n_got:  # cannot happen if shapes match; a guard against a broken key map
@@ -179,39 +187,38 @@ def strict_convert(
 
 def save_params(path: str, flat: Mapping[str, np.ndarray], *, family: str, config: Mapping) -> None:
   """Writes flat Flax params to safetensors atomically (temp file in the same folder, then rename)."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  meta = {"format": FLAX_FORMAT, "family": family, "config": json.dumps(dict(config), sort_keys=True)}
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-  os.close(fd)
-  try:
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in flat.items()}, tmp, metadata=meta)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; the file gets the user's umask
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  from safetensors.numpy import save_file
+
+  from gms_jax import outputs
+
+  meta = {
+    "format": FLAX_FORMAT,
+    "family": family,
+    "config": json.dumps(dict(config), sort_keys=True),
+  }
+  arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in flat.items()}
+  outputs.write_atomic(
+    path, lambda tmp: save_file(arrays, tmp, metadata=meta), suffix=".safetensors"
+  )
 
 
 def is_flax_params_file(path: str) -> bool:
   """Whether ``path`` is a safetensors file written by :func:`save_params`."""
   if not (os.path.isfile(path) and path.endswith(".safetensors")):
     return False
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  from safetensors import safe_open
+
   try:
     with safe_open(path, framework="numpy") as f:
       return (f.metadata() or {}).get("format") == FLAX_FORMAT
-  except Exception:  # pylint: disable=broad-except  (unreadable: let the real loader report it)
+  except Exception:  # unreadable: let the real loader report it
     return False
 
 
 def load_params(path: str) -> tuple[dict[str, np.ndarray], str, dict]:
   """Reads a file written by :func:`save_params`: ``(flat params, family, config dict)``."""
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  from safetensors import safe_open
+
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such parameter file")
   try:
@@ -222,27 +229,31 @@ def load_params(path: str) -> tuple[dict[str, np.ndarray], str, dict]:
     raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
   if meta.get("format") != FLAX_FORMAT:
     raise ConversionError(
-        f"{path}: not a gms_jax Flax parameter file (metadata format={meta.get('format')!r}); "
-        "convert it first with `gms-jax convert`")
+      f"{path}: not a gms_jax Flax parameter file (metadata format={meta.get('format')!r}); "
+      "convert it first with `gms-jax convert`"
+    )
   return flat, meta["family"], json.loads(meta["config"])
 
 
-def check_flat(flat: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], *,
-               source: str = "params") -> None:
+def check_flat(
+  flat: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], *, source: str = "params"
+) -> None:
   """Raises one ConversionError unless ``flat`` has exactly the paths and shapes of ``shapes``."""
   missing = sorted(set(shapes) - set(flat))
   unexpected = sorted(set(flat) - set(shapes))
   bad = sorted(k for k in set(shapes) & set(flat) if tuple(flat[k].shape) != tuple(shapes[k]))
   if missing or unexpected or bad:
     raise ConversionError(
-        f"{source}: parameters do not fit the model: missing {missing}, unexpected {unexpected}, "
-        f"shape mismatch {[(k, tuple(flat[k].shape), tuple(shapes[k])) for k in bad]}")
+      f"{source}: parameters do not fit the model: missing {missing}, unexpected {unexpected}, "
+      f"shape mismatch {[(k, tuple(flat[k].shape), tuple(shapes[k])) for k in bad]}"
+    )
 
 
 def apply_flat(model, flat: Mapping[str, np.ndarray], *, source: str = "params") -> None:
   """Loads flat ``/``-joined params into an NNX model in place, strictly (same keys, same shapes)."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
+  from flax import nnx
+
   state = nnx.state(model, nnx.Param)
   check_flat(flat, flat_shapes(state), source=source)
   flat_state = nnx.to_flat_state(state)
@@ -255,7 +266,8 @@ def apply_flat(model, flat: Mapping[str, np.ndarray], *, source: str = "params")
 
 def model_to_flat(model) -> dict[str, np.ndarray]:
   """Flat ``/``-joined numpy params of an NNX model (inverse of :func:`apply_flat`)."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from flax import nnx
+
   out = {}
   for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     value = leaf.get_value()

@@ -24,8 +24,12 @@ from gms_jax import errors
 from gms_jax.convert import core
 
 PREFIX = "hf:"
-TAE_REPOS = {"madebyollin/taesd": "taesd", "madebyollin/taesdxl": "taesdxl",
-             "madebyollin/taef1": "taef1", "madebyollin/taesd3": "taesd3"}
+TAE_REPOS = {
+  "madebyollin/taesd": "taesd",
+  "madebyollin/taesdxl": "taesdxl",
+  "madebyollin/taef1": "taef1",
+  "madebyollin/taesd3": "taesd3",
+}
 _SD_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -38,7 +42,8 @@ def parse(spec: str) -> tuple[str, str | None, str]:
   m = re.fullmatch(r"hf:([\w.-]+/[\w.-]+?)(?:@([\w.-]+))?(?:/([\w./-]+?))?/?", str(spec))
   if not m:
     raise errors.ConfigError(
-        f"{spec}: not a Hugging Face id; expected hf:OWNER/REPO[@REVISION][/SUBFOLDER]")
+      f"{spec}: not a Hugging Face id; expected hf:OWNER/REPO[@REVISION][/SUBFOLDER]"
+    )
   return m[1], m[2], m[3] or ""
 
 
@@ -48,7 +53,8 @@ def family_of(spec: str) -> str:
 
 
 def _offline() -> bool:
-  from huggingface_hub import constants  # pylint: disable=import-outside-toplevel
+  from huggingface_hub import constants
+
   return bool(constants.HF_HUB_OFFLINE)
 
 
@@ -61,31 +67,40 @@ def _fetch_hint(repo: str, revision: str | None, sub: str) -> str:
 def _download(spec: str, filename: str) -> str:
   """One file of the id, from the cache or the Hub; errors are one line naming the id."""
   try:
-    import huggingface_hub  # pylint: disable=import-outside-toplevel
+    import huggingface_hub
   except ImportError as e:
     raise ImportError(f"{spec}: hf: ids need huggingface_hub (pip install huggingface_hub)") from e
-  from huggingface_hub import errors as hf_errors  # pylint: disable=import-outside-toplevel
+  from huggingface_hub import errors as hf_errors
+
   repo, revision, sub = parse(spec)
   try:
-    return huggingface_hub.hf_hub_download(repo, filename, subfolder=sub or None, revision=revision,
-                                           local_files_only=_offline())
+    return huggingface_hub.hf_hub_download(
+      repo, filename, subfolder=sub or None, revision=revision, local_files_only=_offline()
+    )
   except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
-    from huggingface_hub import constants  # pylint: disable=import-outside-toplevel
+    from huggingface_hub import constants
+
     why = "HF_HUB_OFFLINE=1" if _offline() else "the Hub cannot be reached"
     raise errors.MissingPathError(
-        f"{spec}: {os.path.join(sub, filename)} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-        f"and {why}; fetch it once with {_fetch_hint(repo, revision, sub)}") from e
-  except (hf_errors.EntryNotFoundError, hf_errors.RepositoryNotFoundError,
-          hf_errors.RevisionNotFoundError) as e:
+      f"{spec}: {os.path.join(sub, filename)} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+      f"and {why}; fetch it once with {_fetch_hint(repo, revision, sub)}"
+    ) from e
+  except (
+    hf_errors.EntryNotFoundError,
+    hf_errors.RepositoryNotFoundError,
+    hf_errors.RevisionNotFoundError,
+  ) as e:
     raise errors.MissingPathError(f"{spec}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def _fallback(converted: str) -> str:
   """Where the converted file goes when the Hugging Face cache is not writable."""
-  from huggingface_hub import constants  # pylint: disable=import-outside-toplevel
+  from huggingface_hub import constants
+
   rel = os.path.relpath(converted, constants.HF_HUB_CACHE)
-  return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                      "gms_jax", "hf", rel)
+  return os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gms_jax", "hf", rel
+  )
 
 
 def resolve(spec: str, family: str) -> str:
@@ -93,8 +108,9 @@ def resolve(spec: str, family: str) -> str:
   want = family_of(spec)
   if family != want:
     raise errors.ConfigError(
-        f"{spec}: holds a {want!r} tokenizer but the config names {family!r} "
-        f"(set --config.tokenizer.name={'taesd' if want == 'tae' else 'sd-vae'})")
+      f"{spec}: holds a {want!r} tokenizer but the config names {family!r} "
+      f"(set --config.tokenizer.name={'taesd' if want == 'tae' else 'sd-vae'})"
+    )
   repo, _, _ = parse(spec)
   if want == "tae":
     name = TAE_REPOS[repo]
@@ -114,10 +130,12 @@ def resolve(spec: str, family: str) -> str:
     if os.path.isfile(candidate):
       return candidate
   if want == "tae":
-    from gms_jax.convert import tae  # pylint: disable=import-outside-toplevel
+    from gms_jax.convert import tae
+
     flat, cfg = tae.load_tae(*files)
   else:
-    from gms_jax.convert import sd_vae  # pylint: disable=import-outside-toplevel
+    from gms_jax.convert import sd_vae
+
     weights, err = None, None
     for name in _SD_WEIGHTS:  # safetensors first: no torch needed
       try:

@@ -13,6 +13,7 @@ import re
 from typing import Mapping
 
 import numpy as np
+
 from gms_jax.convert import core
 from gms_jax.models import latent_mapper
 from gms_jax.models.latent_mapper import MapperConfig
@@ -57,11 +58,13 @@ def key_map(key: str) -> str | None:
 def _strip_module_prefix(state_dict: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
   """A model saved from ``nn.DataParallel`` has every key prefixed ``module.``."""
   if state_dict and all(k.startswith("module.") for k in state_dict):
-    return {k[len("module."):]: v for k, v in state_dict.items()}
+    return {k[len("module.") :]: v for k, v in state_dict.items()}
   return state_dict
 
 
-def _resolve_prelu_aliases(state_dict: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+def _resolve_prelu_aliases(
+  state_dict: Mapping[str, np.ndarray], source: str
+) -> dict[str, np.ndarray]:
   """Drops ``act{i}.weight`` aliases (after checking them) or renames a lone alias to its canonical key."""
   sd = dict(state_dict)
   differing = []
@@ -71,13 +74,15 @@ def _resolve_prelu_aliases(state_dict: Mapping[str, np.ndarray], source: str) ->
     alias = sd.pop(key)
     if canonical not in sd:
       sd[canonical] = alias
-    elif (np.shape(alias) != np.shape(sd[canonical])
-          or not np.array_equal(np.asarray(alias), np.asarray(sd[canonical]))):
+    elif np.shape(alias) != np.shape(sd[canonical]) or not np.array_equal(
+      np.asarray(alias), np.asarray(sd[canonical])
+    ):
       differing.append(f"{key} != {canonical}")
   if differing:
     raise core.ConversionError(
-        f"{source}: PReLU aliases hold different values (they must be the same tensor): "
-        + ", ".join(differing))
+      f"{source}: PReLU aliases hold different values (they must be the same tensor): "
+      + ", ".join(differing)
+    )
   return sd
 
 
@@ -91,8 +96,12 @@ def target_shapes(cfg: MapperConfig) -> dict[str, tuple[int, ...]]:
   return dict(_target_shapes(cfg))
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], cfg: MapperConfig = MapperConfig(), *,
-                       source: str = "checkpoint") -> dict[str, np.ndarray]:
+def convert_state_dict(
+  state_dict: Mapping[str, np.ndarray],
+  cfg: MapperConfig = MapperConfig(),
+  *,
+  source: str = "checkpoint",
+) -> dict[str, np.ndarray]:
   """GMS mapper state dict -> flat Flax params for ``ResAttnUNet_DS(cfg)`` (strict)."""
   sd = _resolve_prelu_aliases(_strip_module_prefix(state_dict), source)
   return core.strict_convert(sd, key_map, target_shapes(cfg), source=source)
@@ -106,8 +115,9 @@ def infer_config(state_dict: Mapping[str, np.ndarray]) -> MapperConfig:
     w_out = state_dict["convds0.2.weight"]
   except KeyError as e:
     raise core.ConversionError(f"not a GMS mapper state dict: no {e.args[0]!r}") from e
-  return MapperConfig(in_channels=int(w_in.shape[1]), out_channels=int(w_out.shape[0]),
-                      ch=int(w_in.shape[0]))
+  return MapperConfig(
+    in_channels=int(w_in.shape[1]), out_channels=int(w_out.shape[0]), ch=int(w_in.shape[0])
+  )
 
 
 def load_gms_mapper(path: str) -> tuple[dict[str, np.ndarray], MapperConfig]:

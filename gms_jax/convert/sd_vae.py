@@ -36,10 +36,24 @@ ConversionError = core.ConversionError
 _LDM_PREFIXES = ("first_stage_model.", "vae.")
 _IGNORED_PREFIXES = ("loss.", "model_ema.")
 _NORMS = {"norm1", "norm2", "norm", "norm_out"}
-_ATTN_DIFFUSERS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-                   "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
-_RESNET_DIFFUSERS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
-                     "conv_shortcut": "nin_shortcut"}
+_ATTN_DIFFUSERS = {
+  "group_norm": "norm",
+  "to_q": "q",
+  "to_k": "k",
+  "to_v": "v",
+  "to_out.0": "proj_out",
+  "query": "q",
+  "key": "k",
+  "value": "v",
+  "proj_attn": "proj_out",
+}
+_RESNET_DIFFUSERS = {
+  "norm1": "norm1",
+  "conv1": "conv1",
+  "norm2": "norm2",
+  "conv2": "conv2",
+  "conv_shortcut": "nin_shortcut",
+}
 _RESNET_LDM = {"norm1", "conv1", "norm2", "conv2", "nin_shortcut"}
 _ATTN_LDM = {"norm", "q", "k", "v", "proj_out"}
 
@@ -51,7 +65,8 @@ def target_shapes(cfg: AutoencoderKLConfig) -> dict[str, tuple[int, ...]]:
 
 @functools.lru_cache(maxsize=8)
 def _target_shapes(cfg: AutoencoderKLConfig) -> dict[str, tuple[int, ...]]:
-  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from flax import nnx
+
   model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
   return core.flat_shapes(nnx.state(model, nnx.Param))
 
@@ -93,7 +108,9 @@ def _diffusers_module(mod: str, n_levels: int) -> str:
     return f"{m.group(1)}.{'norm_out' if m.group(2) == 'conv_norm_out' else m.group(2)}"
   if mod in ("quant_conv", "post_quant_conv"):
     return mod
-  m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(resnets\.(\d+)\.(\w+)|downsamplers\.0\.conv)", mod)
+  m = re.fullmatch(
+    r"encoder\.down_blocks\.(\d+)\.(resnets\.(\d+)\.(\w+)|downsamplers\.0\.conv)", mod
+  )
   if m:
     i = m.group(1)
     if m.group(3) is None:
@@ -124,8 +141,9 @@ def detect_naming(keys) -> str:
   if any(re.search(r"(^|\.)(encoder|decoder)\.(down|up|mid)\.", k) for k in keys):
     return "ldm"
   raise ConversionError(
-      "cannot tell the checkpoint's naming (no diffusers 'down_blocks/up_blocks/mid_block' and no "
-      f"LDM 'encoder.down/decoder.up/mid' keys); first keys: {keys[:5]}")
+    "cannot tell the checkpoint's naming (no diffusers 'down_blocks/up_blocks/mid_block' and no "
+    f"LDM 'encoder.down/decoder.up/mid' keys); first keys: {keys[:5]}"
+  )
 
 
 def make_key_map(naming: str, cfg: AutoencoderKLConfig, *, prefix: str = ""):
@@ -136,7 +154,7 @@ def make_key_map(naming: str, cfg: AutoencoderKLConfig, *, prefix: str = ""):
     if prefix:
       if not key.startswith(prefix):
         return None  # another part of a full LDM checkpoint (unet, text encoder, ...)
-      key = key[len(prefix):]
+      key = key[len(prefix) :]
     if key.startswith(_IGNORED_PREFIXES):
       return None
     if "." not in key:
@@ -158,8 +176,9 @@ def _squeeze_conv1d(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
   return out
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], cfg: AutoencoderKLConfig, *,
-                       source: str = "checkpoint") -> dict[str, np.ndarray]:
+def convert_state_dict(
+  state_dict: Mapping[str, Any], cfg: AutoencoderKLConfig, *, source: str = "checkpoint"
+) -> dict[str, np.ndarray]:
   """Any supported SD VAE state dict (torch tensors or numpy) → flat Flax params for ``cfg``."""
   sd = {}
   for k, v in state_dict.items():
@@ -168,9 +187,13 @@ def convert_state_dict(state_dict: Mapping[str, Any], cfg: AutoencoderKLConfig, 
     sd[k] = v
   sd = _squeeze_conv1d(sd)
   prefix = next((p for p in _LDM_PREFIXES if any(k.startswith(p) for k in sd)), "")
-  naming = detect_naming(k[len(prefix):] for k in sd if k.startswith(prefix))
-  return core.strict_convert(sd, make_key_map(naming, cfg, prefix=prefix), target_shapes(cfg),
-                             source=f"{source} ({naming} naming)")
+  naming = detect_naming(k[len(prefix) :] for k in sd if k.startswith(prefix))
+  return core.strict_convert(
+    sd,
+    make_key_map(naming, cfg, prefix=prefix),
+    target_shapes(cfg),
+    source=f"{source} ({naming} naming)",
+  )
 
 
 # ----------------------------------------------------------------------------- configs and files
@@ -191,21 +214,24 @@ def config_from_diffusers_json(d: Mapping[str, Any]) -> AutoencoderKLConfig:
       problems.append(f"{key}={d[key]!r} (only {want!r} is supported)")
   if d.get("shift_factor") not in (None, 0, 0.0):
     problems.append(f"shift_factor={d['shift_factor']!r} (only none is supported)")
-  for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+  for key, want in (
+    ("down_block_types", "DownEncoderBlock2D"),
+    ("up_block_types", "UpDecoderBlock2D"),
+  ):
     if any(t != want for t in d.get(key, ())):
       problems.append(f"{key}={d[key]!r} (only {want} is supported)")
   if problems:
     raise ConversionError("unsupported diffusers AutoencoderKL config: " + "; ".join(problems))
   default = AutoencoderKLConfig()
   return AutoencoderKLConfig(
-      in_channels=int(d.get("in_channels", default.in_channels)),
-      out_channels=int(d.get("out_channels", default.out_channels)),
-      block_out_channels=tuple(d.get("block_out_channels", default.block_out_channels)),
-      layers_per_block=int(d.get("layers_per_block", default.layers_per_block)),
-      latent_channels=int(d.get("latent_channels", default.latent_channels)),
-      norm_num_groups=int(d.get("norm_num_groups", default.norm_num_groups)),
-      scaling_factor=float(d.get("scaling_factor") or default.scaling_factor),
-      mid_attention=bool(d.get("mid_block_add_attention", True)),
+    in_channels=int(d.get("in_channels", default.in_channels)),
+    out_channels=int(d.get("out_channels", default.out_channels)),
+    block_out_channels=tuple(d.get("block_out_channels", default.block_out_channels)),
+    layers_per_block=int(d.get("layers_per_block", default.layers_per_block)),
+    latent_channels=int(d.get("latent_channels", default.latent_channels)),
+    norm_num_groups=int(d.get("norm_num_groups", default.norm_num_groups)),
+    scaling_factor=float(d.get("scaling_factor") or default.scaling_factor),
+    mid_attention=bool(d.get("mid_block_add_attention", True)),
   )
 
 
@@ -213,24 +239,41 @@ def config_from_diffusers_json(d: Mapping[str, Any]) -> AutoencoderKLConfig:
 
 # The fields the weights determine; the rest (GroupNorm groups and eps, the latent scale) cannot be
 # read from tensor shapes and come from a diffusers config.json, an explicit config or the SD defaults.
-INFERRED_FIELDS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
-                   "latent_channels", "mid_attention")
+INFERRED_FIELDS = (
+  "in_channels",
+  "out_channels",
+  "block_out_channels",
+  "layers_per_block",
+  "latent_channels",
+  "mid_attention",
+)
 _PATTERNS = {  # naming -> (encoder resnet conv1 (level, block), decoder resnet (level, block), mid attention)
-    "ldm": (r"encoder\.down\.(\d+)\.block\.(\d+)\.conv1\.weight", r"decoder\.up\.(\d+)\.block\.(\d+)\.conv1\.weight",
-            "encoder.mid.attn_1.", r"(encoder\.down|decoder\.up)\.\d+\.attn\."),
-    "diffusers": (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight",
-                  r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight",
-                  "encoder.mid_block.attentions.0.", r"(encoder\.down|decoder\.up)_blocks\.\d+\.attentions\."),
+  "ldm": (
+    r"encoder\.down\.(\d+)\.block\.(\d+)\.conv1\.weight",
+    r"decoder\.up\.(\d+)\.block\.(\d+)\.conv1\.weight",
+    "encoder.mid.attn_1.",
+    r"(encoder\.down|decoder\.up)\.\d+\.attn\.",
+  ),
+  "diffusers": (
+    r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight",
+    r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight",
+    "encoder.mid_block.attentions.0.",
+    r"(encoder\.down|decoder\.up)_blocks\.\d+\.attentions\.",
+  ),
 }
 
 
 def _strip(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
   prefix = next((p for p in _LDM_PREFIXES if any(k.startswith(p) for k in state_dict)), "")
-  return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
+  return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
 
 
-def infer_config(state_dict: Mapping[str, Any], *, source: str = "checkpoint",
-                 base: AutoencoderKLConfig | None = None) -> AutoencoderKLConfig:
+def infer_config(
+  state_dict: Mapping[str, Any],
+  *,
+  source: str = "checkpoint",
+  base: AutoencoderKLConfig | None = None,
+) -> AutoencoderKLConfig:
   """The architecture an SD-VAE state dict (either naming) holds, from tensor shapes and key counts.
 
   Fields outside :data:`INFERRED_FIELDS` come from ``base`` (default: the SD config, SPEC §1).
@@ -250,50 +293,79 @@ def infer_config(state_dict: Mapping[str, Any], *, source: str = "checkpoint",
       dec.setdefault(int(m[1]), set()).add(int(m[2]))
   problems = []
   if not enc or sorted(enc) != list(range(len(enc))):
-    raise ConversionError(f"{source} ({naming} naming): cannot read the encoder levels (found {sorted(enc)})")
+    raise ConversionError(
+      f"{source} ({naming} naming): cannot read the encoder levels (found {sorted(enc)})"
+    )
   blocks = {i: len(b) for i, b in enc.items()}
   if len(set(blocks.values())) != 1:
     problems.append(f"encoder levels have different block counts {blocks}")
   layers = blocks[0]
   dec_blocks = sorted({len(b) for b in dec.values()})
   if len(dec) != len(enc) or dec_blocks != [layers + 1]:
-    problems.append(f"decoder has {len(dec)} levels of {dec_blocks} blocks; expected {len(enc)} "
-                    f"levels of {layers + 1}")
+    problems.append(
+      f"decoder has {len(dec)} levels of {dec_blocks} blocks; expected {len(enc)} "
+      f"levels of {layers + 1}"
+    )
   if any(re.match(level_attn, k) for k in sd):
-    problems.append("attention blocks inside the resolution levels (attn_resolutions) are not supported")
+    problems.append(
+      "attention blocks inside the resolution levels (attn_resolutions) are not supported"
+    )
   try:
     conv_in = np.shape(sd["encoder.conv_in.weight"])
     conv_out = np.shape(sd["decoder.conv_out.weight"])
     post_quant = np.shape(sd["post_quant_conv.weight"])
   except KeyError as e:
-    raise ConversionError(f"{source} ({naming} naming): no {e.args[0]!r}; not an AutoencoderKL") from e
+    raise ConversionError(
+      f"{source} ({naming} naming): no {e.args[0]!r}; not an AutoencoderKL"
+    ) from e
   if problems:
-    raise ConversionError(f"{source} ({naming} naming): unsupported VAE architecture: " + "; ".join(problems))
+    raise ConversionError(
+      f"{source} ({naming} naming): unsupported VAE architecture: " + "; ".join(problems)
+    )
   base = base or AutoencoderKLConfig.sd()
-  fields = dict(in_channels=int(conv_in[1]), out_channels=int(conv_out[0]),
-                block_out_channels=tuple(int(enc[i][0][0]) for i in range(len(enc))),
-                layers_per_block=int(layers), latent_channels=int(post_quant[0]),
-                mid_attention=any(k.startswith(mid_attn) for k in sd))
+  fields = dict(
+    in_channels=int(conv_in[1]),
+    out_channels=int(conv_out[0]),
+    block_out_channels=tuple(int(enc[i][0][0]) for i in range(len(enc))),
+    layers_per_block=int(layers),
+    latent_channels=int(post_quant[0]),
+    mid_attention=any(k.startswith(mid_attn) for k in sd),
+  )
   try:
     return dataclasses.replace(base, **fields)
   except ValueError as e:  # e.g. widths not divisible by the (assumed) GroupNorm group count
-    raise ConversionError(f"{source}: inferred {fields} does not fit: {e}; GroupNorm groups cannot be "
-                          "read from the weights: give the VAE's config.json") from e
+    raise ConversionError(
+      f"{source}: inferred {fields} does not fit: {e}; GroupNorm groups cannot be "
+      "read from the weights: give the VAE's config.json"
+    ) from e
 
 
-def check_against(cfg: AutoencoderKLConfig, inferred: AutoencoderKLConfig, *, source: str,
-                  given: str = "the given config") -> None:
+def check_against(
+  cfg: AutoencoderKLConfig,
+  inferred: AutoencoderKLConfig,
+  *,
+  source: str,
+  given: str = "the given config",
+) -> None:
   """One ConversionError naming every inferred field where ``cfg`` contradicts the weights."""
-  bad = [f"{f}={getattr(cfg, f)!r} (weights: {getattr(inferred, f)!r})" for f in INFERRED_FIELDS
-         if getattr(cfg, f) != getattr(inferred, f)]
+  bad = [
+    f"{f}={getattr(cfg, f)!r} (weights: {getattr(inferred, f)!r})"
+    for f in INFERRED_FIELDS
+    if getattr(cfg, f) != getattr(inferred, f)
+  ]
   if bad:
     raise ConversionError(f"{source}: {given} contradicts the weights: " + ", ".join(bad))
 
 
-def resolve_config(state_dict: Mapping[str, Any], *, source: str,
-                   cfg: AutoencoderKLConfig | None = None, file_cfg: AutoencoderKLConfig | None = None,
-                   file_name: str = "config.json", scaling_factor: float | None = None
-                   ) -> AutoencoderKLConfig:
+def resolve_config(
+  state_dict: Mapping[str, Any],
+  *,
+  source: str,
+  cfg: AutoencoderKLConfig | None = None,
+  file_cfg: AutoencoderKLConfig | None = None,
+  file_name: str = "config.json",
+  scaling_factor: float | None = None,
+) -> AutoencoderKLConfig:
   """The weights' architecture, checked against a diffusers ``config.json`` (``file_cfg``) and an
   explicit ``cfg``; groups/eps/scale from ``cfg``, else ``file_cfg``, else SD; ``scaling_factor``
   overrides the scale."""
@@ -311,9 +383,9 @@ def resolve_config(state_dict: Mapping[str, Any], *, source: str,
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-def load_diffusers(path: str, *, cfg: AutoencoderKLConfig | None = None,
-                   scaling_factor: float | None = None
-                   ) -> tuple[dict[str, np.ndarray], AutoencoderKLConfig]:
+def load_diffusers(
+  path: str, *, cfg: AutoencoderKLConfig | None = None, scaling_factor: float | None = None
+) -> tuple[dict[str, np.ndarray], AutoencoderKLConfig]:
   """A diffusers VAE folder (``config.json`` + weights; a pipeline folder with ``vae/`` works too)
   or a bare weights file → ``(flat params, config)``.
 
@@ -326,7 +398,8 @@ def load_diffusers(path: str, *, cfg: AutoencoderKLConfig | None = None,
   if os.path.isdir(path):
     folder = path
     if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
-        os.path.join(folder, "vae", "config.json")):
+      os.path.join(folder, "vae", "config.json")
+    ):
       folder = os.path.join(folder, "vae")
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
@@ -336,21 +409,33 @@ def load_diffusers(path: str, *, cfg: AutoencoderKLConfig | None = None,
         file_cfg = config_from_diffusers_json(json.load(f))
       except ConversionError as e:
         raise ConversionError(f"{cfg_path}: {e}") from None
-    weights = next((os.path.join(folder, w) for w in _DIFFUSERS_WEIGHTS
-                    if os.path.isfile(os.path.join(folder, w))), None)
+    weights = next(
+      (
+        os.path.join(folder, w)
+        for w in _DIFFUSERS_WEIGHTS
+        if os.path.isfile(os.path.join(folder, w))
+      ),
+      None,
+    )
     if weights is None:
       raise FileNotFoundError(f"{folder}: none of {list(_DIFFUSERS_WEIGHTS)} found")
   else:
     weights = path
   sd = core.load_torch_file(weights)
-  cfg = resolve_config(sd, source=weights, cfg=cfg, file_cfg=file_cfg, file_name=cfg_path or "",
-                       scaling_factor=scaling_factor)
+  cfg = resolve_config(
+    sd,
+    source=weights,
+    cfg=cfg,
+    file_cfg=file_cfg,
+    file_name=cfg_path or "",
+    scaling_factor=scaling_factor,
+  )
   return convert_state_dict(sd, cfg, source=weights), cfg
 
 
-def load_ldm(path: str, *, cfg: AutoencoderKLConfig | None = None,
-             scaling_factor: float | None = None
-             ) -> tuple[dict[str, np.ndarray], AutoencoderKLConfig]:
+def load_ldm(
+  path: str, *, cfg: AutoencoderKLConfig | None = None, scaling_factor: float | None = None
+) -> tuple[dict[str, np.ndarray], AutoencoderKLConfig]:
   """An LDM/CompVis checkpoint (``.ckpt`` pickle ``{"state_dict": ...}`` or ``.safetensors``) →
   ``(flat params, config)``.  The architecture is read from the weights and checked against
   ``cfg`` when given; the scale is ``scaling_factor``, else ``cfg``'s, else SD's 0.18215."""
@@ -359,8 +444,9 @@ def load_ldm(path: str, *, cfg: AutoencoderKLConfig | None = None,
   return convert_state_dict(sd, cfg, source=path), cfg
 
 
-def load(path: str, *, cfg: AutoencoderKLConfig | None = None, scaling_factor: float | None = None
-         ) -> tuple[dict[str, np.ndarray], AutoencoderKLConfig]:
+def load(
+  path: str, *, cfg: AutoencoderKLConfig | None = None, scaling_factor: float | None = None
+) -> tuple[dict[str, np.ndarray], AutoencoderKLConfig]:
   """The family loader (:data:`gms_jax.tokenizers.REGISTRY`): a diffusers folder or bare
   ``.safetensors`` / ``.bin`` (:func:`load_diffusers`), else an LDM checkpoint (:func:`load_ldm`)."""
   if os.path.isdir(path) or path.endswith((".safetensors", ".bin")):

@@ -59,8 +59,9 @@ def target_shapes(cfg: TAEConfig) -> dict[str, tuple[int, ...]]:
   return dict(_target_shapes(cfg))
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], cfg: TAEConfig, *,
-                       source: str = "checkpoint") -> dict[str, np.ndarray]:
+def convert_state_dict(
+  state_dict: Mapping[str, np.ndarray], cfg: TAEConfig, *, source: str = "checkpoint"
+) -> dict[str, np.ndarray]:
   """``{encoder.*, decoder.*}`` torch state dict -> flat Flax params of ``TAE(cfg)`` (strict)."""
   return core.strict_convert(state_dict, key_map, target_shapes(cfg), source=source)
 
@@ -75,7 +76,8 @@ def infer_config(state_dict: Mapping[str, np.ndarray], *, source: str = "checkpo
     raise core.ConversionError(f"{source}: not a TAESD-family state dict: no {e.args[0]!r}") from e
   if enc_out != dec_in:
     raise core.ConversionError(
-        f"{source}: encoder emits {enc_out} latent channels but the decoder takes {dec_in}")
+      f"{source}: encoder emits {enc_out} latent channels but the decoder takes {dec_in}"
+    )
   enc_gn = any(re.match(r"encoder\.\d+\.pool\.", k) for k in state_dict)
   dec_gn = any(re.match(r"decoder\.\d+\.pool\.", k) for k in state_dict)
   if enc_gn != dec_gn:
@@ -101,11 +103,14 @@ def find_pair(folder: str) -> tuple[str, str]:
     return preferred[0], preferred[1]
   found = {}
   for side in ("encoder", "decoder"):
-    found[side] = sorted(p for ext in ("pth", "safetensors")
-                         for p in glob.glob(os.path.join(folder, f"*{side}.{ext}")))
+    found[side] = sorted(
+      p for ext in ("pth", "safetensors") for p in glob.glob(os.path.join(folder, f"*{side}.{ext}"))
+    )
   if len(found["encoder"]) != 1 or len(found["decoder"]) != 1:
-    raise FileNotFoundError(f"{folder}: expected exactly one *encoder and one *decoder weight file, "
-                            f"found {found['encoder'] + found['decoder'] or 'none'}")
+    raise FileNotFoundError(
+      f"{folder}: expected exactly one *encoder and one *decoder weight file, "
+      f"found {found['encoder'] + found['decoder'] or 'none'}"
+    )
   return found["encoder"][0], found["decoder"][0]
 
 
@@ -122,8 +127,9 @@ def load(path: str, *, cfg: TAEConfig | None = None) -> tuple[dict[str, np.ndarr
   pair (:func:`find_pair`); ``cfg``, when given, must be what the weights hold."""
   if not os.path.isdir(path):
     raise FileNotFoundError(
-        f"{path}: expected a folder with taef2_encoder.pth/taef2_decoder.pth (or one *encoder / "
-        "*decoder pair) or a converted gms_jax .safetensors")
+      f"{path}: expected a folder with taef2_encoder.pth/taef2_decoder.pth (or one *encoder / "
+      "*decoder pair) or a converted gms_jax .safetensors"
+    )
   flat, got = load_tae(*find_pair(path))
   if cfg is not None and cfg != got:
     raise core.ConversionError(f"{path}: the given config {cfg} contradicts the weights ({got})")

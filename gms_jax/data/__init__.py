@@ -10,8 +10,8 @@ __all__ = ["DataError"]
 
 
 def __getattr__(name):
-    if name == "DataError":
-        from gms_jax.data.checks import DataError
+  if name == "DataError":
+    from gms_jax.data.checks import DataError
 
-        return DataError
-    raise AttributeError(f"module 'gms_jax.data' has no attribute {name!r}")
+    return DataError
+  raise AttributeError(f"module 'gms_jax.data' has no attribute {name!r}")

@@ -62,12 +62,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # our import only; `import albumentations.pytorch` still works afterwards.
 _hide_torch_bridge = "albumentations" not in sys.modules and "torch" not in sys.modules
 if _hide_torch_bridge:
-    sys.modules["albumentations.pytorch"] = None  # type: ignore[assignment]
+  sys.modules["albumentations.pytorch"] = None  # type: ignore[assignment]
 try:
-    import albumentations as A  # noqa: E402
+  import albumentations as A  # noqa: E402
 finally:
-    if _hide_torch_bridge:
-        del sys.modules["albumentations.pytorch"]
+  if _hide_torch_bridge:
+    del sys.modules["albumentations.pytorch"]
 
 # The original probabilities and ranges (SPEC §3).
 HFLIP_P = 0.5
@@ -107,160 +107,168 @@ SCANNER_NOISE_P = 0.2
 
 
 def shift_scale_rotate(p: float = SHIFT_SCALE_ROTATE_P) -> A.Affine:
-    """albumentations 1.x ``ShiftScaleRotate(0.15, 0.1, 20)`` expressed as a 2.x ``Affine``."""
-    return A.Affine(
-        translate_percent={"x": (-SHIFT_LIMIT, SHIFT_LIMIT), "y": (-SHIFT_LIMIT, SHIFT_LIMIT)},
-        scale=(1.0 - SCALE_LIMIT, 1.0 + SCALE_LIMIT),
-        keep_ratio=True,  # one isotropic scale, as 1.x ShiftScaleRotate
-        rotate=(-ROTATE_LIMIT, ROTATE_LIMIT),
-        shear=0.0,
-        interpolation=cv2.INTER_LINEAR,
-        mask_interpolation=cv2.INTER_NEAREST,
-        border_mode=BORDER_MODE,
-        fit_output=False,
-        p=p,
-    )
+  """albumentations 1.x ``ShiftScaleRotate(0.15, 0.1, 20)`` expressed as a 2.x ``Affine``."""
+  return A.Affine(
+    translate_percent={"x": (-SHIFT_LIMIT, SHIFT_LIMIT), "y": (-SHIFT_LIMIT, SHIFT_LIMIT)},
+    scale=(1.0 - SCALE_LIMIT, 1.0 + SCALE_LIMIT),
+    keep_ratio=True,  # one isotropic scale, as 1.x ShiftScaleRotate
+    rotate=(-ROTATE_LIMIT, ROTATE_LIMIT),
+    shear=0.0,
+    interpolation=cv2.INTER_LINEAR,
+    mask_interpolation=cv2.INTER_NEAREST,
+    border_mode=BORDER_MODE,
+    fit_output=False,
+    p=p,
+  )
 
 
 def intensity_transforms() -> list:
-    """The optional image-only intensity changes (not SPEC §3; see INTENSITY_*)."""
-    return [
-        A.RandomBrightnessContrast(brightness_limit=INTENSITY_BRIGHTNESS,
-                                   contrast_limit=INTENSITY_CONTRAST, p=INTENSITY_BC_P),
-        A.RandomGamma(gamma_limit=INTENSITY_GAMMA, p=INTENSITY_GAMMA_P),
-    ]
+  """The optional image-only intensity changes (not SPEC §3; see INTENSITY_*)."""
+  return [
+    A.RandomBrightnessContrast(
+      brightness_limit=INTENSITY_BRIGHTNESS, contrast_limit=INTENSITY_CONTRAST, p=INTENSITY_BC_P
+    ),
+    A.RandomGamma(gamma_limit=INTENSITY_GAMMA, p=INTENSITY_GAMMA_P),
+  ]
 
 
 def scanner_transforms() -> list:
-    """The optional image-only scanner-look changes (not SPEC §3; see SCANNER_*)."""
-    return [
-        A.OneOf([A.GaussianBlur(blur_limit=0, sigma_limit=SCANNER_BLUR_SIGMA),
-                 A.Sharpen(alpha=SCANNER_SHARPEN_ALPHA, lightness=(1.0, 1.0))],
-                p=SCANNER_BLUR_SHARPEN_P),
-        A.MultiplicativeNoise(multiplier=SCANNER_SPECKLE, per_channel=False, elementwise=True,
-                              p=SCANNER_SPECKLE_P),
-        A.RandomToneCurve(scale=SCANNER_TONE_SCALE, per_channel=False, p=SCANNER_TONE_P),
-        A.GaussNoise(std_range=SCANNER_NOISE_STD, per_channel=False, p=SCANNER_NOISE_P),
-    ]
+  """The optional image-only scanner-look changes (not SPEC §3; see SCANNER_*)."""
+  return [
+    A.OneOf(
+      [
+        A.GaussianBlur(blur_limit=0, sigma_limit=SCANNER_BLUR_SIGMA),
+        A.Sharpen(alpha=SCANNER_SHARPEN_ALPHA, lightness=(1.0, 1.0)),
+      ],
+      p=SCANNER_BLUR_SHARPEN_P,
+    ),
+    A.MultiplicativeNoise(
+      multiplier=SCANNER_SPECKLE, per_channel=False, elementwise=True, p=SCANNER_SPECKLE_P
+    ),
+    A.RandomToneCurve(scale=SCANNER_TONE_SCALE, per_channel=False, p=SCANNER_TONE_P),
+    A.GaussNoise(std_range=SCANNER_NOISE_STD, per_channel=False, p=SCANNER_NOISE_P),
+  ]
 
 
 @dataclasses.dataclass(frozen=True)
 class Extra:
-    """An optional image-only addition to the SPEC §3 Compose (fast recipe only).
+  """An optional image-only addition to the SPEC §3 Compose (fast recipe only).
 
-    ``after``: the SPEC §3 transform it follows; ``make``: its transforms; ``tag``: its name in a
-    bank manifest's ``augmentation`` (bump the version when ``make`` changes what it draws).
-    """
-    after: str
-    make: Callable[[], list]
-    tag: str
+  ``after``: the SPEC §3 transform it follows; ``make``: its transforms; ``tag``: its name in a
+  bank manifest's ``augmentation`` (bump the version when ``make`` changes what it draws).
+  """
+
+  after: str
+  make: Callable[[], list]
+  tag: str
 
 
 # The optional extras, in the order they are applied and named (config ``bank.<name>_augment``).
 EXTRAS: dict[str, Extra] = {
-    "intensity": Extra(after="ColorJitter", make=intensity_transforms, tag="+intensity-v1"),
-    "scanner": Extra(after="Resize", make=scanner_transforms, tag="+scanner-v1"),
+  "intensity": Extra(after="ColorJitter", make=intensity_transforms, tag="+intensity-v1"),
+  "scanner": Extra(after="Resize", make=scanner_transforms, tag="+scanner-v1"),
 }
 
 
 def check_extras(extras: Iterable[str]) -> tuple[str, ...]:
-    """``extras`` as a tuple in :data:`EXTRAS` order; ValueError (one line) for an unknown name."""
-    names = set(extras)
-    unknown = sorted(names - set(EXTRAS))
-    if unknown:
-        raise ValueError(f"unknown augmentation extra(s) {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(EXTRAS)}")
-    return tuple(name for name in EXTRAS if name in names)
+  """``extras`` as a tuple in :data:`EXTRAS` order; ValueError (one line) for an unknown name."""
+  names = set(extras)
+  unknown = sorted(names - set(EXTRAS))
+  if unknown:
+    raise ValueError(
+      f"unknown augmentation extra(s) {', '.join(map(repr, unknown))}; known: {', '.join(EXTRAS)}"
+    )
+  return tuple(name for name in EXTRAS if name in names)
 
 
 def train_transform(image_size: int, extras: Iterable[str] = (), **compose_kwargs) -> A.Compose:
-    """The GMS train-time Compose (input: float32 [0,1] RGB image and uint8 0/255 mask).
+  """The GMS train-time Compose (input: float32 [0,1] RGB image and uint8 0/255 mask).
 
-    ``extras`` (names in :data:`EXTRAS`, none by default) insert optional image-only transforms
-    that are not SPEC §3: ``"intensity"`` (:func:`intensity_transforms`) after the colour jitter,
-    ``"scanner"`` (:func:`scanner_transforms`) after the resize.
-    """
-    chosen = check_extras(extras)
-    spec3 = [
-        A.HorizontalFlip(p=HFLIP_P),
-        A.VerticalFlip(p=VFLIP_P),
-        A.RandomRotate90(p=ROT90_P),
-        A.ColorJitter(**COLOR_JITTER, p=COLOR_JITTER_P),
-        shift_scale_rotate(),
-        A.Resize(image_size, image_size),  # image bilinear, mask nearest (albumentations defaults)
-    ]
-    transforms = []
-    for t in spec3:
-        transforms.append(t)
-        for name in chosen:
-            if EXTRAS[name].after == type(t).__name__:
-                transforms.extend(EXTRAS[name].make())
-    return A.Compose(transforms, **compose_kwargs)
+  ``extras`` (names in :data:`EXTRAS`, none by default) insert optional image-only transforms
+  that are not SPEC §3: ``"intensity"`` (:func:`intensity_transforms`) after the colour jitter,
+  ``"scanner"`` (:func:`scanner_transforms`) after the resize.
+  """
+  chosen = check_extras(extras)
+  spec3 = [
+    A.HorizontalFlip(p=HFLIP_P),
+    A.VerticalFlip(p=VFLIP_P),
+    A.RandomRotate90(p=ROT90_P),
+    A.ColorJitter(**COLOR_JITTER, p=COLOR_JITTER_P),
+    shift_scale_rotate(),
+    A.Resize(image_size, image_size),  # image bilinear, mask nearest (albumentations defaults)
+  ]
+  transforms = []
+  for t in spec3:
+    transforms.append(t)
+    for name in chosen:
+      if EXTRAS[name].after == type(t).__name__:
+        transforms.extend(EXTRAS[name].make())
+  return A.Compose(transforms, **compose_kwargs)
 
 
 def eval_transform(image_size: int) -> A.Compose:
-    """Eval-time: resize only (image bilinear, mask nearest)."""
-    return A.Compose([A.Resize(image_size, image_size)])
+  """Eval-time: resize only (image bilinear, mask nearest)."""
+  return A.Compose([A.Resize(image_size, image_size)])
 
 
 def seed_compose(compose: A.Compose, rng: np.random.Generator) -> None:
-    """Make ``compose``'s next call a deterministic function of ``rng`` (one shared stream)."""
-    seed = int(rng.integers(0, 2**63 - 1))
-    compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
+  """Make ``compose``'s next call a deterministic function of ``rng`` (one shared stream)."""
+  seed = int(rng.integers(0, 2**63 - 1))
+  compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 def to_float01(image_uint8: np.ndarray) -> np.ndarray:
-    return image_uint8.astype(np.float32) * np.float32(1.0 / 255.0)
+  return image_uint8.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
 class Augmenter:
-    """Picklable, thread-safe ``(image uint8 (h,w,3), mask uint8 (h,w) {0,255}, rng) -> arrays``.
+  """Picklable, thread-safe ``(image uint8 (h,w,3), mask uint8 (h,w) {0,255}, rng) -> arrays``.
 
-    Returns image float32 (S, S, 3) in [0, 1] and mask float32 (S, S) in {0, 1}.
-    """
+  Returns image float32 (S, S, 3) in [0, 1] and mask float32 (S, S) in {0, 1}.
+  """
 
-    def __init__(self, image_size: int, augment: bool = True, extras: Iterable[str] = ()):
-        self.image_size = int(image_size)
-        self.augment = bool(augment)
-        self.extras = check_extras(extras)  # optional, not SPEC §3 (see EXTRAS)
-        self._local = threading.local()
+  def __init__(self, image_size: int, augment: bool = True, extras: Iterable[str] = ()):
+    self.image_size = int(image_size)
+    self.augment = bool(augment)
+    self.extras = check_extras(extras)  # optional, not SPEC §3 (see EXTRAS)
+    self._local = threading.local()
 
-    def __getstate__(self):
-        return {"image_size": self.image_size, "augment": self.augment, "extras": self.extras}
+  def __getstate__(self):
+    return {"image_size": self.image_size, "augment": self.augment, "extras": self.extras}
 
-    def __setstate__(self, state):
-        self.__init__(state["image_size"], state["augment"], state.get("extras", ()))
+  def __setstate__(self, state):
+    self.__init__(state["image_size"], state["augment"], state.get("extras", ()))
 
-    def _compose(self) -> A.Compose:
-        compose = getattr(self._local, "compose", None)
-        if compose is None:
-            if self.augment:
-                compose = train_transform(self.image_size, extras=self.extras)
-            else:
-                compose = eval_transform(self.image_size)
-            self._local.compose = compose
-        return compose
+  def _compose(self) -> A.Compose:
+    compose = getattr(self._local, "compose", None)
+    if compose is None:
+      if self.augment:
+        compose = train_transform(self.image_size, extras=self.extras)
+      else:
+        compose = eval_transform(self.image_size)
+      self._local.compose = compose
+    return compose
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
-        if mask.ndim == 3:
-            mask = mask[..., 0]
-        compose = self._compose()
-        seed_compose(compose, rng)
-        out = compose(image=to_float01(image), mask=mask)
-        img = np.clip(out["image"], 0.0, 1.0).astype(np.float32, copy=False)
-        m = (out["mask"] > 127).astype(np.float32)
-        return img, m
+  def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+    if mask.ndim == 3:
+      mask = mask[..., 0]
+    compose = self._compose()
+    seed_compose(compose, rng)
+    out = compose(image=to_float01(image), mask=mask)
+    img = np.clip(out["image"], 0.0, 1.0).astype(np.float32, copy=False)
+    m = (out["mask"] > 127).astype(np.float32)
+    return img, m
 
 
 def preprocess_image(image_uint8: np.ndarray, image_size: int) -> np.ndarray:
-    """Eval transform of one RGB uint8 image -> float32 (S, S, 3) in [0, 1]."""
-    img = np.asarray(image_uint8)
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
-        raise ValueError(f"expected a uint8 (h, w, 3) image, got {img.dtype} {img.shape}")
-    out = cv2.resize(to_float01(img), (image_size, image_size), interpolation=cv2.INTER_LINEAR)
-    return np.clip(out, 0.0, 1.0)
+  """Eval transform of one RGB uint8 image -> float32 (S, S, 3) in [0, 1]."""
+  img = np.asarray(image_uint8)
+  if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+    raise ValueError(f"expected a uint8 (h, w, 3) image, got {img.dtype} {img.shape}")
+  out = cv2.resize(to_float01(img), (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+  return np.clip(out, 0.0, 1.0)
 
 
 def resize_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
-    """Nearest-neighbour resize of a mask (any values) to (S, S), as albumentations' Resize."""
-    return cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_NEAREST)
+  """Nearest-neighbour resize of a mask (any values) to (S, S), as albumentations' Resize."""
+  return cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_NEAREST)

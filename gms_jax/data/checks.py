@@ -21,22 +21,17 @@ clip; it is scaled to 8 bit (``round(v * 255 / 65535)``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import sys
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from gms_jax.data.formats import IMAGE_EXTENSIONS
+from gms_jax.errors import DataError  # re-exported: gms_jax.data.checks.DataError
+
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class DataError(ValueError):
-    """A problem with input data; the message names the file and the problem."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,119 +40,117 @@ class DataError(ValueError):
 
 
 def _open(path: str | os.PathLike, what: str) -> Image.Image:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: {what} file does not exist")
-    try:
-        img = Image.open(path)
-        img.load()  # decodes fully: truncated / corrupt data fails here, not later
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
-        raise DataError(f"{path}: cannot decode {what} ({type(e).__name__}: {e})") from None
-    if img.width == 0 or img.height == 0:
-        raise DataError(f"{path}: {what} has zero size")
-    return img
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: {what} file does not exist")
+  try:
+    img = Image.open(path)
+    img.load()  # decodes fully: truncated / corrupt data fails here, not later
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
+    raise DataError(f"{path}: cannot decode {what} ({type(e).__name__}: {e})") from None
+  if img.width == 0 or img.height == 0:
+    raise DataError(f"{path}: {what} has zero size")
+  return img
 
 
 def image_to_rgb(img: Image.Image, path: str = "<image>") -> tuple[np.ndarray, bool]:
-    """PIL image -> (uint8 (h, w, 3) RGB array, whether all channels are equal)."""
-    mode = img.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        arr = np.asarray(img)
-        if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise DataError(f"{path}: {mode} image has values outside 0..65535")
-        grey = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1), True
-    if mode == "F":
-        raise DataError(f"{path}: floating-point images (mode F) are not supported; save as 8-bit")
-    if mode == "L":
-        grey = np.asarray(img)
-        return np.repeat(grey[..., None], 3, axis=-1), True
-    if mode != "RGB":
-        try:
-            img = img.convert("RGB")
-        except Exception as e:
-            raise DataError(f"{path}: cannot convert image mode {mode} to RGB ({e})") from None
+  """PIL image -> (uint8 (h, w, 3) RGB array, whether all channels are equal)."""
+  mode = img.mode
+  if mode in _SIXTEEN_BIT_MODES:
     arr = np.asarray(img)
-    is_grey = bool(
-        np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
-    )
-    return arr, is_grey
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+      raise DataError(f"{path}: {mode} image has values outside 0..65535")
+    grey = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1), True
+  if mode == "F":
+    raise DataError(f"{path}: floating-point images (mode F) are not supported; save as 8-bit")
+  if mode == "L":
+    grey = np.asarray(img)
+    return np.repeat(grey[..., None], 3, axis=-1), True
+  if mode != "RGB":
+    try:
+      img = img.convert("RGB")
+    except Exception as e:
+      raise DataError(f"{path}: cannot convert image mode {mode} to RGB ({e})") from None
+  arr = np.asarray(img)
+  is_grey = bool(
+    np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
+  )
+  return arr, is_grey
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Any supported image file -> uint8 (h, w, 3) RGB; DataError naming the file otherwise."""
-    return image_to_rgb(_open(path, "image"), os.fspath(path))[0]
+  """Any supported image file -> uint8 (h, w, 3) RGB; DataError naming the file otherwise."""
+  return image_to_rgb(_open(path, "image"), os.fspath(path))[0]
 
 
 def read_image_with_grey_flag(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
-    return image_to_rgb(_open(path, "image"), os.fspath(path))
+  return image_to_rgb(_open(path, "image"), os.fspath(path))
 
 
 def mask_to_binary(img: Image.Image, path: str = "<mask>") -> np.ndarray:
-    """PIL mask -> uint8 (h, w) with values in {0, 255}; DataError for anything else."""
-    mode = img.mode
-    if mode == "1":
-        return np.asarray(img).astype(np.uint8) * 255
-    if mode in _SIXTEEN_BIT_MODES or mode == "F":
-        arr = np.asarray(img)
-        vals = np.unique(arr)
-        raise DataError(
-            f"{path}: mask is {'16/32-bit' if mode != 'F' else 'floating-point'} (mode {mode}, "
-            f"values {_values_preview(vals)}); expected an 8-bit mask with values 0 and 255"
-        )
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    if mode == "L":
-        grey = np.asarray(img)
-    elif mode in ("LA", "RGB", "RGBA"):
-        arr = np.asarray(img)
-        if mode in ("LA", "RGBA"):
-            arr = arr[..., :-1]  # alpha is ignored, as PIL's convert("RGB") does
-        grey = arr[..., 0]
-        for c in range(1, arr.shape[-1]):
-            if not np.array_equal(arr[..., c], grey):
-                raise DataError(
-                    f"{path}: colour mask (mode {mode}: the colour channels differ); expected a "
-                    "single-channel binary mask with values 0 and 255"
-                )
-    else:
-        raise DataError(f"{path}: unsupported mask mode {mode}; expected an 8-bit 0/255 mask")
-    counts = np.bincount(grey.ravel(), minlength=256)
-    vals = np.flatnonzero(counts)
-    if set(vals.tolist()) <= {0, 255}:
-        return np.ascontiguousarray(grey, dtype=np.uint8)
-    if set(vals.tolist()) <= {0, 1}:
-        raise DataError(
-            f"{path}: mask values are 0/1; expected 0/255 (multiply the mask by 255)"
-        )
+  """PIL mask -> uint8 (h, w) with values in {0, 255}; DataError for anything else."""
+  mode = img.mode
+  if mode == "1":
+    return np.asarray(img).astype(np.uint8) * 255
+  if mode in _SIXTEEN_BIT_MODES or mode == "F":
+    arr = np.asarray(img)
+    vals = np.unique(arr)
     raise DataError(
-        f"{path}: mask has values other than 0 and 255 ({len(vals)} distinct: "
-        f"{_values_preview(vals)}); binarise it (e.g. value > 127 -> 255)"
+      f"{path}: mask is {'16/32-bit' if mode != 'F' else 'floating-point'} (mode {mode}, "
+      f"values {_values_preview(vals)}); expected an 8-bit mask with values 0 and 255"
     )
+  if mode == "P":
+    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    mode = img.mode
+  if mode == "L":
+    grey = np.asarray(img)
+  elif mode in ("LA", "RGB", "RGBA"):
+    arr = np.asarray(img)
+    if mode in ("LA", "RGBA"):
+      arr = arr[..., :-1]  # alpha is ignored, as PIL's convert("RGB") does
+    grey = arr[..., 0]
+    for c in range(1, arr.shape[-1]):
+      if not np.array_equal(arr[..., c], grey):
+        raise DataError(
+          f"{path}: colour mask (mode {mode}: the colour channels differ); expected a "
+          "single-channel binary mask with values 0 and 255"
+        )
+  else:
+    raise DataError(f"{path}: unsupported mask mode {mode}; expected an 8-bit 0/255 mask")
+  counts = np.bincount(grey.ravel(), minlength=256)
+  vals = np.flatnonzero(counts)
+  if set(vals.tolist()) <= {0, 255}:
+    return np.ascontiguousarray(grey, dtype=np.uint8)
+  if set(vals.tolist()) <= {0, 1}:
+    raise DataError(f"{path}: mask values are 0/1; expected 0/255 (multiply the mask by 255)")
+  raise DataError(
+    f"{path}: mask has values other than 0 and 255 ({len(vals)} distinct: "
+    f"{_values_preview(vals)}); binarise it (e.g. value > 127 -> 255)"
+  )
 
 
 def _values_preview(vals: np.ndarray, k: int = 6) -> str:
-    vals = [int(v) for v in np.asarray(vals).ravel()[: k + 1]]
-    return ", ".join(map(str, vals[:k])) + (", ..." if len(vals) > k else "")
+  vals = [int(v) for v in np.asarray(vals).ravel()[: k + 1]]
+  return ", ".join(map(str, vals[:k])) + (", ..." if len(vals) > k else "")
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A mask file -> uint8 (h, w) in {0, 255}; DataError naming the file otherwise."""
-    return mask_to_binary(_open(path, "mask"), os.fspath(path))
+  """A mask file -> uint8 (h, w) in {0, 255}; DataError naming the file otherwise."""
+  return mask_to_binary(_open(path, "mask"), os.fspath(path))
 
 
 def read_pair(image_path, mask_path) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Read and validate one pair: (RGB uint8 image, {0,255} uint8 mask, image-is-grey)."""
-    image, grey = read_image_with_grey_flag(image_path)
-    mask = read_mask(mask_path)
-    if image.shape[:2] != mask.shape[:2]:
-        (ih, iw), (mh, mw) = image.shape[:2], mask.shape[:2]
-        raise DataError(
-            f"{os.fspath(mask_path)}: mask is {mw}x{mh} (WxH) but its image "
-            f"{os.fspath(image_path)} is {iw}x{ih}"
-        )
-    return image, mask, grey
+  """Read and validate one pair: (RGB uint8 image, {0,255} uint8 mask, image-is-grey)."""
+  image, grey = read_image_with_grey_flag(image_path)
+  mask = read_mask(mask_path)
+  if image.shape[:2] != mask.shape[:2]:
+    (ih, iw), (mh, mw) = image.shape[:2], mask.shape[:2]
+    raise DataError(
+      f"{os.fspath(mask_path)}: mask is {mw}x{mh} (WxH) but its image "
+      f"{os.fspath(image_path)} is {iw}x{ih}"
+    )
+  return image, mask, grey
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,151 +160,106 @@ def read_pair(image_path, mask_path) -> tuple[np.ndarray, np.ndarray, bool]:
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    stem: str
-    image: str  # path
-    mask: str  # path
+  stem: str
+  image: str  # path
+  mask: str  # path
 
 
 @dataclasses.dataclass
 class FolderScan:
-    root: str
-    pairs: list[Pair]
-    problems: list[str]  # each "PATH: problem"
-    warnings: list[str]
+  root: str
+  pairs: list[Pair]
+  problems: list[str]  # each "PATH: problem"
+  warnings: list[str]
 
 
 def _list_dir(d: Path, what: str, problems: list[str], warnings: list[str]) -> dict[str, str]:
-    by_stem: dict[str, list[str]] = {}
-    for entry in sorted(os.scandir(d), key=lambda e: e.name):
-        if entry.name.startswith("."):
-            continue
-        if not entry.is_file():
-            warnings.append(f"{entry.path}: ignored (not a file)")
-            continue
-        stem, ext = os.path.splitext(entry.name)
-        if ext.lower() not in IMAGE_EXTENSIONS:
-            warnings.append(f"{entry.path}: ignored (extension is not one of {IMAGE_EXTENSIONS})")
-            continue
-        by_stem.setdefault(stem, []).append(entry.path)
-    out = {}
-    for stem, paths in by_stem.items():
-        if len(paths) > 1:
-            problems.append(
-                f"{paths[0]}: several {what} files share the stem '{stem}': "
-                + ", ".join(os.path.basename(p) for p in paths)
-            )
-        else:
-            out[stem] = paths[0]
-    return out
+  by_stem: dict[str, list[str]] = {}
+  for entry in sorted(os.scandir(d), key=lambda e: e.name):
+    if entry.name.startswith("."):
+      continue
+    if not entry.is_file():
+      warnings.append(f"{entry.path}: ignored (not a file)")
+      continue
+    stem, ext = os.path.splitext(entry.name)
+    if ext.lower() not in IMAGE_EXTENSIONS:
+      warnings.append(f"{entry.path}: ignored (extension is not one of {IMAGE_EXTENSIONS})")
+      continue
+    by_stem.setdefault(stem, []).append(entry.path)
+  out = {}
+  for stem, paths in by_stem.items():
+    if len(paths) > 1:
+      problems.append(
+        f"{paths[0]}: several {what} files share the stem '{stem}': "
+        + ", ".join(os.path.basename(p) for p in paths)
+      )
+    else:
+      out[stem] = paths[0]
+  return out
 
 
 def scan_folder(root: str | os.PathLike) -> FolderScan:
-    """Pair up ``images/`` and ``masks/`` by stem (no decoding). Structural problems are listed."""
-    root_p = Path(root)
-    problems: list[str] = []
-    warnings: list[str] = []
-    if not root_p.is_dir():
-        raise DataError(f"{root_p}: dataset folder does not exist")
-    dirs = {}
-    for sub in ("images", "masks"):
-        d = root_p / sub
-        if not d.is_dir():
-            problems.append(f"{d}: missing '{sub}/' folder (expected the GMS layout images/, masks/)")
-            dirs[sub] = {}
-        else:
-            dirs[sub] = _list_dir(d, sub[:-1], problems, warnings)
-    images, masks = dirs["images"], dirs["masks"]
-    for stem in sorted(set(images) - set(masks)):
-        problems.append(f"{images[stem]}: image has no mask (expected masks/{stem}.png or similar)")
-    for stem in sorted(set(masks) - set(images)):
-        problems.append(f"{masks[stem]}: mask has no image (expected images/{stem}.png or similar)")
-    pairs = [Pair(s, images[s], masks[s]) for s in sorted(set(images) & set(masks))]
-    if not pairs and (root_p / "images").is_dir() and (root_p / "masks").is_dir():
-        problems.append(f"{root_p}: no image/mask pairs found")
-    return FolderScan(os.fspath(root_p), pairs, problems, warnings)
+  """Pair up ``images/`` and ``masks/`` by stem (no decoding). Structural problems are listed."""
+  root_p = Path(root)
+  problems: list[str] = []
+  warnings: list[str] = []
+  if not root_p.is_dir():
+    raise DataError(f"{root_p}: dataset folder does not exist")
+  dirs = {}
+  for sub in ("images", "masks"):
+    d = root_p / sub
+    if not d.is_dir():
+      problems.append(f"{d}: missing '{sub}/' folder (expected the GMS layout images/, masks/)")
+      dirs[sub] = {}
+    else:
+      dirs[sub] = _list_dir(d, sub[:-1], problems, warnings)
+  images, masks = dirs["images"], dirs["masks"]
+  for stem in sorted(set(images) - set(masks)):
+    problems.append(f"{images[stem]}: image has no mask (expected masks/{stem}.png or similar)")
+  for stem in sorted(set(masks) - set(images)):
+    problems.append(f"{masks[stem]}: mask has no image (expected images/{stem}.png or similar)")
+  pairs = [Pair(s, images[s], masks[s]) for s in sorted(set(images) & set(masks))]
+  if not pairs and (root_p / "images").is_dir() and (root_p / "masks").is_dir():
+    problems.append(f"{root_p}: no image/mask pairs found")
+  return FolderScan(os.fspath(root_p), pairs, problems, warnings)
 
 
 def check_folder(
-    root: str | os.PathLike,
-    *,
-    dataset: str = "folder",
-    split_file: str | None = None,
-    test_fraction: float = 0.2,
-    val_fraction: float = 0.1,
-    seed: int = 2333,
-    decode: bool = True,
+  root: str | os.PathLike,
+  *,
+  dataset: str = "folder",
+  split_file: str | None = None,
+  test_fraction: float = 0.2,
+  val_fraction: float = 0.1,
+  seed: int = 2333,
+  decode: bool = True,
 ) -> tuple[FolderScan, str | None]:
-    """Scan, decode and validate every pair and the split; returns (scan, split description).
+  """Scan, decode and validate every pair and the split; returns (scan, split description).
 
-    ``scan.problems`` then holds every problem found (it does not stop at the first).
-    """
-    from gms_jax.data import splits as splits_lib  # lazy: splits imports this module
+  ``scan.problems`` then holds every problem found (it does not stop at the first).
+  """
+  from gms_jax.data import splits as splits_lib
 
-    scan = scan_folder(root)
-    if decode:
-        for pair in scan.pairs:
-            try:
-                read_pair(pair.image, pair.mask)
-            except DataError as e:
-                scan.problems.append(str(e))
-    desc = None
-    if not split_file:
-        split_file = splits_lib.default_split_file(dataset, root)
-    if scan.pairs:
-        try:
-            desc = splits_lib.resolve_splits(
-                [p.stem for p in scan.pairs],
-                dataset=dataset,
-                split_file=split_file,
-                test_fraction=test_fraction,
-                val_fraction=val_fraction,
-                seed=seed,
-            ).describe()
-        except DataError as e:
-            scan.problems.append(str(e))
-    return scan, desc
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``gms-jax check-data PATH``: report every problem in a GMS-layout folder; 0 when clean."""
-    p = argparse.ArgumentParser(
-        prog="gms-jax check-data",
-        description="Check a dataset folder (images/, masks/, optional split file) and report "
-        "every problem at once.",
-    )
-    p.add_argument("path", help="dataset folder with images/ and masks/")
-    p.add_argument("--split-file", default="", help="GMS pickle or JSON split (default: the "
-                   "folder's split.json or *_train_test_names.pkl, else a ratio split)")
-    p.add_argument("--dataset", default="folder",
-                   help="shipped dataset name, for its default split rule (default: folder)")
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--split-seed", type=int, default=2333)
-    p.add_argument("--no-decode", action="store_true", help="only check pairing and splits")
-    p.add_argument("--quiet", "-q", action="store_true", help="do not print warnings")
-    args = p.parse_args(list(argv) if argv is not None else None)
+  scan = scan_folder(root)
+  if decode:
+    for pair in scan.pairs:
+      try:
+        read_pair(pair.image, pair.mask)
+      except DataError as e:
+        scan.problems.append(str(e))
+  desc = None
+  if not split_file:
+    split_file = splits_lib.default_split_file(dataset, root)
+  if scan.pairs:
     try:
-        scan, desc = check_folder(
-            args.path,
-            dataset=args.dataset,
-            split_file=args.split_file or None,
-            test_fraction=args.test_fraction,
-            val_fraction=args.val_fraction,
-            seed=args.split_seed,
-            decode=not args.no_decode,
-        )
+      desc = splits_lib.resolve_splits(
+        [p.stem for p in scan.pairs],
+        dataset=dataset,
+        split_file=split_file,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        seed=seed,
+      ).describe()
     except DataError as e:
-        print(f"ERROR {e}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        for w in scan.warnings:
-            print(f"warning {w}")
-    for problem in scan.problems:
-        print(f"ERROR {problem}")
-    print(f"{scan.root}: {len(scan.pairs)} image/mask pair(s), {len(scan.problems)} problem(s)"
-          + (f"; splits: {desc}" if desc else ""))
-    return 1 if scan.problems else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+      scan.problems.append(str(e))
+  return scan, desc

@@ -29,6 +29,7 @@ _zeros = nnx.initializers.zeros_init()
 @dataclasses.dataclass(frozen=True)
 class MapperConfig:
   """Shape of the latent mapper; the defaults are the GMS model (SPEC §2, 1,564,976 params)."""
+
   in_channels: int = 4
   out_channels: int = 4
   ch: int = 32
@@ -56,13 +57,23 @@ class MapperConfig:
 
 
 def _conv(cin, cout, k, *, use_bias, rngs, dtype):
-  return nnx.Conv(cin, cout, (k, k), padding=((k // 2, k // 2),) * 2, use_bias=use_bias,
-                  kernel_init=_conv_init, bias_init=_zeros, dtype=dtype, rngs=rngs)
+  return nnx.Conv(
+    cin,
+    cout,
+    (k, k),
+    padding=((k // 2, k // 2),) * 2,
+    use_bias=use_bias,
+    kernel_init=_conv_init,
+    bias_init=_zeros,
+    dtype=dtype,
+    rngs=rngs,
+  )
 
 
 def _norm(c, cfg: MapperConfig, *, rngs, dtype):
-  return nnx.GroupNorm(c, num_groups=cfg.gn_groups, epsilon=cfg.gn_eps, use_fast_variance=False,
-                       dtype=dtype, rngs=rngs)
+  return nnx.GroupNorm(
+    c, num_groups=cfg.gn_groups, epsilon=cfg.gn_eps, use_fast_variance=False, dtype=dtype, rngs=rngs
+  )
 
 
 class PReLU(nnx.Module):
@@ -87,7 +98,8 @@ class ResBlock(nnx.Module):
     self.act2 = PReLU()
     self.conv2 = _conv(cout, cout, 3, use_bias=True, rngs=rngs, dtype=dtype)
     self.skip_connection = (
-        _conv(cin, cout, 1, use_bias=False, rngs=rngs, dtype=dtype) if cin != cout else None)
+      _conv(cin, cout, 1, use_bias=False, rngs=rngs, dtype=dtype) if cin != cout else None
+    )
 
   def __call__(self, x):
     h = self.conv1(self.act1(self.norm1(x)))
@@ -113,7 +125,7 @@ class SpatialSelfAttention(nnx.Module):
     k = self.k(y).reshape(b, h * w, c)
     v = self.v(y).reshape(b, h * w, c)
     logits = jnp.einsum("bic,bjc->bij", q, k)
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) * (c ** -0.5)  # >= f32
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) * (c**-0.5)  # >= f32
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, h, w, c)
     return x + self.proj_out(out)
@@ -141,7 +153,7 @@ class Head(nnx.Module):
     return self.conv(nnx.silu(self.norm(x)))
 
 
-class ResAttnUNet_DS(nnx.Module):  # pylint: disable=invalid-name  (the original's name)
+class ResAttnUNet_DS(nnx.Module):  # the original's name
   """Latent mapper: ``z (B,H,W,in_channels) -> {"level3","level2","level1","out"}`` (B,H,W,out)."""
 
   def __init__(self, cfg: MapperConfig = MapperConfig(), *, rngs: nnx.Rngs, dtype=None):
@@ -176,10 +188,10 @@ class ResAttnUNet_DS(nnx.Module):  # pylint: disable=invalid-name  (the original
     x1_3 = self.conv1_3(cat(x1, x2_2))
     x0_4 = self.conv0_4(cat(x0, x1_3))
     return {
-        "level3": self.convds3(x3_1),
-        "level2": self.convds2(x2_2),
-        "level1": self.convds1(x1_3),
-        "out": self.convds0(x0_4),
+      "level3": self.convds3(x3_1),
+      "level2": self.convds2(x2_2),
+      "level1": self.convds1(x1_3),
+      "out": self.convds0(x0_4),
     }
 
 

@@ -41,12 +41,19 @@ def is_same_conv3x3(conv: nnx.Module) -> bool:
     return False
   strides = conv.strides if isinstance(conv.strides, (tuple, list)) else (conv.strides,) * 2
   pad = conv.padding
-  same = pad == "SAME" or (isinstance(pad, (tuple, list)) and
-                           [tuple(p) if isinstance(p, (tuple, list)) else (p, p) for p in pad]
-                           == [(1, 1), (1, 1)]) or pad == 1
+  same = (
+    pad == "SAME"
+    or (
+      isinstance(pad, (tuple, list))
+      and [tuple(p) if isinstance(p, (tuple, list)) else (p, p) for p in pad] == [(1, 1), (1, 1)]
+    )
+    or pad == 1
+  )
   dil = conv.kernel_dilation or 1
   dil = dil if isinstance(dil, (tuple, list)) else (dil, dil)
-  return same and tuple(strides) == (1, 1) and tuple(dil) == (1, 1) and conv.feature_group_count == 1
+  return (
+    same and tuple(strides) == (1, 1) and tuple(dil) == (1, 1) and conv.feature_group_count == 1
+  )
 
 
 def upsample2x_conv3x3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
@@ -57,9 +64,19 @@ def upsample2x_conv3x3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   rows = [_fold_taps(kernel, 0, a) for a in range(2)]
   ys = []
   for a in range(2):
-    ys.append([jax.lax.conv_general_dilated(
-        x, _fold_taps(rows[a], 1, b).astype(dtype), (1, 1), (_PADS[a], _PADS[b]),
-        dimension_numbers=_DN, precision=conv.precision) for b in range(2)])
+    ys.append(
+      [
+        jax.lax.conv_general_dilated(
+          x,
+          _fold_taps(rows[a], 1, b).astype(dtype),
+          (1, 1),
+          (_PADS[a], _PADS[b]),
+          dimension_numbers=_DN,
+          precision=conv.precision,
+        )
+        for b in range(2)
+      ]
+    )
   y = jnp.stack([jnp.stack(ys[a], axis=3) for a in range(2)], axis=2)  # (N, H, 2, W, 2, K)
   n, h, _, w, _, k = y.shape
   y = y.reshape(n, 2 * h, 2 * w, k)

@@ -26,6 +26,7 @@ from gms_jax.models import layers
 @dataclasses.dataclass(frozen=True)
 class AutoencoderKLConfig:
   """Architecture of an LDM/diffusers ``AutoencoderKL`` (defaults: SD 1.x/2.x kl-f8)."""
+
   in_channels: int = 3
   out_channels: int = 3
   block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
@@ -42,7 +43,9 @@ class AutoencoderKLConfig:
       raise ValueError("block_out_channels must not be empty")
     bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
     if bad:
-      raise ValueError(f"block_out_channels {bad} not divisible by norm_num_groups={self.norm_num_groups}")
+      raise ValueError(
+        f"block_out_channels {bad} not divisible by norm_num_groups={self.norm_num_groups}"
+      )
 
   @classmethod
   def sd(cls) -> "AutoencoderKLConfig":
@@ -78,13 +81,28 @@ class AutoencoderKLConfig:
 def _conv(cin, cout, k, *, dtype, rngs, stride=1, padding=None):
   if padding is None:
     padding = ((k // 2, k // 2), (k // 2, k // 2))
-  return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=padding,
-                  dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+  return nnx.Conv(
+    cin,
+    cout,
+    (k, k),
+    strides=(stride, stride),
+    padding=padding,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
+  )
 
 
 def _norm(c, cfg: AutoencoderKLConfig, *, dtype, rngs):
-  return nnx.GroupNorm(c, num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps,
-                       use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+  return nnx.GroupNorm(
+    c,
+    num_groups=cfg.norm_num_groups,
+    epsilon=cfg.norm_eps,
+    use_fast_variance=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
+  )
 
 
 class ResnetBlock(nnx.Module):
@@ -121,7 +139,7 @@ class AttnBlock(nnx.Module):
     q = self.q(h).reshape(b, hh * ww, c).astype(jnp.float32)
     k = self.k(h).reshape(b, hh * ww, c).astype(jnp.float32)
     v = self.v(h).reshape(b, hh * ww, c).astype(jnp.float32)
-    w = jnp.einsum("bic,bjc->bij", q, k, precision=jax.lax.Precision.HIGHEST) * (c ** -0.5)
+    w = jnp.einsum("bic,bjc->bij", q, k, precision=jax.lax.Precision.HIGHEST) * (c**-0.5)
     w = jax.nn.softmax(w, axis=-1)
     h = jnp.einsum("bij,bjc->bic", w, v, precision=jax.lax.Precision.HIGHEST)
     h = h.reshape(b, hh, ww, c).astype(x.dtype if self.dtype is None else self.dtype)
@@ -236,8 +254,9 @@ class Decoder(nnx.Module):
     h = layers.remat_call(lambda c, m, z: m(c(z)), (self.conv_in, self.mid), z, remat)
     for i in reversed(range(len(self.up))):
       h = self.up[i](h, remat=remat)
-    return layers.remat_call(lambda n, c, h: c(nnx.swish(n(h))), (self.norm_out, self.conv_out), h,
-                             remat)
+    return layers.remat_call(
+      lambda n, c, h: c(nnx.swish(n(h))), (self.norm_out, self.conv_out), h, remat
+    )
 
 
 class AutoencoderKL(nnx.Module):

@@ -25,6 +25,7 @@ from gms_jax.models import layers as layers_lib
 class TAEConfig:
   """``latent_channels``: 4 (TAESD, SD 1.x/2.x latents) or 32 (TAEF2, FLUX.2 latents);
   ``midblock_gn``: the deepest encoder/decoder blocks add a GroupNorm "pool" branch (TAEF2)."""
+
   latent_channels: int = 4
   midblock_gn: bool = False
   channels: int = 64
@@ -53,12 +54,19 @@ class TAEConfig:
 
 def _conv(cin, cout, k=3, *, stride=1, use_bias=True, rngs, dtype):
   p = k // 2  # symmetric padding, also for the stride-2 convs (torch padding=1)
-  return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((p, p), (p, p)), use_bias=use_bias,
-                  dtype=dtype, rngs=rngs)
+  return nnx.Conv(
+    cin,
+    cout,
+    (k, k),
+    strides=stride,
+    padding=((p, p), (p, p)),
+    use_bias=use_bias,
+    dtype=dtype,
+    rngs=rngs,
+  )
 
 
 class ReLU(nnx.Module):
-
   def __call__(self, x):
     return jax.nn.relu(x)
 
@@ -82,8 +90,14 @@ class Pool(nnx.Module):
 
   def __init__(self, n, cfg: TAEConfig, *, rngs, dtype=None):
     self.conv_in = _conv(n, 4 * n, 1, use_bias=False, rngs=rngs, dtype=dtype)
-    self.norm = nnx.GroupNorm(4 * n, num_groups=cfg.gn_groups, epsilon=cfg.gn_eps,
-                              use_fast_variance=False, dtype=dtype, rngs=rngs)
+    self.norm = nnx.GroupNorm(
+      4 * n,
+      num_groups=cfg.gn_groups,
+      epsilon=cfg.gn_eps,
+      use_fast_variance=False,
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.conv_out = _conv(4 * n, n, 1, use_bias=False, rngs=rngs, dtype=dtype)
 
   def __call__(self, x):
@@ -97,7 +111,9 @@ class Block(nnx.Module):
     self.conv1 = _conv(n_in, n_out, rngs=rngs, dtype=dtype)
     self.conv2 = _conv(n_out, n_out, rngs=rngs, dtype=dtype)
     self.conv3 = _conv(n_out, n_out, rngs=rngs, dtype=dtype)
-    self.skip = _conv(n_in, n_out, 1, use_bias=False, rngs=rngs, dtype=dtype) if n_in != n_out else None
+    self.skip = (
+      _conv(n_in, n_out, 1, use_bias=False, rngs=rngs, dtype=dtype) if n_in != n_out else None
+    )
     self.pool = Pool(n_in, cfg, rngs=rngs, dtype=dtype) if use_gn else None
 
   def __call__(self, x):
@@ -120,8 +136,9 @@ class _Stack(nnx.Module):
     seq = list(self.layers)
     i = 0
     while i < len(seq):
-      if (isinstance(seq[i], Upsample) and i + 1 < len(seq)
-          and layers_lib.is_same_conv3x3(seq[i + 1])):
+      if (
+        isinstance(seq[i], Upsample) and i + 1 < len(seq) and layers_lib.is_same_conv3x3(seq[i + 1])
+      ):
         x = layers_lib.remat_call(layers_lib.upsample2x_conv3x3, (seq[i + 1],), x, remat)
         i += 2
         continue
@@ -137,14 +154,22 @@ class TAEEncoder(_Stack):
     n = cfg.channels
     conv = lambda cin, cout, **kw: _conv(cin, cout, rngs=rngs, dtype=dtype, **kw)
     down = lambda: conv(n, n, stride=2, use_bias=False)
-    blocks = lambda gn=False: [Block(n, n, cfg, use_gn=gn, rngs=rngs, dtype=dtype) for _ in range(3)]
-    super().__init__([
-        conv(3, n), Block(n, n, cfg, rngs=rngs, dtype=dtype),  # 0, 1
-        down(), *blocks(),  # 2, 3-5
-        down(), *blocks(),  # 6, 7-9
-        down(), *blocks(cfg.midblock_gn),  # 10, 11-13
+    blocks = lambda gn=False: [
+      Block(n, n, cfg, use_gn=gn, rngs=rngs, dtype=dtype) for _ in range(3)
+    ]
+    super().__init__(
+      [
+        conv(3, n),
+        Block(n, n, cfg, rngs=rngs, dtype=dtype),  # 0, 1
+        down(),
+        *blocks(),  # 2, 3-5
+        down(),
+        *blocks(),  # 6, 7-9
+        down(),
+        *blocks(cfg.midblock_gn),  # 10, 11-13
         conv(n, cfg.latent_channels),  # 14
-    ])
+      ]
+    )
 
 
 class TAEDecoder(_Stack):
@@ -153,14 +178,27 @@ class TAEDecoder(_Stack):
   def __init__(self, cfg: TAEConfig, *, rngs, dtype=None):
     n = cfg.channels
     conv = lambda cin, cout, **kw: _conv(cin, cout, rngs=rngs, dtype=dtype, **kw)
-    blocks = lambda gn=False: [Block(n, n, cfg, use_gn=gn, rngs=rngs, dtype=dtype) for _ in range(3)]
-    super().__init__([
-        Clamp(), conv(cfg.latent_channels, n), ReLU(),  # 0, 1, 2
-        *blocks(cfg.midblock_gn), Upsample(), conv(n, n, use_bias=False),  # 3-5, 6, 7
-        *blocks(), Upsample(), conv(n, n, use_bias=False),  # 8-10, 11, 12
-        *blocks(), Upsample(), conv(n, n, use_bias=False),  # 13-15, 16, 17
-        Block(n, n, cfg, rngs=rngs, dtype=dtype), conv(n, 3),  # 18, 19
-    ])
+    blocks = lambda gn=False: [
+      Block(n, n, cfg, use_gn=gn, rngs=rngs, dtype=dtype) for _ in range(3)
+    ]
+    super().__init__(
+      [
+        Clamp(),
+        conv(cfg.latent_channels, n),
+        ReLU(),  # 0, 1, 2
+        *blocks(cfg.midblock_gn),
+        Upsample(),
+        conv(n, n, use_bias=False),  # 3-5, 6, 7
+        *blocks(),
+        Upsample(),
+        conv(n, n, use_bias=False),  # 8-10, 11, 12
+        *blocks(),
+        Upsample(),
+        conv(n, n, use_bias=False),  # 13-15, 16, 17
+        Block(n, n, cfg, rngs=rngs, dtype=dtype),
+        conv(n, 3),  # 18, 19
+      ]
+    )
 
 
 class TAE(nnx.Module):

@@ -26,7 +26,7 @@ from torch import nn
 # ----------------------------------------------------------------------------- GMS mapper (§2)
 
 
-def Normalize(channels: int) -> nn.GroupNorm:  # pylint: disable=invalid-name
+def Normalize(channels: int) -> nn.GroupNorm:
   return nn.GroupNorm(num_groups=16, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -47,8 +47,10 @@ class SpatialSelfAttention(nn.Module):
     q = self.q(y).flatten(2)  # b c n
     k = self.k(y).flatten(2)
     v = self.v(y).flatten(2)
-    attn = torch.softmax(torch.bmm(q.transpose(1, 2), k) * c ** -0.5, dim=-1)  # b n(query) n(key)
-    out = torch.bmm(v, attn.transpose(1, 2)).view(b, c, h, w)  # out[:, :, i] = sum_j attn[i, j] v[:, :, j]
+    attn = torch.softmax(torch.bmm(q.transpose(1, 2), k) * c**-0.5, dim=-1)  # b n(query) n(key)
+    out = torch.bmm(v, attn.transpose(1, 2)).view(
+      b, c, h, w
+    )  # out[:, :, i] = sum_j attn[i, j] v[:, :, j]
     return x + self.proj_out(out)
 
 
@@ -59,19 +61,23 @@ class ResBlock(nn.Module):
     super().__init__()
     self.act1 = nn.PReLU()
     self.act2 = nn.PReLU()
-    self.conv1 = nn.Sequential(Normalize(in_channels), self.act1,
-                               nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=True))
-    self.conv2 = nn.Sequential(Normalize(out_channels), self.act2,
-                               nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=True))
-    self.skip_connection = (nn.Identity() if in_channels == out_channels
-                            else nn.Conv2d(in_channels, out_channels, 1, 1, 0, bias=False))
+    self.conv1 = nn.Sequential(
+      Normalize(in_channels), self.act1, nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=True)
+    )
+    self.conv2 = nn.Sequential(
+      Normalize(out_channels), self.act2, nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=True)
+    )
+    self.skip_connection = (
+      nn.Identity()
+      if in_channels == out_channels
+      else nn.Conv2d(in_channels, out_channels, 1, 1, 0, bias=False)
+    )
 
   def forward(self, x):
     return self.skip_connection(x) + self.conv2(self.conv1(x))
 
 
 class ResAttBlock(nn.Module):
-
   def __init__(self, in_channels: int, out_channels: int):
     super().__init__()
     self.resblock = ResBlock(in_channels, out_channels)
@@ -82,11 +88,12 @@ class ResAttBlock(nn.Module):
 
 
 def _head(channels: int, out_channels: int) -> nn.Sequential:
-  return nn.Sequential(Normalize(channels), nn.SiLU(),
-                       nn.Conv2d(channels, out_channels, 3, 1, 1, bias=False))
+  return nn.Sequential(
+    Normalize(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, 1, 1, bias=False)
+  )
 
 
-class ResAttnUNet_DS(nn.Module):  # pylint: disable=invalid-name
+class ResAttnUNet_DS(nn.Module):
   """The GMS latent mapper, NCHW; returns a dict of four latents."""
 
   def __init__(self, in_channel=4, out_channels=4, ch=32, ch_mult=(1, 2, 4, 4)):
@@ -121,8 +128,12 @@ class ResAttnUNet_DS(nn.Module):  # pylint: disable=invalid-name
     x2_2 = self.conv2_2(torch.cat([x2, x3_1], dim=1))
     x1_3 = self.conv1_3(torch.cat([x1, x2_2], dim=1))
     x0_4 = self.conv0_4(torch.cat([x0, x1_3], dim=1))
-    return {"level3": self.convds3(x3_1), "level2": self.convds2(x2_2),
-            "level1": self.convds1(x1_3), "out": self.convds0(x0_4)}
+    return {
+      "level3": self.convds3(x3_1),
+      "level2": self.convds2(x2_2),
+      "level1": self.convds1(x1_3),
+      "out": self.convds0(x0_4),
+    }
 
 
 # ----------------------------------------------------------------------------- TAE family (§7)
@@ -133,7 +144,6 @@ def _conv(n_in, n_out, **kw):
 
 
 class Clamp(nn.Module):
-
   def forward(self, x):
     return torch.tanh(x / 3) * 3
 
@@ -143,15 +153,20 @@ class Block(nn.Module):
 
   def __init__(self, n_in: int, n_out: int, use_midblock_gn: bool = False):
     super().__init__()
-    self.conv = nn.Sequential(_conv(n_in, n_out), nn.ReLU(), _conv(n_out, n_out), nn.ReLU(),
-                              _conv(n_out, n_out))
+    self.conv = nn.Sequential(
+      _conv(n_in, n_out), nn.ReLU(), _conv(n_out, n_out), nn.ReLU(), _conv(n_out, n_out)
+    )
     self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
     self.fuse = nn.ReLU()
     self.pool = None
     if use_midblock_gn:
       n_gn = 4 * n_in
-      self.pool = nn.Sequential(nn.Conv2d(n_in, n_gn, 1, bias=False), nn.GroupNorm(4, n_gn),
-                                nn.ReLU(), nn.Conv2d(n_gn, n_in, 1, bias=False))
+      self.pool = nn.Sequential(
+        nn.Conv2d(n_in, n_gn, 1, bias=False),
+        nn.GroupNorm(4, n_gn),
+        nn.ReLU(),
+        nn.Conv2d(n_gn, n_in, 1, bias=False),
+      )
 
   def forward(self, x):
     if self.pool is not None:
@@ -162,25 +177,47 @@ class Block(nn.Module):
 def tae_encoder(latent_channels: int = 4, use_midblock_gn: bool = False) -> nn.Sequential:
   gn = dict(use_midblock_gn=use_midblock_gn)
   return nn.Sequential(
-      _conv(3, 64), Block(64, 64),
-      _conv(64, 64, stride=2, bias=False), Block(64, 64), Block(64, 64), Block(64, 64),
-      _conv(64, 64, stride=2, bias=False), Block(64, 64), Block(64, 64), Block(64, 64),
-      _conv(64, 64, stride=2, bias=False), Block(64, 64, **gn), Block(64, 64, **gn), Block(64, 64, **gn),
-      _conv(64, latent_channels),
+    _conv(3, 64),
+    Block(64, 64),
+    _conv(64, 64, stride=2, bias=False),
+    Block(64, 64),
+    Block(64, 64),
+    Block(64, 64),
+    _conv(64, 64, stride=2, bias=False),
+    Block(64, 64),
+    Block(64, 64),
+    Block(64, 64),
+    _conv(64, 64, stride=2, bias=False),
+    Block(64, 64, **gn),
+    Block(64, 64, **gn),
+    Block(64, 64, **gn),
+    _conv(64, latent_channels),
   )
 
 
 def tae_decoder(latent_channels: int = 4, use_midblock_gn: bool = False) -> nn.Sequential:
   gn = dict(use_midblock_gn=use_midblock_gn)
   return nn.Sequential(
-      Clamp(), _conv(latent_channels, 64), nn.ReLU(),
-      Block(64, 64, **gn), Block(64, 64, **gn), Block(64, 64, **gn),
-      nn.Upsample(scale_factor=2), _conv(64, 64, bias=False),
-      Block(64, 64), Block(64, 64), Block(64, 64),
-      nn.Upsample(scale_factor=2), _conv(64, 64, bias=False),
-      Block(64, 64), Block(64, 64), Block(64, 64),
-      nn.Upsample(scale_factor=2), _conv(64, 64, bias=False),
-      Block(64, 64), _conv(64, 3),
+    Clamp(),
+    _conv(latent_channels, 64),
+    nn.ReLU(),
+    Block(64, 64, **gn),
+    Block(64, 64, **gn),
+    Block(64, 64, **gn),
+    nn.Upsample(scale_factor=2),
+    _conv(64, 64, bias=False),
+    Block(64, 64),
+    Block(64, 64),
+    Block(64, 64),
+    nn.Upsample(scale_factor=2),
+    _conv(64, 64, bias=False),
+    Block(64, 64),
+    Block(64, 64),
+    Block(64, 64),
+    nn.Upsample(scale_factor=2),
+    _conv(64, 64, bias=False),
+    Block(64, 64),
+    _conv(64, 3),
   )
 
 

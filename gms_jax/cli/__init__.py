@@ -1,4 +1,5 @@
-"""``gms-jax`` command line: parses the sub-command and dispatches; all logic lives in modules."""
+"""``gms-jax`` command line: one thin module per command (``gms_jax/cli/<command>.py``: parse the
+arguments, then one library call); this module dispatches and turns every error into one line."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ import traceback
 USAGE = """usage: gms-jax <command> [args]
 
 commands:
-  train       train the latent mapper       gms-jax train --config configs/gms.py:smoke --workdir runs/smoke
+  train       train the latent mapper       gms-jax train --config smoke --workdir runs/smoke
   evaluate    evaluate a trained workdir    gms-jax evaluate --workdir runs/smoke [--dataset NAME] [--split test]
   predict     segment image files/folders   gms-jax predict --workdir runs/smoke IMAGES... --out DIR
   convert     PyTorch weights -> Flax       gms-jax convert --format {diffusers,ldm,gms-mapper,tae} SRC OUT
-  import      mapper weights -> a workdir   gms-jax import --config configs/gms.py:busi --mapper best_model.pth --workdir DIR
+  import      mapper weights -> a workdir   gms-jax import --config busi --mapper best_model.pth --workdir DIR
   export      workdir -> official .pth     gms-jax export --workdir DIR [--format pth|safetensors] OUT
   check-data  validate a dataset folder     gms-jax check-data PATH
   plot        validation Dice vs minutes    gms-jax plot WORKDIR... --out curves.png
-  compile     AOT-compile for a TPU/GPU     gms-jax compile --config configs/gms.py:busi --target v4-8 [--json OUT]
+  compile     AOT-compile for a TPU/GPU     gms-jax compile --config busi --target v4-8 [--json OUT]
 
 `gms-jax <command> --help` for each command's options. Errors are one line on stderr (exit 2:
 usage or config, 1: data or other failures); `--verbose` (or GMS_JAX_VERBOSE=1) adds the traceback.
@@ -25,15 +26,15 @@ usage or config, 1: data or other failures); `--verbose` (or GMS_JAX_VERBOSE=1) 
 
 # command -> (module, function); imported lazily so `gms-jax convert --help` does not import jax.
 COMMANDS = {
-    "train": ("gms_jax.train", "main"),
-    "evaluate": ("gms_jax.evaluate", "main"),
-    "predict": ("gms_jax.predict", "main"),
-    "convert": ("gms_jax.convert", "main"),
-    "import": ("gms_jax.pretrained", "import_main"),
-    "export": ("gms_jax.pretrained", "export_main"),
-    "check-data": ("gms_jax.data.checks", "main"),
-    "plot": ("gms_jax.plot", "main"),
-    "compile": ("gms_jax.aot", "main"),
+  "train": ("gms_jax.cli.train", "main"),
+  "evaluate": ("gms_jax.cli.evaluate", "main"),
+  "predict": ("gms_jax.cli.predict", "main"),
+  "convert": ("gms_jax.cli.convert", "main"),
+  "import": ("gms_jax.cli.import_weights", "main"),
+  "export": ("gms_jax.cli.export", "main"),
+  "check-data": ("gms_jax.cli.check_data", "main"),
+  "plot": ("gms_jax.cli.plot", "main"),
+  "compile": ("gms_jax.cli.compile", "main"),
 }
 
 
@@ -51,11 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   cmd, (rest, verbose) = argv[0], _verbose(argv[1:])
   if cmd not in COMMANDS:
-    print(f"gms-jax: error: unknown command {cmd!r} (commands: {', '.join(COMMANDS)}; "
-          "see gms-jax --help)", file=sys.stderr)
+    print(
+      f"gms-jax: error: unknown command {cmd!r} (commands: {', '.join(COMMANDS)}; "
+      "see gms-jax --help)",
+      file=sys.stderr,
+    )
     return 2
-  import importlib  # pylint: disable=import-outside-toplevel
-  from gms_jax import errors  # pylint: disable=import-outside-toplevel
+  import importlib
+
+  from gms_jax import errors
+
   module_name, fn = COMMANDS[cmd]
   try:
     func = getattr(importlib.import_module(module_name), fn)
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print(f"gms-jax {cmd}: interrupted", file=sys.stderr)
     return 130
-  except Exception as e:  # pylint: disable=broad-except  (the one place errors become one line)
+  except Exception as e:  # the one place errors become one line
     if verbose:
       traceback.print_exc()
     print(f"gms-jax {cmd}: error: {errors.describe(e)}", file=sys.stderr)

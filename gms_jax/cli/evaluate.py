@@ -1,0 +1,121 @@
+"""``gms-jax evaluate``: parse, then :func:`gms_jax.evaluate.evaluate`."""
+
+from __future__ import annotations
+
+import os
+
+from gms_jax import errors, outputs
+from gms_jax import evaluate as evaluate_lib
+from gms_jax.data.checks import DataError
+from gms_jax.evaluate import data_config, evaluate
+from gms_jax.predict import (
+  FUSION_HELP,
+  TTA_CHOICES,
+  TTA_HELP,
+  Segmenter,
+  check_workdir,
+  parse_checkpoint,
+  parse_fusion,
+)
+
+SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = errors.ArgumentParser(
+    prog="gms-jax evaluate", description=evaluate_lib.__doc__.split("\n")[0]
+  )
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument(
+    "--dataset",
+    default=None,
+    help="dataset name (default: the one trained on); another name = cross-domain",
+  )
+  parser.add_argument(
+    "--root", default=None, help="dataset folder (GMS layout), if not the config's"
+  )
+  parser.add_argument(
+    "--split-file", default=None, help="split file for --dataset (GMS .pkl or .json)"
+  )
+  parser.add_argument(
+    "--split", default="test", choices=["test", "validation", "val", "valid", "train", "all"]
+  )
+  parser.add_argument(
+    "--checkpoint", default="best", help="'best' (validation Dice), 'latest' or a step"
+  )
+  parser.add_argument(
+    "--out",
+    default=None,
+    help="a new or empty folder, or an earlier evaluate output to replace "
+    "(default: <workdir>/eval/<dataset>-<split>, + '-tta-<views>' with --tta)",
+  )
+  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--max-overlays", type=int, default=64)
+  parser.add_argument(
+    "--montage",
+    type=int,
+    default=8,
+    help="overlays of the first N images in one grid, overlays_montage.png (0: none)",
+  )
+  parser.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
+  parser.add_argument("--cpu-library-fusion", default=None, help=FUSION_HELP)
+  args = parser.parse_args(argv)
+  args.split = SPLIT_ALIASES.get(args.split, args.split)
+  if args.batch_size < 1:
+    raise errors.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+  for flag, v in (("--max-overlays", args.max_overlays), ("--montage", args.montage)):
+    if v < 0:
+      raise errors.UsageError(f"{flag} must be >= 0, got {v}")
+  which = parse_checkpoint(args.checkpoint)
+  if args.cpu_library_fusion is not None:
+    parse_fusion(args.cpu_library_fusion)  # refuse before any work
+
+  from gms_jax import checkpoint
+  from gms_jax.data import builder, pipeline
+
+  check_workdir(args.workdir)
+  data = data_config(checkpoint.load_config(args.workdir), args.dataset, args.root, args.split_file)
+  suffix = "" if args.tta == "none" else f"-tta-{args.tta}"  # never replaces the SPEC §4 evaluation
+  out = args.out or os.path.join(args.workdir, "eval", f"{data.name}-{args.split}{suffix}")
+  outputs.check_owned(os.path.abspath(out), "evaluate")  # refuse before any work
+  seg = Segmenter.from_workdir(
+    args.workdir,
+    which,
+    batch_size=args.batch_size,
+    tta=args.tta,
+    cpu_library_fusion=args.cpu_library_fusion,
+  )
+  try:
+    sources = builder.prepare(data)
+  except (FileNotFoundError, ValueError) as e:
+    raise errors.ConfigError(errors.one_line(e)) if not isinstance(e, DataError) else e
+  splits = ["train", "validation", "test"] if args.split == "all" else [args.split]
+
+  def examples():
+    for s in splits:
+      yield from pipeline.eval_examples(sources[s], image_size=seg.image_size)
+
+  summary = evaluate(
+    seg,
+    examples(),
+    out,
+    max_overlays=args.max_overlays,
+    montage_n=args.montage,
+    meta={
+      "dataset": data.name,
+      "root": str(data.root),
+      "split": args.split,
+      "workdir": os.path.abspath(args.workdir),
+      "tta": args.tta,
+      "cpu_library_fusion": seg.cpu_library_fusion,
+    },
+  )
+  print(
+    f"{data.name}/{args.split}{suffix}: n={summary['n']} step={summary['checkpoint_step']}  "
+    + "  ".join(
+      f"{k}={summary[k]['mean']:.4f}±{summary[k]['std']:.4f}"
+      for k in ("dsc", "iou", "hd95", "dsc_native", "iou_native", "hd95_native")
+    )
+  )
+  print(f"wrote {out}/metrics.csv, summary.json, masks/, overlays/")
+  return 0

@@ -1,0 +1,48 @@
+"""``gms-jax plot``: parse, then :func:`gms_jax.plot.read_curve` and :func:`gms_jax.plot.draw`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gms_jax import errors, outputs
+from gms_jax import plot as plot_lib
+from gms_jax.plot import draw, read_curve
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = errors.ArgumentParser(prog="gms-jax plot", description=plot_lib.__doc__.split("\n")[0])
+  parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+  parser.add_argument("--out", required=True, help="PNG file to write (refused if it exists)")
+  parser.add_argument(
+    "--label",
+    action="append",
+    default=None,
+    help="legend label per WORKDIR, in order (default: the folder names)",
+  )
+  parser.add_argument("--metric", default="eval/val_dice", help="metrics.jsonl key to plot")
+  parser.add_argument("--title", default="")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  args = parser.parse_args(argv)
+  labels = args.label or [Path(w).resolve().name for w in args.workdirs]
+  if len(labels) != len(args.workdirs):
+    raise errors.UsageError(f"{len(labels)} --label for {len(args.workdirs)} workdirs")
+  out = Path(args.out)
+  if out.exists() and not args.overwrite:
+    raise errors.OutputError(f"{out} exists; pass --overwrite to replace it")
+  curves = [(lab, read_curve(w, args.metric)) for lab, w in zip(labels, args.workdirs)]
+  ylabel = (
+    "validation Dice"
+    if args.metric == "eval/val_dice"
+    else args.metric.split("/")[-1].replace("_", " ")
+  )
+  outputs.write_atomic(
+    out, lambda tmp: draw(curves, tmp, ylabel=ylabel, title=args.title), suffix=out.suffix
+  )
+  for lab, pts in curves:
+    best = max(pts, key=lambda p: p[1])
+    print(
+      f"{lab}: {len(pts)} points, last {pts[-1][1]:.4f} at {pts[-1][0]:.1f} min, "
+      f"best {best[1]:.4f} at {best[0]:.1f} min"
+    )
+  print(f"wrote {out}")
+  return 0
