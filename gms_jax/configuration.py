@@ -182,11 +182,18 @@ def _choice(flat, key, choices) -> str:
 
 
 def validate(
-  config: Any, *, n_devices: int | None = None, n_processes: int = 1, check_tokenizer: bool = True
+  config: Any,
+  *,
+  n_devices: int | None = None,
+  n_processes: int = 1,
+  check_tokenizer: bool = True,
+  check_paths: bool = True,
 ) -> None:
   """Checks every key training reads; raises :class:`ConfigError` naming the first bad key.
 
-  ``check_tokenizer=False`` skips the tokenizer name/path checks (a ready tokenizer is given)."""
+  ``check_tokenizer=False`` skips the tokenizer name/path checks (a ready tokenizer is given);
+  ``check_paths=False`` skips whether the named files and folders exist (a command line checked
+  as text, e.g. the documentation's)."""
   from gms_jax.data.builder import DATASET_NAMES
 
   flat = flatten(to_plain(config))
@@ -203,12 +210,12 @@ def validate(
   _int(flat, "data.prefetch_buffer", 0)
   for key in ("data.root", "data.split_file"):
     path = str(_get(flat, key))
-    if path and not os.path.exists(path):
+    if path and check_paths and not os.path.exists(path):
       raise ConfigError(f"config.{key}={path}: no such file or folder")
 
   name = _choice(flat, "tokenizer.name", TOKENIZER_NAMES) if check_tokenizer else "taef2"
   path = str(_get(flat, "tokenizer.path")) if check_tokenizer else ""
-  if path and not path.startswith("hf:"):
+  if path and not path.startswith("hf:") and check_paths:
     if not os.path.exists(path):
       raise ConfigError(f"config.tokenizer.path={path}: no such file or folder")
     if not os.access(path, os.R_OK):
@@ -231,7 +238,7 @@ def validate(
       f"config.mapper.ch_mult must be a non-empty list of positive integers, got {ch_mult!r}"
     )
   init = str(flat.get("mapper.init", "") or "")
-  if init and not os.path.exists(init):
+  if init and check_paths and not os.path.exists(init):
     raise ConfigError(f"config.mapper.init={init}: no such file or folder")
   if "tokenizer.scaling_factor" in flat:
     _float(flat, "tokenizer.scaling_factor", 0.0)
@@ -298,7 +305,7 @@ def validate(
 
 
 def _validate_fast(flat: Mapping[str, Any]) -> None:
-  """The keys of the ``fast`` (latent-bank) recipe (``gms_jax/train_fast.py``)."""
+  """The keys of the ``fast`` (latent-bank) recipe (``gms_jax/recipes.py``)."""
   if str(flat["recipe"]).lower() != "fast":
     return
   _int(flat, "bank.num_views", 1)

@@ -490,7 +490,7 @@ def _run(
       fn = step_fn(built.step_name(step))
       batch = recipe.batch(step)
       if step == summary["first_step"] - 1:
-        logging.info("first global batch: %s", {k: v.shape for k, v in batch.items()})
+        _log_first_batch(batch)
       state, m = fn(state, tok_params, batch)
       progress["started"] = True
       step += 1
@@ -553,6 +553,23 @@ def _run(
     {k: round(v, 1) for k, v in seconds.items()},
   )
   return summary
+
+
+def _log_first_batch(batch: dict[str, jax.Array]) -> None:
+  """This process's rows of the first batch and the global batch (shape and mean of its first
+  input): on a pod, each process can be seen feeding its own share."""
+  key = "image" if "image" in batch else sorted(batch)[0]
+  arr = batch[key]
+  local = np.concatenate([np.asarray(s.data) for s in arr.addressable_shards])
+  logging.info(
+    "process %d: local batch %s (mean %.6f) -> global batch %s (mean %.6f); inputs %s",
+    jax.process_index(),
+    local.shape,
+    float(np.mean(local)),
+    arr.shape,
+    float(jnp.mean(arr)),
+    {k: v.shape for k, v in batch.items()},
+  )
 
 
 def param_count(tree: Any) -> int:

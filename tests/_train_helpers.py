@@ -212,7 +212,7 @@ def _main(spec_path: str) -> int:
     except train.NonFiniteLossError as e:
       print("NONFINITE", e, flush=True)
       return 3
-    summaries[str(n)] = {k: v for k, v in s.items() if k != "losses"}
+    summaries[str(n)] = {k: v for k, v in s.items() if k not in ("losses", "seconds")}
   if spec.get("out"):
     Path(spec["out"]).write_text(json.dumps(summaries))
   print(

@@ -18,6 +18,8 @@ import pytest
 
 from gms_jax import checkpoint, cli, pretrained, run_metadata, tokenizers
 from gms_jax.cli import evaluate as evaluate_cli
+from gms_jax.cli import export as export_cli
+from gms_jax.cli import import_weights as import_cli
 from gms_jax.predict import Segmenter
 
 torch = pytest.importorskip("torch")
@@ -76,7 +78,7 @@ def _import_args(root, tok_file, mapper, workdir, *extra):
 @pytest.fixture(scope="module")
 def imported(root, tok_file, official):
   workdir = str(root / "imported")
-  assert pretrained.import_main(_import_args(root, tok_file, official[1], workdir)) == 0
+  assert import_cli.main(_import_args(root, tok_file, official[1], workdir)) == 0
   return workdir
 
 
@@ -173,7 +175,7 @@ def test_inference_takes_the_workdirs_cpu_library_fusion_unless_told(
 def test_export_gives_back_the_official_tensors(imported, official, root):
   src = torch.load(official[1], weights_only=True)["model"]
   out = str(root / "exported.pth")
-  assert pretrained.export_main(["--workdir", imported, out]) == 0
+  assert export_cli.main(["--workdir", imported, out]) == 0
   got = torch.load(out, weights_only=True)
   assert set(got) == {"model"}
   got = got["model"]
@@ -197,7 +199,7 @@ def test_export_gives_back_the_official_tensors(imported, official, root):
   from safetensors.numpy import load_file
 
   st = str(root / "exported.safetensors")
-  assert pretrained.export_main(["--workdir", imported, "--format", "safetensors", st]) == 0
+  assert export_cli.main(["--workdir", imported, "--format", "safetensors", st]) == 0
   arrays = load_file(st)
   assert set(arrays) == set(src)
   for k in src:
@@ -397,7 +399,7 @@ def test_every_mapper_source_reads_the_same_weights(root, official, imported):
 
 
 def test_evaluate_tta_writes_beside_the_plain_evaluation(imported, capsys):
-  """--tta goes to its own default folder (eval/<dataset>-<split>-tta-<views>): the SPEC §4
+  """--tta goes to its own default folder (eval/<dataset>-<split>-tta-<views>): the METHOD §4
   evaluation of the same workdir is never replaced."""
   plain = os.path.join(imported, "eval", "sample-test")
   assert evaluate_cli.main(["--workdir", imported, "--montage", "0", "--max-overlays", "0"]) == 0

@@ -203,6 +203,43 @@ def test_compile_smoke_for_tpu_v4_8(tmp_path):
   assert rec["train"]["memory_bytes"]["argument"] > 3 * 4 * 1_000_000
 
 
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e .[tpu])")
+def test_compile_fast_smoke_for_tpu_v4_8_compiles_what_train_runs(tmp_path):
+  """A fast config compiles its banked steps and the bank encoder, not the exact step; the
+  record carries the recipe, global batch, peak LR (per_device_batch_size and lr_scaling, as in
+  training) and the schedule's size; phase 1 has no decoder (~1/10 of phase 2's FLOPs)."""
+  out = tmp_path / "fast.json"
+  p = _cli(
+    "--config",
+    "smoke,fast",
+    "--target",
+    "v4-8",
+    "--json",
+    str(out),
+    "--config.per_device_batch_size=4",
+    "--config.optimizer.lr_scaling=linear",
+    "--config.fast.dice_steps=7",
+    "--train-examples",
+    "29",
+  )
+  assert p.returncode == 0, p.stderr[-4000:]
+  assert "step phase1" in p.stdout and "bank encode" in p.stdout
+  rec = json.loads(out.read_text())
+  assert rec["recipe"] == "fast" and rec["global_batch"] == 16 and rec["per_device_batch"] == 4
+  assert rec["peak_lr"] == pytest.approx(2e-3 * 16 / 8)
+  assert set(rec["steps"]) == {"phase1", "phase2"} and rec["train"]["step"] == "phase1"
+  # 29 examples / 16 = 1 step per epoch; the smoke config's 10 epochs, then 7 phase-2 steps
+  assert rec["schedule"]["steps"] == {"phase1": 10, "phase2": 7}
+  assert rec["schedule"]["bank_views"] == 29 * 4
+  p1, p2, enc = rec["steps"]["phase1"], rec["steps"]["phase2"], rec["bank_encode"]
+  assert 0 < p1["flops_per_device"] < 0.2 * p2["flops_per_device"]
+  assert enc["flops_per_device"] > 0 and enc["per_device_batch"] == 8
+  for r in (p1, p2):
+    assert r["collectives"]["all-reduce"] >= 1
+    _only_all_reduce(r["collectives"])
+  assert not any(enc["collectives"].values())
+
+
 def test_cpu_library_fusion_reaches_the_compiled_step_and_keeps_its_values():
   """config.cpu_library_fusion: the built train step is compiled with XLA's YNNPACK fusions for
   those ops instead of XLA's default set (another count of library fusions in the optimized HLO;

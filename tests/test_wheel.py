@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -23,6 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_installed_in_a_fresh_venv_trains_and_evaluates_from_any_folder(tmp_path):
+  # Built from a copy of the sources: a build writes build/ and *.egg-info/ beside setup.cfg.
+  src = tmp_path / "src"
+  shutil.copytree(
+    REPO,
+    src,
+    symlinks=True,
+    ignore=shutil.ignore_patterns(
+      ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "runs", "workdirs"
+    ),
+  )
   wheels = tmp_path / "wheels"
   p = subprocess.run(
     [
@@ -35,7 +46,7 @@ def test_wheel_installed_in_a_fresh_venv_trains_and_evaluates_from_any_folder(tm
       "-q",
       "-w",
       str(wheels),
-      str(REPO),
+      str(src),
     ],
     capture_output=True,
     text=True,

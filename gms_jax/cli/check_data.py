@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
 
 from gms_jax.data.checks import check_folder
 from gms_jax.errors import DataError
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """``gms-jax check-data PATH``: report every problem in a GMS-layout folder; 0 when clean."""
+def parse(argv: list[str] | None = None):
+  """The parsed arguments (nothing is read or written); bad ones raise."""
   p = argparse.ArgumentParser(
     prog="gms-jax check-data",
     description="Check a dataset folder (images/, masks/, optional split file) and report "
@@ -34,7 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--split-seed", type=int, default=2333)
   p.add_argument("--no-decode", action="store_true", help="only check pairing and splits")
   p.add_argument("--quiet", "-q", action="store_true", help="do not print warnings")
-  args = p.parse_args(list(argv) if argv is not None else None)
+  return p.parse_args(list(argv) if argv is not None else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """``gms-jax check-data PATH``: report every problem in a GMS-layout folder; 0 when clean."""
+  args = parse(argv)
   try:
     scan, desc = check_folder(
       args.path,

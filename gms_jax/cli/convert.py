@@ -10,7 +10,8 @@ from gms_jax.convert import FORMATS, convert
 from gms_jax.convert.core import save_params
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None):
+  """The parsed arguments (nothing is read or written); bad ones raise."""
   parser = argparse.ArgumentParser(
     prog="gms-jax convert",
     description="Convert PyTorch weights to a Flax safetensors parameter file (strict: any missing, "
@@ -32,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     default=None,
     help="SD VAE latent scale (default: config.json's, else 0.18215; SD-XL: 0.13025)",
   )
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse(argv)
   if os.path.exists(args.out) and (
     not args.overwrite
     or os.path.isdir(args.out)

@@ -21,7 +21,8 @@ from gms_jax.predict import (
 SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None):
+  """The parsed arguments (nothing is read or written); bad ones raise."""
   parser = errors.ArgumentParser(
     prog="gms-jax evaluate", description=evaluate_lib.__doc__.split("\n")[0]
   )
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
   parser.add_argument("--cpu-library-fusion", default=None, help=FUSION_HELP)
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse(argv)
   args.split = SPLIT_ALIASES.get(args.split, args.split)
   if args.batch_size < 1:
     raise errors.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
   check_workdir(args.workdir)
   data = data_config(checkpoint.load_config(args.workdir), args.dataset, args.root, args.split_file)
-  suffix = "" if args.tta == "none" else f"-tta-{args.tta}"  # never replaces the SPEC §4 evaluation
+  suffix = "" if args.tta == "none" else f"-tta-{args.tta}"  # never replaces the METHOD §4 output
   out = args.out or os.path.join(args.workdir, "eval", f"{data.name}-{args.split}{suffix}")
   outputs.check_owned(os.path.abspath(out), "evaluate")  # refuse before any work
   seg = Segmenter.from_workdir(

@@ -6,7 +6,8 @@ from gms_jax import errors
 from gms_jax.pretrained import EXPORT_FORMATS, export_mapper
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None):
+  """The parsed arguments (nothing is read or written); bad ones raise."""
   parser = errors.ArgumentParser(
     prog="gms-jax export",
     description="Write a workdir's latent mapper as an official GMS checkpoint ({'model': state_dict}, "
@@ -23,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     help="pth: torch pickle (needs torch); safetensors: same state dict, torch-free",
   )
   parser.add_argument("out", help="output file (never overwritten)")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse(argv)
   which = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
   if which not in ("best", "latest") and not isinstance(which, int):
     raise errors.UsageError(

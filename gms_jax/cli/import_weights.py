@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
-from gms_jax import errors
+from absl import flags
+from ml_collections import config_flags
+
+from gms_jax import configuration, errors
 from gms_jax.pretrained import import_workdir
 
 IMPORT_USAGE = (
@@ -27,19 +30,12 @@ step 0, with the config's tokenizer, that `gms-jax evaluate`, `predict`, `export
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-  """``gms-jax import``: mapper checkpoint + the config's tokenizer -> a ready workdir.
-
-  Errors are raised (:mod:`gms_jax.errors`); :func:`gms_jax.cli.main` prints them as one line."""
+def parse(argv: list[str] | None = None, *, check_paths: bool = True):
+  """``(config, mapper, workdir)`` from the arguments, or None for --help; the config is loaded
+  (overrides applied) and validated; nothing else is read."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if any(a in ("-h", "--help", "-help") for a in argv):
-    print(IMPORT_USAGE + "\n" + IMPORT_HELP)
-    return 0
-  from absl import flags
-  from ml_collections import config_flags
-
-  from gms_jax import configuration
-
+    return None
   argv = configuration.resolve_config_argv(argv)
   spec = configuration.config_spec(argv)
   if spec and not os.path.isfile(spec.partition(":")[0]):
@@ -49,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
   cfg_flag = config_flags.DEFINE_config_file(
     "config",
     None,
-    "training config, configs/gms.py:NAME",
+    "training config, NAME or configs/gms.py:NAME",
     flag_values=fv,
     lock_config=True,
     sys_argv=full,
@@ -70,8 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     raise errors.UsageError(f"unexpected arguments {extra[1:]}; {IMPORT_USAGE}")
   if config is None or not mapper.value or not workdir.value:
     raise errors.UsageError(f"--config, --mapper and --workdir are required; {IMPORT_USAGE}")
-  configuration.validate(config)
-  info = import_workdir(config, mapper.value, workdir.value)
+  configuration.validate(config, check_paths=check_paths)
+  return config, mapper.value, workdir.value
+
+
+def main(argv: list[str] | None = None) -> int:
+  """``gms-jax import``: mapper checkpoint + the config's tokenizer -> a ready workdir.
+
+  Errors are raised (:mod:`gms_jax.errors`); :func:`gms_jax.cli.main` prints them as one line."""
+  parsed = parse(argv)
+  if parsed is None:
+    print(IMPORT_USAGE + "\n" + IMPORT_HELP)
+    return 0
+  config, mapper, workdir = parsed
+  info = import_workdir(config, mapper, workdir)
   print(
     f"wrote {info['workdir']}: step 0 from {info['source']} ({info['format']}, sha256 "
     f"{info['sha256']}); mapper {info['mapper']['in_channels']}ch ch={info['mapper']['ch']}; "

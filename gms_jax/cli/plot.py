@@ -9,7 +9,8 @@ from gms_jax import plot as plot_lib
 from gms_jax.plot import draw, read_curve
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None):
+  """The parsed arguments (nothing is read or written); bad ones raise."""
   parser = errors.ArgumentParser(prog="gms-jax plot", description=plot_lib.__doc__.split("\n")[0])
   parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   parser.add_argument("--out", required=True, help="PNG file to write (refused if it exists)")
@@ -22,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--metric", default="eval/val_dice", help="metrics.jsonl key to plot")
   parser.add_argument("--title", default="")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse(argv)
   labels = args.label or [Path(w).resolve().name for w in args.workdirs]
   if len(labels) != len(args.workdirs):
     raise errors.UsageError(f"{len(labels)} --label for {len(args.workdirs)} workdirs")

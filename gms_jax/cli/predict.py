@@ -20,7 +20,8 @@ from gms_jax.predict import (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None):
+  """The parsed arguments (nothing is read or written); bad ones raise."""
   parser = errors.ArgumentParser(
     prog="gms-jax predict", description="Segment image files or folders with a trained workdir."
   )
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
   parser.add_argument("--cpu-library-fusion", default=None, help=FUSION_HELP)
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse(argv)
   if args.batch_size < 1:
     raise errors.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
   which = parse_checkpoint(args.checkpoint)
