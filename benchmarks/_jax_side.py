@@ -9,7 +9,7 @@ from _common import REPO
 
 
 def product_config(size: int, dtype: str):
-  """The trainer's default config (``configs/gms.py``, SPEC §3 numbers) at ``size``², ``dtype``."""
+  """The trainer's default config (``configs/gms.py``: METHOD §3) at ``size``², ``dtype``."""
   import importlib.util
 
   mod_spec = importlib.util.spec_from_file_location("gms_bench_config", REPO / "configs" / "gms.py")

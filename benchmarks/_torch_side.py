@@ -1,4 +1,4 @@
-"""The PyTorch side of the benchmark workers: the shared weights on a device, SPEC §3 helpers
+"""The PyTorch side of the benchmark workers: the shared weights on a device, METHOD §3 helpers
 (decode_mask, Dice), synchronisation and CUDA memory statistics."""
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def torch_images(images, dev):
 
 
 def torch_decode_mask(family: str, decode_raw, z):
-  """SPEC §3 ``decode``: decoder -> mean over RGB -> (x+1)/2 for SD -> clamp [0,1]; (B,H,W)."""
+  """METHOD §3 ``decode``: decoder -> mean over RGB -> (x+1)/2 for SD -> clamp [0,1]; (B,H,W)."""
   g = decode_raw(z).float().mean(dim=1)
   if family == "sd-vae":
     g = (g + 1.0) / 2.0

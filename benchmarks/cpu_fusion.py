@@ -6,8 +6,8 @@ same four programs with each setting, in one process, and times them interleaved
 every setting once), so the ratios are side by side on one machine state:
 
 * **encode**: ``recipes.make_encode_fn`` (the bank build: image and mask through the encoder);
-* **banked phase 1 / phase 2**: ``train_fast.make_banked_step`` without / with the decoder Dice;
-* **exact**: ``step.make_train_step`` (SPEC §3).
+* **banked phase 1 / phase 2**: ``step.make_train_step(..., banked=True)`` without / with the decoder Dice;
+* **exact**: ``step.make_train_step`` (docs/METHOD.md §3).
 
 Each setting's outputs are compared with XLA's defaults from the same inputs and state (encode:
 max |difference| of the latents; steps: the loss of every timed step, which sees the same batch

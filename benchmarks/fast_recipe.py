@@ -6,11 +6,11 @@ In one process, on the same tokenizer, batch and image size:
 * **encode**: ``gms_jax.recipes.make_encode_fn`` (what the bank build runs: image and mask of
   a view through the frozen encoder), seconds per view (augmentation and disk not included; the
   trainer logs the real build's s/view);
-* **banked phase 1**: ``gms_jax.make_banked_step`` with the latent term only (mapper
+* **banked phase 1**: ``gms_jax.step.make_train_step(..., banked=True)`` with the latent term only (mapper
   forward/backward + AdamW; the tokenizer never runs);
 * **banked phase 2**: the same with the decoder Dice term (3 heads decoded, backprop through the
   frozen decoder; no encoder);
-* **exact**: ``gms_jax.step.make_train_step`` (SPEC §3: encoder, mapper, decoder Dice).
+* **exact**: ``gms_jax.step.make_train_step`` (docs/METHOD.md §3: encoder, mapper, decoder Dice).
 
 Each step is AOT-compiled with the trainer's config (``configs/gms.py``, loss ``auto`` settings),
 its FLOPs taken from XLA's cost analysis (an estimate of the arithmetic, valid for any backend's

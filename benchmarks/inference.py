@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Inference benchmark: images/s for encode -> map -> decode, gms_jax vs PyTorch.
 
-The SPEC §4 prediction on the same weights and images: encode (no noise), mapper ``"out"`` head,
+The METHOD §4 prediction on the same weights and images: encode (no noise), mapper ``"out"`` head,
 decode to a grey mask, threshold ``> 0.5``.  JAX runs the trainer's inference function (``gms_jax.step.build``, batch-sharded over this host's
 devices; AOT-compiled per batch size, compile time reported separately); PyTorch runs diffusers
 ``AutoencoderKL`` / the TAE reference and the reference mapper under ``torch.inference_mode``.

@@ -1,7 +1,7 @@
 """Input-pipeline throughput: images/s of augmented training batches (grain + albumentations).
 
     python benchmarks/pipeline_throughput.py                       # sample, batch 8, 224², workers 0 and 2
-    python benchmarks/pipeline_throughput.py --dataset busi --root ../shared/data/busi
+    python benchmarks/pipeline_throughput.py --dataset busi --root /path/to/busi
     python benchmarks/pipeline_throughput.py --quick --out /tmp/pipe.json   # CI smoke (seconds)
 
 For each worker count it builds the pipeline, pulls ``--warmup`` batches (worker start-up, page

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training step benchmark: gms_jax's jitted step vs the same model and loss in PyTorch.
 
-Both sides run the SPEC §3 step on the same weights and the same batch: encode image and mask with
+Both sides run the METHOD §3 step on the same weights and the same batch: encode image and mask with
 the frozen tokenizer (no gradient), latent noise with p=0.5 (SD-VAE: unscaled posterior std), the
 mapper, Σ MSE + Σ Dice(decode_mask(head)) over the heads level2/level1/out with gradients through
 the frozen decoder (input gradients only), and an AdamW update (lr 2e-3, wd 0.01).
@@ -46,7 +46,7 @@ NAME = "train_step"
 
 
 def _product_config(job):
-  """The trainer's default config (SPEC §3 numbers) at the job's size, batch and settings."""
+  """The trainer's default config (METHOD §3 numbers) at the job's size, batch and settings."""
   config = J.product_config(size=job["size"], dtype=job["dtype"])
   config.batch_size = job["batch"]
   config.loss.batch_decode = job["batch_decode"]

@@ -1,13 +1,14 @@
 """The latent bank of the ``fast`` recipe: K augmented views of every training pair, encoded once.
 
 The frozen encoder is most of an exact training step's cost and its inputs are only ever the
-SPEC §3 augmentations of a fixed training set, so the fast recipe (:mod:`gms_jax.train_fast`)
-encodes ``K`` augmented views of every training image and mask once and trains the mapper on the
-stored latents. This module is the bank's storage and bookkeeping; it does no math: the encoder
-is a function handed to :func:`build`.
+train-time augmentations (docs/METHOD.md §3) of a fixed training set, so the fast recipe
+(:class:`gms_jax.recipes.FastRecipe`; docs/METHOD.md §6.3) encodes ``K`` augmented views of every
+training image and mask once and trains the mapper on the stored latents. This module is the
+bank's storage and bookkeeping; it does no math: the encoder is a function handed to
+:func:`build`.
 
 Views. View ``k`` of training record ``i`` (records in the split's order, sorted by name) is the
-SPEC §3 train augmentation (:class:`gms_jax.data.augment.Augmenter`, the exact albumentations
+METHOD §3 train augmentation (:class:`gms_jax.data.augment.Augmenter`, the exact albumentations
 Compose of the exact recipe; plus, when the config asks for them, the image-only intensity and
 scanner-look transforms, named in the manifest's ``augmentation``) drawn from
 ``np.random.default_rng(SeedSequence([seed, i, k]))``

@@ -10,11 +10,11 @@ nothing else (see :mod:`gms_jax.outputs`), any other non-empty folder is refused
 
     <out>/metrics.csv      one row per image
     <out>/summary.json     mean and sample std (ddof=1) of every metric, checkpoint step, dataset
-    <out>/masks/<name>.png predicted S x S masks, 0/255 (SPEC §4)
+    <out>/masks/<name>.png predicted S x S masks, 0/255 (docs/METHOD.md §4)
     <out>/overlays/<name>.png  image with ground-truth (green) and predicted (red) contours
     <out>/overlays_montage.png the first ``--montage`` overlays in one grid (for reports)
 
-``--tta flip|d4`` (off by default; not part of SPEC §4) averages the probability maps of the
+``--tta flip|d4`` (off by default; not part of METHOD §4) averages the probability maps of the
 image's left-right flip, or of all 8 flips/90° rotations, mapped back (:func:`gms_jax.inference.tta_probs`),
 before the threshold; its default output folder is ``<dataset>-<split>-tta-<views>``.
 

@@ -1,4 +1,4 @@
-"""Inference (SPEC §4): image -> latent -> mapper ``"out"`` head -> decoded grey mask.
+"""Inference (docs/METHOD.md §4): image -> latent -> mapper ``"out"`` head -> decoded grey mask.
 
 Pure and jit-able; used by training-time validation, ``gms-jax evaluate`` and ``gms-jax predict``.
 No latent noise; threshold the probabilities with ``> 0.5`` (:data:`THRESHOLD`) for the binary mask.
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-THRESHOLD = 0.5  # SPEC §4: prediction = decoded mask > 0.5
+THRESHOLD = 0.5  # docs/METHOD.md §4: prediction = decoded mask > 0.5
 
 
 def predict_probs(
@@ -52,8 +52,8 @@ def in_fixed_batches(
   return np.concatenate(out)
 
 
-# Test-time augmentation (off by default: SPEC §4 predicts once). The views are elements of the
-# dihedral group D4 of the square image — the flips and 90° rotations SPEC §3 trains with — as
+# Test-time augmentation (off by default: METHOD §4 predicts once). The views are elements of the
+# dihedral group D4 of the square image — the flips and 90° rotations METHOD §3 trains with — as
 # (k, flip): rotate k·90° counter-clockwise in the (H, W) plane, then flip left-right if ``flip``.
 # Probabilities of the views are mapped back and averaged, then thresholded as usual.
 TTA_VIEWS: dict[str, tuple[tuple[int, bool], ...]] = {

@@ -1,4 +1,4 @@
-"""The GMS training loss (SPEC §3), exactly as the original computes it.
+"""The GMS training loss (docs/METHOD.md §3), exactly as the original computes it.
 
 For a batch of images and binary masks, with a frozen tokenizer (``tok``) and the mapper::
 

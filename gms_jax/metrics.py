@@ -1,9 +1,9 @@
-"""Segmentation metrics: the exact GMS protocol (SPEC §4) plus HD95.
+"""Segmentation metrics: the exact GMS protocol (docs/METHOD.md §4) plus HD95.
 
 All functions take binary masks as numpy arrays (bool or {0,1}); batched ones take (N, H, W).
 
 - DSC = 2TP / (2TP + FP + FN), IoU = TP / (TP + FP + FN); each is 0 when its denominator is 0
-  (SPEC §4: so an image whose ground truth and prediction are both empty scores 0, as in the
+  (METHOD §4: so an image whose ground truth and prediction are both empty scores 0, as in the
   original code).
 - HD95 = 95th percentile of the symmetric surface distances (the MedPy ``hd95`` definition: surface
   = mask minus its 4-connected erosion; distances from every surface pixel of one mask to the
@@ -89,7 +89,7 @@ def per_image(pred, gt) -> dict[str, float]:
 
 
 def summarize(rows: Iterable[Mapping[str, float]], keys: Sequence[str] | None = None) -> dict:
-  """Mean and sample std (ddof=1) of each numeric column over the rows (SPEC §4)."""
+  """Mean and sample std (ddof=1) of each numeric column over the rows (docs/METHOD.md §4)."""
   rows = list(rows)
   if not rows:
     raise ValueError("no rows to summarize")

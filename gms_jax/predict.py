@@ -5,7 +5,7 @@
     probs = seg.predict_probs(batch01)                   # (N, S, S) in [0, 1], S = image_size
 
 Any size, greyscale/RGB/RGBA input; the model runs at the training resolution and the probability
-map is resized (bilinear) back to the input's native size, then thresholded at 0.5 (SPEC §4).
+map is resized (bilinear) back to the input's native size, then thresholded at 0.5 (METHOD §4).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Segmenter:
     self.batch_size = int(batch_size)
     self.step = step
     self.config = config
-    self.tta = inference.check_tta(tta)  # "none" (SPEC §4), "flip" or "d4": see inference.TTA_VIEWS
+    self.tta = inference.check_tta(tta)  # "none" (METHOD §4), "flip" or "d4" (inference.TTA_VIEWS)
     # A value from a config or the API: the error names config.cpu_library_fusion (the CLIs check their flag first).
     self.cpu_library_fusion = ",".join(configuration.cpu_library_fusions(cpu_library_fusion or ""))
     self._graphdef, self._params = nnx.split(mapper, nnx.Param)
@@ -185,7 +185,7 @@ class Segmenter:
 
   def predict(
     self, images: Sequence[str | np.ndarray], threshold: float = 0.5
-  ) -> list[np.ndarray]:  # SPEC §4
+  ) -> list[np.ndarray]:  # docs/METHOD.md §4
     """Paths or uint8 arrays (any size, L/RGB/RGBA) -> bool masks at each native size."""
     from gms_jax.data import pipeline
 

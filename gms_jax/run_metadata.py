@@ -90,7 +90,7 @@ def cpu_info(path: str = "/proc/cpuinfo") -> dict[str, Any]:
   "other", from /proc/cpuinfo flags; empty fields where it cannot be read).
 
   Wall-clock numbers on CPU depend on it: XLA's CPU code uses the widest vectors the host has,
-  and the same fast run is ~2x slower on an AVX2-only host than on an AVX-512 one (README).
+  and the same fast run is ~2x slower on an AVX2-only host than on an AVX-512 one (docs/results/cpu_hosts.md).
   """
   import os
 

@@ -100,7 +100,7 @@ def make_schedule(
 def make_optimizer(
   config: ml_collections.ConfigDict, schedule: Callable
 ) -> optax.GradientTransformation:
-  """AdamW (SPEC §3: lr 2e-3, betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01)."""
+  """AdamW (docs/METHOD.md §3: lr 2e-3, betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01)."""
   o = config.optimizer
   return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
 

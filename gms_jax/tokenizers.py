@@ -1,4 +1,4 @@
-"""Frozen image tokenizers: images <-> latents, and latents -> grey masks (SPEC §1, §3, §7).
+"""Frozen image tokenizers: images <-> latents, and latents -> grey masks (docs/METHOD.md §1, §3).
 
 A :class:`Tokenizer` holds an NNX ``graphdef``, its frozen ``params`` (an ``nnx.State``) and the
 family's conventions.  Its methods are pure functions of ``(params, array)`` and jit-able; pass
@@ -177,7 +177,7 @@ class Tokenizer:
     return jnp.clip(x, 0.0, 1.0)
 
   def decode_mask(self, params, z) -> jax.Array:
-    """Scaled latents -> NHW grey masks in [0,1]: mean over the RGB channels, clipped (SPEC §3)."""
+    """Scaled latents -> NHW grey masks in [0,1]: mean over RGB channels, clipped (METHOD §3)."""
     g = jnp.mean(self._decode_raw(params, z), axis=-1)
     if self.signed:
       g = (g + 1.0) / 2.0
@@ -252,7 +252,7 @@ def abstract(family: str, cfg=None, *, dtype=None, remat_decoder: bool = False) 
   """A tokenizer of shapes only: ``params`` are ``jax.ShapeDtypeStruct`` leaves (no weights read,
   nothing allocated). Its methods trace like a real tokenizer's, so a step built with it can be
   ``.lower()``-ed and compiled for any target (``gms_jax.step``); ``cfg`` defaults to the family's
-  standard architecture (SPEC §1 SD-VAE, TAEF2)."""
+  standard architecture (docs/METHOD.md §1 SD-VAE, TAEF2)."""
   family = canonical_family(family)
   if cfg is None:
     cls = REGISTRY[family].config_cls()

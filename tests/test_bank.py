@@ -106,7 +106,7 @@ def test_bank_layout_and_manifest(reference, source):
 
 
 def _view(source, seed, i, k, extras=()):
-  """View k of record i written out from the definition: the SPEC §3 Augmenter (with the
+  """View k of record i written out from the definition: the docs/METHOD.md §3 Augmenter (with the
   optional extras) drawing from default_rng(SeedSequence([seed, i, k]))."""
   from gms_jax.data import augment
 
@@ -226,7 +226,7 @@ def test_mismatched_bank_refused_with_one_line(dirs, reference, source):
 def test_intensity_bank_holds_the_intensity_views(dirs, reference, source, scanner):
   """bank.intensity_augment (and bank.scanner_augment): the manifest names them, and view k of
   image i is the encoding of the Augmenter(extras=("intensity", ["scanner"])) view drawn from
-  (seed, i, k), not the SPEC §3 one."""
+  (seed, i, k), not the docs/METHOD.md §3 one."""
   from gms_jax import recipes
 
   extras = ["intensity", "scanner"] if scanner else ["intensity"]

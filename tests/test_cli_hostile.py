@@ -1,4 +1,4 @@
-"""The console commands used as a hostile but fair user would (issue 12), in subprocesses.
+"""The console commands used as a hostile but fair user would, in subprocesses.
 
 Each case asserts the exit code, that an error is ONE line on stderr naming the file/key, that no
 traceback is printed, and that every file that must survive is byte-identical afterwards. The

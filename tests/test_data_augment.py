@@ -128,8 +128,9 @@ def test_eval_transform_and_preprocess_agree():
 
 
 def test_intensity_option_adds_image_only_changes_and_leaves_spec_default():
-  """``extras=("intensity",)`` (fast recipe's bank.intensity_augment, not SPEC §3) inserts brightness /
-  contrast and gamma after the colour jitter; the default Compose is the SPEC list above."""
+  """``extras=("intensity",)`` (fast recipe's bank.intensity_augment, not docs/METHOD.md §3)
+  inserts brightness / contrast and gamma after the colour jitter; the default Compose is the
+  METHOD §3 list above."""
   names = [type(t).__name__ for t in augment.train_transform(32, extras=("intensity",)).transforms]
   assert names == [
     "HorizontalFlip",
@@ -152,7 +153,7 @@ def test_intensity_option_adds_image_only_changes_and_leaves_spec_default():
     band = ndimage.binary_dilation(mb, iterations=2) & ~ndimage.binary_erosion(mb, iterations=2)
     assert not (((img.mean(-1) > img.mean()) != mb) & ~band).any(), seed
   # on a mid-grey image the grey level varies far more (contrast +-0.4, brightness +-0.3 at
-  # p 0.8, gamma at p 0.5) than with SPEC §3 alone (jitter 0.1 at p 0.2)
+  # p 0.8, gamma at p 0.5) than with docs/METHOD.md §3 alone (jitter 0.1 at p 0.2)
   grey = np.full((40, 40, 3), 128, np.uint8)
   ramp = np.tile(np.linspace(0, 255, 40, dtype=np.uint8)[:, None, None], (1, 40, 3))
   flat = np.zeros((40, 40), np.uint8)
@@ -171,10 +172,10 @@ def test_intensity_option_adds_image_only_changes_and_leaves_spec_default():
 
 
 def test_scanner_option_changes_the_look_only_after_the_resize():
-  """``extras=("scanner",)`` (fast recipe's bank.scanner_augment, not SPEC §3) appends blur/sharpen,
-  speckle, tone curve and noise after the resize: the geometry (hence the mask) of a view is the
-  one drawn without it from the same generator, grey images stay grey, values stay in [0, 1],
-  and a flat image gets texture (speckle / noise) that SPEC §3 never adds."""
+  """``extras=("scanner",)`` (fast recipe's bank.scanner_augment, not docs/METHOD.md §3) appends
+  blur/sharpen, speckle, tone curve and noise after the resize: the geometry (hence the mask) of a
+  view is the one drawn without it from the same generator, grey images stay grey, values stay in
+  [0, 1], and a flat image gets texture (speckle / noise) that METHOD §3 never adds."""
   names = [
     type(t).__name__
     for t in augment.train_transform(32, extras=("scanner", "intensity")).transforms
@@ -209,7 +210,7 @@ def test_scanner_option_changes_the_look_only_after_the_resize():
     np.testing.assert_array_equal(img[..., 0], img[..., 2])
     changed += not np.allclose(img, ref, atol=1e-6)
   assert changed >= 15, changed  # 1 - 0.6 * 0.6 * 0.6 * 0.8 = 83 % of views change
-  # texture on a flat mid-grey image: none with SPEC §3 alone, often with the scanner option
+  # texture on a flat mid-grey image: none with METHOD §3 alone, often with the scanner option
   grey = np.full((40, 40, 3), 128, np.uint8)
   flat = np.zeros((40, 40), np.uint8)
   plain, scan = augment.Augmenter(40), augment.Augmenter(40, extras=("scanner",))
@@ -224,7 +225,7 @@ def test_scanner_option_changes_the_look_only_after_the_resize():
 
 def test_extras_are_named_checked_and_ordered():
   """Extras are applied (and named in a bank manifest) in one fixed order whatever order they
-  are given in; an unknown name is a one-line error naming it; none gives the SPEC Compose."""
+  are given in; an unknown name is a one-line error naming it; none gives the METHOD §3 Compose."""
   assert augment.check_extras(["scanner", "intensity", "scanner"]) == ("intensity", "scanner")
   assert augment.check_extras(()) == ()
   with pytest.raises(ValueError, match="'blur'") as e:

@@ -336,7 +336,7 @@ def test_split_description_in_metadata(tmp_path):
 
 
 def test_truncated_cache_is_detected_and_rebuilt(tmp_path, caplog):
-  """Issue 12 (6): a cached shard cut short (a killed copy, a full disk) is found by its record
+  """A cached shard cut short (a killed copy, a full disk) is found by its record
   count and rebuilt, naming the file; the rebuilt dataset reads back completely."""
   root = make_folder(tmp_path / "data", n=12)
   cfg = _cfg(root, tmp_path / "tfds")

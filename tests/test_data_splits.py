@@ -157,7 +157,7 @@ def test_default_split_file(tmp_path):
 
 
 def test_split_file_reports_every_split_missing_names_and_unused_pairs(tmp_path, caplog):
-  """Issue 12 (5): missing names of ALL splits in one error; pairs in no split are warned about."""
+  """Missing names of ALL splits in one error; pairs in no split are warned about."""
   names = [f"n{i:02d}" for i in range(8)]
   f = tmp_path / "split.json"
   f.write_text(json.dumps({"train": ["n00", "ghost1"], "val": ["n01"], "test": ["ghost2"]}))

@@ -1,4 +1,4 @@
-"""evaluate.py / predict.py: the SPEC §4 protocol end to end, native-size outputs, file handling."""
+"""evaluate.py / predict.py: the METHOD §4 protocol end to end, native-size outputs, file I/O."""
 
 import csv
 import json
@@ -88,7 +88,7 @@ def test_ground_truth_as_prediction_scores_perfectly(tmp_path):
   assert all(
     float(r["dsc"]) == 1.0 and float(r["iou"]) == 1.0 and float(r["hd95"]) == 0.0 for r in nonempty
   )
-  # SPEC §4 zero-denominator rule: empty GT predicted empty -> DSC = IoU = 0, HD95 (both empty) = 0.
+  # METHOD §4 zero-denominator rule: empty GT predicted empty -> DSC = IoU = 0; HD95 (both empty) 0.
   assert float(rows[0]["dsc"]) == 0.0 and float(rows[0]["hd95"]) == 0.0
   assert summary["n"] == 6
   assert summary["dsc"]["mean"] == pytest.approx(5 / 6)

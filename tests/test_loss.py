@@ -82,7 +82,7 @@ def _dice_torch(pred, target, smooth=1e-5):
 
 @torch.no_grad()
 def _torch_loss(vae, mapper, images, masks, apply_noise, eps, heads=loss_lib.HEADS):
-  """The original training loss (SPEC §3), NCHW torch (values only)."""
+  """The original training loss (docs/METHOD.md §3), NCHW torch (values only)."""
   scale = VAE.scaling_factor
   img = torch_refs.nhwc_to_nchw(images)
   mask_rgb = torch.from_numpy(masks)[:, None].repeat(1, 3, 1, 1)

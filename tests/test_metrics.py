@@ -24,7 +24,7 @@ def test_dice_iou_batched_and_zero_denominator():
   gt[2, 1:3, 1:3] = True
   pred[2, 1:3, 1:3] = True  # perfect
   d, i = metrics.dice_iou(pred, gt)
-  np.testing.assert_array_equal(d, [0.0, 0.0, 1.0])  # image 0: both empty -> 0 by SPEC §4
+  np.testing.assert_array_equal(d, [0.0, 0.0, 1.0])  # image 0: both empty -> 0 by docs/METHOD.md §4
   np.testing.assert_array_equal(i, [0.0, 0.0, 1.0])
 
 

@@ -1,6 +1,7 @@
 """TAEF2 (real weights): Flax vs the torch reference, and reconstruction quality on real images.
 
-Needs ``../shared`` (weights and data, outside the repository); skips with a reason without it.
+Needs the original TAEF2 ``.pth`` files and real BUSI images, which are not part of the repository
+(looked for at ``SHARED`` below); skips with a reason without them.
 """
 
 from pathlib import Path

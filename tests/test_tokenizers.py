@@ -1,4 +1,4 @@
-"""Tokenizer conventions (SPEC §1, §3, §7): scaling, posterior std, mask decoding, loading."""
+"""Tokenizer conventions (docs/METHOD.md §1, §3): scaling, posterior std, mask decoding, loading."""
 
 import jax
 import jax.numpy as jnp

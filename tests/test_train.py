@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 # The reference run: 6 steps on 1 device, checkpoints (and validation) at steps 3 and 6.
-# optimizer.eps = 1 (SPEC: 1e-8). Summation order differs between 1 and 8 devices, so gradients
+# optimizer.eps = 1 (METHOD §3: 1e-8). Summation order differs between 1 and 8 devices, so gradients
 # differ by float32 rounding (~1e-6 relative). Adam's update m/(sqrt(v)+eps) amplifies such noise
 # by up to lr/eps where the gradient is ~0 -- and some gradients are exactly 0 by symmetry
 # (attention key biases: softmax is shift invariant; biases right before a one-channel-per-group
@@ -182,7 +182,7 @@ def test_configs(arg):
 def test_schedule_per_epoch_and_stepwise():
   from gms_jax import step as step_lib
 
-  c = H.load_config("busi")  # SPEC: warm-up 5 epochs from 0, cosine to 0 at epoch 1000
+  c = H.load_config("busi")  # METHOD §3: warm-up 5 epochs from 0, cosine to 0 at epoch 1000
   per_epoch = step_lib.make_schedule(c, steps_per_epoch=10)
   lr = lambda s: float(per_epoch(s))  # noqa: E731
   assert lr(0) == lr(9) == 0.0  # epoch 0

@@ -302,7 +302,7 @@ def test_resume_check_reads_keys_added_later_as_their_old_value():
 
 def test_bank_extras_follow_the_config_switches():
   """bank.<name>_augment switches map to the view extras the bank is built with (none by
-  default: the fast recipe's views are SPEC §3 unless asked)."""
+  default: the fast recipe's views are docs/METHOD.md §3 unless asked)."""
   from gms_jax import recipes
 
   config = H.load_config("sample,fast")

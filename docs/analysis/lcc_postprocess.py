@@ -1,9 +1,10 @@
 """Largest-connected-component post-processing, measured offline on an evaluate output's saved masks.
 
-    python docs/analysis/lcc_postprocess.py runs/busi_fast150/eval/busi-test ../shared/data/busi
+    python docs/analysis/lcc_postprocess.py runs/busi_fast150/eval/busi-test /path/to/busi
 
-Ground truth as in SPEC §4 (gms_jax.data.augment.resize_mask, >= 0.5); DSC by gms_jax.metrics.
+Ground truth as in METHOD §4 (gms_jax.data.augment.resize_mask, >= 0.5); DSC by gms_jax.metrics.
 """
+
 import csv
 import os
 import sys
@@ -24,7 +25,7 @@ def largest_component(pred):
 
 
 def pred_and_truth(ev, root, name):
-  """The saved predicted mask of ``name`` and its ground truth (SPEC §4), both bool at that size."""
+  """The saved predicted mask of ``name`` and its ground truth (METHOD §4), both bool, that size."""
   pred = np.asarray(Image.open(os.path.join(ev, "masks", name + ".png"))) > 127
   m = np.asarray(Image.open(os.path.join(root, "masks", name + ".png")))
   m = m[..., 0] if m.ndim == 3 else m
@@ -38,9 +39,13 @@ def main(ev, root):
     pred, gt = pred_and_truth(ev, root, r["name"])
     raw.append(float(metrics.dice_iou(pred, gt)[0]))
     lcc.append(float(metrics.dice_iou(largest_component(pred), gt)[0]))
-  print(f"{ev}: n={len(rows)} max|raw - metrics.csv|={max(abs(a - float(r['dsc'])) for a, r in zip(raw, rows)):.2g}")
+  print(
+    f"{ev}: n={len(rows)} max|raw - metrics.csv|={max(abs(a - float(r['dsc'])) for a, r in zip(raw, rows)):.2g}"
+  )
   for name, v in (("as saved", np.array(raw)), ("largest component", np.array(lcc))):
-    print(f"  {name:17s} DSC {v.mean():.4f} ± {v.std(ddof=1):.4f}  median {np.median(v):.3f}  < 0.1: {(v < 0.1).sum()}")
+    print(
+      f"  {name:17s} DSC {v.mean():.4f} ± {v.std(ddof=1):.4f}  median {np.median(v):.3f}  < 0.1: {(v < 0.1).sum()}"
+    )
 
 
 if __name__ == "__main__":

@@ -18,24 +18,27 @@ benchmarks/RESULTS.md "Compiled for accelerators").
 
 Any key can be overridden on the command line: ``--config.batch_size=16``.
 
-The ``fast`` recipe (``configs/gms.py:busi,taef2,fast``; ``gms_jax/train_fast.py``)
---------------------------------------------------------------------------------------
-The default (``recipe = "exact"``) is SPEC §3 and is not changed by anything below. ``fast``
-takes the frozen tokenizer out of the inner loop: ``bank.num_views`` (K) augmented views of every
-training pair are encoded once into a latent bank in the workdir (``gms_jax/bank.py``), and the
-mapper trains on the stored latents. Every deviation from SPEC §3:
+The ``fast`` recipe (``configs/gms.py:busi,taef2,fast``; ``gms_jax/recipes.py``, ``bank.py``)
+---------------------------------------------------------------------------------------------
+The default (``recipe = "exact"``) is docs/METHOD.md §3 and is not changed by anything below.
+``fast`` takes the frozen tokenizer out of the inner loop: ``bank.num_views`` (K) augmented views
+of every training pair are encoded once into a latent bank in the workdir (``gms_jax/bank.py``),
+and the mapper trains on the stored latents. Every deviation from docs/METHOD.md §3 (listed
+again in docs/METHOD.md §6.3):
 
-1. Augmentation: the SPEC §3 transform (same code, same probabilities), but a finite sample of K
-   views per training image drawn once (view k of image i from seed ``(bank.seed, i, k)``)
+1. Augmentation: the METHOD §3 transform (same code, same probabilities), but a finite sample of
+   K views per training image drawn once (view k of image i from seed ``(bank.seed, i, k)``)
    instead of a fresh draw every epoch; epoch e shows each image once, as one of its K views,
    each view once per K epochs.
 2. Loss: phase 1 is the latent term only, ``sum_k MSE(out[k], z_mask)`` over the same heads
    (the Dice term and the decoder are left out); ``fast.dice_steps`` more steps (phase 2;
-   0 = none) use the full SPEC loss (latent MSE + Dice of the decoded heads against the view's
-   stored full-resolution mask) at the constant LR ``fast.dice_learning_rate``. Latent noise is as SPEC: ``z + std * eps`` with probability
-   ``loss.noise_prob`` per batch, ``std`` the banked unscaled posterior std (0 for TAE models).
+   0 = none) use the full METHOD §3 loss (latent MSE + Dice of the decoded heads against the
+   view's stored full-resolution mask) at the constant LR ``fast.dice_learning_rate``. Latent
+   noise is as in METHOD §3: ``z + std * eps`` with probability ``loss.noise_prob`` per batch,
+   ``std`` the banked unscaled posterior std (0 for TAE models).
 3. Schedule: ``num_epochs``, ``schedule.warmup_epochs`` and a per-step LR (``stepwise``) are set
-   for a wall-clock budget, not the 1000 epochs of SPEC; AdamW and its hyper-parameters are SPEC's.
+   for a wall-clock budget, not the 1000 epochs of METHOD §3; AdamW and its hyper-parameters
+   are those of METHOD §3.
 4. Validation (model selection on the validation split, as in every recipe) runs every
    ``fast.eval_every_epochs`` epochs; validation images are encoded once (same values).
 5. Optional (off by default): ``fast.ema_decay > 0`` keeps an exponential moving average of the
@@ -73,7 +76,7 @@ def get_config(arg="sample"):
   """Returns the config for ``arg`` (see the module docstring)."""
   dataset, mods = _parse(arg)
   c = ml_collections.ConfigDict()
-  c.seed = 2333  # model init, latent noise and data order (SPEC §3)
+  c.seed = 2333  # model init, latent noise and data order (docs/METHOD.md §3)
 
   # ---------------------------------------------------------------- data (gms_jax.data.builder)
   c.data = ml_collections.ConfigDict()
@@ -83,8 +86,8 @@ def get_config(arg="sample"):
   c.data.test_fraction = 0.2  # ratio split only
   c.data.val_fraction = 0.1  # validation is carved out of train; checkpoints are chosen on it
   c.data.split_seed = 2333
-  c.data.image_size = 224  # SPEC §3; latents are image_size / 8
-  c.data.augment = True  # SPEC §3 train-time augmentation
+  c.data.image_size = 224  # docs/METHOD.md §3; latents are image_size / 8
+  c.data.augment = True  # docs/METHOD.md §3 train-time augmentation
   c.data.tfds_dir = ""  # "" = ~/tensorflow_datasets
   c.data.worker_count = 0  # grain worker processes (0 = threads in the trainer process)
   c.data.prefetch_buffer = 2
@@ -99,15 +102,15 @@ def get_config(arg="sample"):
   c.tokenizer.scaling_factor = 0.0  # sd-vae latent scale; 0 = the VAE's config.json, else 0.18215
   c.tokenizer.remat_decoder = False  # recompute decoder activations in the backward pass, per block
 
-  # ---------------------------------------------------------------- latent mapper (SPEC §2)
+  # ---------------------------------------------------------------- latent mapper (METHOD §2)
   c.mapper = ml_collections.ConfigDict()
   c.mapper.ch = 32  # in/out channels come from the tokenizer's latent channels
   c.mapper.ch_mult = (1, 2, 4, 4)
-  # "" = random init (SPEC §2); else start from these weights (fresh optimizer): an official
+  # "" = random init (METHOD §2); else start from these weights (fresh optimizer): an official
   # best_model.pth, a `gms-jax convert` output or a workdir. Recorded in the workdir metadata.
   c.mapper.init = ""
 
-  # ---------------------------------------------------------------- loss (SPEC §3)
+  # ---------------------------------------------------------------- loss (docs/METHOD.md §3)
   c.loss = ml_collections.ConfigDict()
   c.loss.rec_weight = 1.0  # latent MSE
   c.loss.dice_weight = 1.0  # MONAI Dice of the decoded mask
@@ -118,7 +121,7 @@ def get_config(arg="sample"):
   c.loss.batch_decode = "auto"
   c.loss.batch_encode = "auto"  # images and masks: one encoder call on GPU/TPU, two on CPU
 
-  # ---------------------------------------------------------------- optimisation (SPEC §3)
+  # ---------------------------------------------------------------- optimisation (METHOD §3)
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 2e-3  # AdamW
   c.optimizer.b1 = 0.9
@@ -140,7 +143,7 @@ def get_config(arg="sample"):
   c.num_epochs = 1000
   c.num_train_steps = -1  # -1 = num_epochs * steps_per_epoch(train split)
   c.precision = "float32"  # compute dtype of mapper and tokenizer: "float32" or "bfloat16"
-  c.recipe = "exact"  # "exact" (SPEC §3) or "fast" (latent bank; see the module docstring)
+  c.recipe = "exact"  # "exact" (METHOD §3) or "fast" (latent bank; see the module docstring)
 
   # ---------------------------------------------------------------- latent bank (recipe "fast")
   c.bank = ml_collections.ConfigDict()
@@ -149,16 +152,16 @@ def get_config(arg="sample"):
   c.bank.seed = 2333  # view k of record i is drawn from (seed, i, k)
   c.bank.shard_size = 64  # records per shard (the unit of atomic writes and of resumption)
   c.bank.encode_batch_size = 8  # images (and masks) per encoder call while building
-  # Not SPEC §3: stronger image-only brightness/contrast/gamma in the banked views, for other
+  # Not METHOD §3: stronger image-only brightness/contrast/gamma in the banked views, for other
   # scanners (gms_jax/data/augment.py INTENSITY_*); recorded in the bank manifest.
   c.bank.intensity_augment = False
-  # Not SPEC §3: image-only blur/sharpen, speckle, tone curve and noise after the resize
+  # Not METHOD §3: image-only blur/sharpen, speckle, tone curve and noise after the resize
   # (gms_jax/data/augment.py SCANNER_*); recorded in the bank manifest.
   c.bank.scanner_augment = False
 
   # ---------------------------------------------------------------- fast recipe
   c.fast = ml_collections.ConfigDict()
-  c.fast.dice_steps = 0  # phase 2: N steps after phase 1 with the decoder Dice term (SPEC loss)
+  c.fast.dice_steps = 0  # phase 2: N more steps with the decoder Dice term (the METHOD §3 loss)
   c.fast.dice_learning_rate = 2e-4  # constant LR of phase 2 (phase 1 ends at LR 0)
   c.fast.eval_every_epochs = 5  # validation when eval_every_steps <= 0
   # > 0: validate, select and save the EMA of the mapper weights (decay min(d, (1+s)/(10+s)))
@@ -176,7 +179,7 @@ def get_config(arg="sample"):
   # CPU only, "" = XLA's defaults: ops XLA hands to its YNNPACK library fusions in every jit of
   # training (comma list of dot, reduce, eltwise, individual_dot, individual_convolution;
   # experimental in jaxlib 0.10.2). "dot,reduce": 1.4-1.6x faster banked steps and bank encodes
-  # on a 2-core AVX2 host (benchmarks/cpu_fusion.py, README). Ignored on GPU/TPU.
+  # on a 2-core AVX2 host (benchmarks/cpu_fusion.py, docs/results/cpu_hosts.md). Ignored on GPU/TPU.
   c.cpu_library_fusion = ""
 
   # ---------------------------------------------------------------- multi-host (main() only)
@@ -211,7 +214,7 @@ def get_config(arg="sample"):
       c.bank.num_views = 4
       c.fast.dice_steps = 30
       if "smoke" not in mods:  # sized for ~150 min on BUSI at 224² on the 2-core CPU (a plan
-        c.num_epochs = 95  # from measured pieces, README "The fast recipe"; not a result)
+        c.num_epochs = 95  # from measured pieces, docs/results/fast_recipe_sizing.md)
         c.schedule.warmup_epochs = 5
         c.log_every_steps = 100
     elif m == "accel":  # estimated best on v4-8 and H100 (benchmarks/RESULTS.md), fits both

@@ -276,7 +276,7 @@ def infer_config(
 ) -> AutoencoderKLConfig:
   """The architecture an SD-VAE state dict (either naming) holds, from tensor shapes and key counts.
 
-  Fields outside :data:`INFERRED_FIELDS` come from ``base`` (default: the SD config, SPEC §1).
+  Fields outside :data:`INFERRED_FIELDS` come from ``base`` (default: the SD config, METHOD §1).
   Raises ConversionError for what this model does not implement (attention inside the levels,
   a decoder whose block count is not ``layers_per_block + 1``) or cannot find.
   """

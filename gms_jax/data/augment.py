@@ -1,4 +1,4 @@
-"""The GMS preprocessing and augmentation (SPEC §3), with albumentations like the original.
+"""The GMS preprocessing and augmentation (docs/METHOD.md §3), with albumentations as the original.
 
 The original (King-HAW/GMS ``data/image_dataset.py``, albumentations 1.x of early 2024) is::
 
@@ -69,7 +69,7 @@ finally:
   if _hide_torch_bridge:
     del sys.modules["albumentations.pytorch"]
 
-# The original probabilities and ranges (SPEC §3).
+# The original probabilities and ranges (docs/METHOD.md §3).
 HFLIP_P = 0.5
 VFLIP_P = 0.5
 ROT90_P = 0.5
@@ -81,7 +81,7 @@ ROTATE_LIMIT = 20
 SHIFT_SCALE_ROTATE_P = 0.4
 BORDER_MODE = cv2.BORDER_REFLECT_101  # albumentations 1.x ShiftScaleRotate default
 
-# Optional, NOT in SPEC §3 (fast recipe's ``bank.intensity_augment``, off by default): stronger
+# Optional, NOT in METHOD §3 (fast recipe's ``bank.intensity_augment``, off by default): stronger
 # brightness / contrast / gamma changes of the image only, for other scanners (BUS-BRA's images
 # have ~0.73x BUSI's grey-level contrast). Fixed ranges; the bank manifest names them (v1).
 INTENSITY_BRIGHTNESS = 0.3
@@ -90,7 +90,7 @@ INTENSITY_BC_P = 0.8
 INTENSITY_GAMMA = (70, 150)
 INTENSITY_GAMMA_P = 0.5
 
-# Optional, NOT in SPEC §3 (fast recipe's ``bank.scanner_augment``, off by default): image-only
+# Optional, NOT in METHOD §3 (fast recipe's ``bank.scanner_augment``, off by default): image-only
 # changes of the scanner's look, applied at the model's input size after the resize: blur or
 # sharpening (probe/processing resolution), multiplicative speckle, a random tone (gain) curve,
 # and additive noise. Aimed at BUS-BRA's failures (small lesions missed entirely). The bank
@@ -123,7 +123,7 @@ def shift_scale_rotate(p: float = SHIFT_SCALE_ROTATE_P) -> A.Affine:
 
 
 def intensity_transforms() -> list:
-  """The optional image-only intensity changes (not SPEC §3; see INTENSITY_*)."""
+  """The optional image-only intensity changes (not docs/METHOD.md §3; see INTENSITY_*)."""
   return [
     A.RandomBrightnessContrast(
       brightness_limit=INTENSITY_BRIGHTNESS, contrast_limit=INTENSITY_CONTRAST, p=INTENSITY_BC_P
@@ -133,7 +133,7 @@ def intensity_transforms() -> list:
 
 
 def scanner_transforms() -> list:
-  """The optional image-only scanner-look changes (not SPEC §3; see SCANNER_*)."""
+  """The optional image-only scanner-look changes (not docs/METHOD.md §3; see SCANNER_*)."""
   return [
     A.OneOf(
       [
@@ -152,9 +152,9 @@ def scanner_transforms() -> list:
 
 @dataclasses.dataclass(frozen=True)
 class Extra:
-  """An optional image-only addition to the SPEC §3 Compose (fast recipe only).
+  """An optional image-only addition to the docs/METHOD.md §3 Compose (fast recipe only).
 
-  ``after``: the SPEC §3 transform it follows; ``make``: its transforms; ``tag``: its name in a
+  ``after``: the METHOD §3 transform it follows; ``make``: its transforms; ``tag``: its name in a
   bank manifest's ``augmentation`` (bump the version when ``make`` changes what it draws).
   """
 
@@ -185,7 +185,7 @@ def train_transform(image_size: int, extras: Iterable[str] = (), **compose_kwarg
   """The GMS train-time Compose (input: float32 [0,1] RGB image and uint8 0/255 mask).
 
   ``extras`` (names in :data:`EXTRAS`, none by default) insert optional image-only transforms
-  that are not SPEC §3: ``"intensity"`` (:func:`intensity_transforms`) after the colour jitter,
+  that are not METHOD §3: ``"intensity"`` (:func:`intensity_transforms`) after the colour jitter,
   ``"scanner"`` (:func:`scanner_transforms`) after the resize.
   """
   chosen = check_extras(extras)
@@ -230,7 +230,7 @@ class Augmenter:
   def __init__(self, image_size: int, augment: bool = True, extras: Iterable[str] = ()):
     self.image_size = int(image_size)
     self.augment = bool(augment)
-    self.extras = check_extras(extras)  # optional, not SPEC §3 (see EXTRAS)
+    self.extras = check_extras(extras)  # optional, not docs/METHOD.md §3 (see EXTRAS)
     self._local = threading.local()
 
   def __getstate__(self):

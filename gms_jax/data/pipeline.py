@@ -169,7 +169,7 @@ def train_dataset(
 
 
 def eval_examples(source, *, image_size: int) -> Iterator[dict[str, Any]]:
-  """Each record in order, resized only (SPEC §4).
+  """Each record in order, resized only (docs/METHOD.md §4).
 
   Yields ``image`` float32 (S,S,3) in [0,1] (bilinear), ``mask`` float32 (S,S) in {0,1} (the
   native mask resized nearest-neighbour, then ``>= 0.5``), ``native_mask`` uint8 (h,w) in

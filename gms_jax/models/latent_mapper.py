@@ -1,4 +1,4 @@
-"""The GMS latent mapper ``ResAttnUNet_DS`` (SPEC §2), Flax NNX, NHWC.
+"""The GMS latent mapper ``ResAttnUNet_DS`` (docs/METHOD.md §2), Flax NNX, NHWC.
 
 A U-Net in wiring only: every block keeps the 28x28 latent resolution.  Each block is a residual
 block (GroupNorm -> PReLU -> conv, twice) followed by single-head spatial self-attention; the
@@ -28,7 +28,7 @@ _zeros = nnx.initializers.zeros_init()
 
 @dataclasses.dataclass(frozen=True)
 class MapperConfig:
-  """Shape of the latent mapper; the defaults are the GMS model (SPEC §2, 1,564,976 params)."""
+  """Shape of the latent mapper; the defaults are the GMS model (METHOD §2, 1,564,976 params)."""
 
   in_channels: int = 4
   out_channels: int = 4
@@ -205,7 +205,7 @@ def num_params(model: nnx.Module) -> int:
 
 
 def create(cfg: MapperConfig, key: jax.Array, *, dtype=None) -> ResAttnUNet_DS:
-  """A randomly initialised mapper (SPEC §2 init) from a PRNG key; ``dtype`` = compute dtype."""
+  """A randomly initialised mapper (METHOD §2 init) from a PRNG key; ``dtype`` = compute dtype."""
   return ResAttnUNet_DS(cfg, rngs=nnx.Rngs(params=key), dtype=dtype)
 
 

@@ -1,4 +1,4 @@
-"""The Stable Diffusion VAE ("kl-f8", LDM ``AutoencoderKL``) in Flax NNX, NHWC (SPEC §1).
+"""The Stable Diffusion VAE ("kl-f8", LDM ``AutoencoderKL``) in Flax NNX, NHWC (docs/METHOD.md §1).
 
 Parameter paths mirror the LDM/CompVis module names so the key map from an LDM checkpoint is almost
 the identity: ``encoder/down/0/block/1/conv1/kernel``, ``encoder/down/0/downsample/conv/kernel``,
@@ -49,7 +49,7 @@ class AutoencoderKLConfig:
 
   @classmethod
   def sd(cls) -> "AutoencoderKLConfig":
-    """SPEC §1: the SD 1.x/2.x first stage GMS uses (83,653,863 params)."""
+    """docs/METHOD.md §1: the SD 1.x/2.x first stage GMS uses (83,653,863 params)."""
     return cls()
 
   @classmethod

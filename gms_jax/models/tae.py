@@ -1,4 +1,4 @@
-"""Tiny autoencoders of the TAESD family (SPEC §7), Flax NNX, NHWC.
+"""Tiny autoencoders of the TAESD family (docs/METHOD.md §1.2), Flax NNX, NHWC.
 
 ``TAE.encode(x)`` takes an image in [0, 1] and returns the latent at 1/8 resolution;
 ``TAE.decode(z)`` soft-clamps the latent (``tanh(z/3)*3``) and returns the image as the PyTorch

@@ -1,14 +1,14 @@
-"""PyTorch reference modules for parity tests, written from SPEC §2 and §7 in the original's style.
+"""PyTorch reference modules for parity tests, in the original's style (docs/METHOD.md §2, §1.2).
 
 They are deliberately independent of the Flax code: NCHW, torch modules, and the *official*
 attribute names, so ``state_dict()`` yields exactly the keys of the published checkpoints:
 
-* :class:`ResAttnUNet_DS` — the GMS latent mapper (SPEC §2).  Keys: ``input_blocks.*``,
+* :class:`ResAttnUNet_DS` — the GMS latent mapper (docs/METHOD.md §2).  Keys: ``input_blocks.*``,
   ``conv1_0.resblock.act1.weight`` (PReLU, the same tensor as ``conv1_0.resblock.conv1.1.weight``),
   ``conv1_0.resblock.conv1.{0,2}.*`` (GroupNorm, conv), ``...skip_connection.weight``,
   ``conv1_0.attention.{norm,q,k,v,proj_out}.*``, ``convds{0..3}.{0,2}.*``.
   ``forward(x)`` returns ``{"level3", "level2", "level1", "out"}`` (NCHW).
-* :func:`tae_encoder` / :func:`tae_decoder` — the TAESD-family tiny autoencoder (SPEC §7) as
+* :func:`tae_encoder` / :func:`tae_decoder` — the TAESD-family tiny autoencoder (METHOD §1.2) as
   ``nn.Sequential`` so the keys are the checkpoint's indices (``0.weight``, ``11.pool.1.bias``...).
   Encoder: image in [0,1] -> latent; decoder: latent -> image in about [0,1] (not clamped).
 * :func:`randomize_` — fills every parameter (GroupNorm affine, PReLU slopes, biases included) with
