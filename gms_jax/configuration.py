@@ -282,7 +282,7 @@ def validate(
   per_device = _int(flat, "per_device_batch_size", 0) if "per_device_batch_size" in flat else 0
   ebs = _int(flat, "eval_batch_size", 1)
   epochs = _int(flat, "num_epochs", 1)
-  steps = _int(flat, "num_train_steps", 1, allow=(-1, 0))
+  steps = _int(flat, "num_train_steps", 1, allow=(-1,))  # -1 = num_epochs x steps per epoch
   if steps <= 0 and epochs < 1:
     raise ConfigError("config.num_epochs must be >= 1 when config.num_train_steps is -1")
   for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):

@@ -57,6 +57,15 @@ class NonFiniteLossError(GmsError, FloatingPointError):
   """The training loss became NaN/inf; the workdir keeps the last good checkpoint (exit 1)."""
 
 
+class Interrupted(GmsError):
+  """SIGINT / SIGTERM stopped training at a step boundary after a checkpoint (exit 128 + signal:
+  130 for Ctrl-C, 143 for SIGTERM)."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + int(signum)
+
+
 def one_line(message: object) -> str:
   """``message`` with its lines joined by ``"; "`` (errors are printed on one line)."""
   parts = [p.strip() for p in str(message).splitlines() if p.strip()]

@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -33,7 +35,16 @@ import numpy as np
 from absl import logging
 
 from gms_jax import checkpoint as ckpt_lib
-from gms_jax import configuration, errors, parallel, pretrained, recipes, run_metadata, tokenizers
+from gms_jax import (
+  configuration,
+  errors,
+  outputs,
+  parallel,
+  pretrained,
+  recipes,
+  run_metadata,
+  tokenizers,
+)
 from gms_jax import step as step_lib
 
 NonFiniteLossError = errors.NonFiniteLossError  # raised by the loop (check_finite)
@@ -75,6 +86,33 @@ class MetricsWriter:
       )
       + "\n"
     )
+
+  def keep_until(self, step: int) -> int:
+    """On resume from checkpoint ``step``: removes the rows a killed run logged after it (they
+    are logged again), so ``metrics.jsonl`` holds one row per step after any number of resumes.
+    Returns how many rows were dropped."""
+    if not self._enabled:
+      return 0
+    path = self._jsonl.name
+    self._jsonl.close()
+    with open(path, encoding="utf-8") as f:
+      lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for ln in lines:
+      try:
+        row_step = int(json.loads(ln).get("step", 0))
+      except (ValueError, AttributeError, TypeError):
+        row_step = 0  # a torn last line of a killed run: dropped below
+        if ln.endswith("\n"):
+          keep.append(ln)
+        continue
+      if row_step <= step:
+        keep.append(ln)
+    dropped = len(lines) - len(keep)
+    if dropped:
+      outputs.write_atomic(path, lambda tmp: open(tmp, "w", encoding="utf-8").writelines(keep))
+    self._jsonl = open(path, "a", buffering=1)
+    return dropped
 
   def event(self, step: int, **fields) -> None:
     if self._enabled:
@@ -422,6 +460,14 @@ def _run(
     t0 = time.time()
     state = ckpt.restore(latest, built.abstract_state, data_iter=recipe.data_iter)
     logging.info("resumed from step %d in %s (%.1fs)", latest, ckpt.directory, time.time() - t0)
+  dropped = writer.keep_until(latest or 0)  # rows an interrupted run logged past its checkpoint
+  if dropped:
+    logging.info(
+      "metrics.jsonl: %d row(s) logged after step %d by an interrupted run removed (those "
+      "steps run again)",
+      dropped,
+      latest or 0,
+    )
   step = int(jax.device_get(state["step"]))
   step_fn(built.step_name(min(step, max(total_steps - 1, 0))))
 
@@ -484,7 +530,9 @@ def _run(
       window.append(m)
       bar.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
 
+  stop = _StopSignals()
   try:
+    stop.__enter__()
     t_loop = time.time()
     while step < total_steps:
       fn = step_fn(built.step_name(step))
@@ -500,7 +548,9 @@ def _run(
       bar.update(1)
 
       is_last = step == total_steps
-      do_eval, do_ckpt = step % eval_every == 0 or is_last, step % ckpt_every == 0 or is_last
+      stopping = stop.signum is not None  # SIGINT / SIGTERM: checkpoint now, then stop
+      do_eval = step % eval_every == 0 or is_last
+      do_ckpt = step % ckpt_every == 0 or is_last or stopping
       if step % log_every == 0 or do_eval or do_ckpt:
         drain(keep_last=False)
         scalars = window_scalars(window, steps_window, time.time() - t_window)
@@ -530,8 +580,11 @@ def _run(
       if do_eval or do_ckpt:  # steps/s and the ETA count training steps only
         t_window = time.time()
       writer.flush()
+      if stopping:
+        break
     seconds["train"] = time.time() - t_loop - seconds["validation"] - seconds["checkpoint"]
   finally:
+    stop.__exit__()
     bar.close()
     ckpt.wait()
     writer.event(step, event="end", seconds={k: round(v, 3) for k, v in seconds.items()})
@@ -544,6 +597,13 @@ def _run(
     seconds=seconds,
   )
   ckpt.close()
+  if stop.signum is not None:
+    name = signal.Signals(stop.signum).name
+    raise errors.Interrupted(
+      f"interrupted by {name} at step {step} of {total_steps}: checkpoint {last_saved} saved in "
+      f"{ckpt_lib.checkpoint_dir(workdir)}; run the same command to resume",
+      stop.signum,
+    )
   logging.info(
     "done: step %d, best checkpoint %s (validation Dice), last validation %s; wall "
     "time of this run: %s",
@@ -553,6 +613,37 @@ def _run(
     {k: round(v, 1) for k, v in seconds.items()},
   )
   return summary
+
+
+class _StopSignals:
+  """SIGINT / SIGTERM during the loop set a flag instead of raising where they land (a
+  KeyboardInterrupt inside a JAX callback is swallowed); the loop checks it at every step
+  boundary, saves a checkpoint and stops. The previous handlers come back on exit."""
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is None:
+      logging.warning(
+        "%s received: stopping after this step with a checkpoint", signal.Signals(signum).name
+      )
+    self.signum = signum
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in self.SIGNALS:
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+    return False
 
 
 def _log_first_batch(batch: dict[str, jax.Array]) -> None:

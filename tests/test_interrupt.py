@@ -1,0 +1,106 @@
+"""Interrupted training: SIGKILL, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption notice)
+at random steps of one smoke run, each followed by a restart of the same command.
+
+* SIGINT / SIGTERM stop at the next step boundary with a checkpoint: exit 130 / 143, one line
+  naming the signal and the step, no traceback; the checkpoint is that step.
+* After a SIGKILL between checkpoints, the rows the killed run logged past its last checkpoint are
+  removed on resume: ``metrics.jsonl`` holds one row per step after any number of resumes.
+* The run finished through all those interruptions logs the same per-step losses and validation
+  Dice as an uninterrupted run of the same command (recorded in ``fixtures/``, as in
+  ``test_one_trainer.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import _train_helpers as H
+import pytest
+from conftest import cli_env, gms_jax_command
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "smoke_before_one_trainer.json"
+PROGRESS = re.compile(r"step (\d+)/30: loss")
+
+
+def _run_until(args, env, *, at_step: int | None, sig: int | None, timeout: float = 300):
+  """Runs the command; when its progress line for ``at_step`` appears, sends ``sig``."""
+  p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lines: list[str] = []
+  sent = []
+
+  def read():
+    for line in p.stderr:
+      lines.append(line)
+      m = PROGRESS.search(line)
+      if sig is not None and not sent and m and int(m.group(1)) >= at_step and p.poll() is None:
+        p.send_signal(sig)
+        sent.append(int(m.group(1)))
+
+  t = threading.Thread(target=read, daemon=True)
+  t.start()
+  try:
+    p.wait(timeout=timeout)
+  finally:
+    if p.poll() is None:
+      p.kill()
+  t.join(timeout=10)
+  return p.returncode, "".join(lines)
+
+
+@pytest.mark.slow
+def test_kill_int_term_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
+  from gms_jax import run_metadata
+
+  rng = random.Random(time.time_ns())
+  workdir = tmp_path / "w"
+  args = gms_jax_command() + [
+    "train", "--config", f"{REPO / 'configs' / 'gms.py'}:smoke", "--workdir", str(workdir),
+    f"--config.data.tfds_dir={tmp_path / 'tfds'}", "--config.log_every_steps=1",
+  ]  # fmt: skip
+  env = cli_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jaxcache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+  # SIGKILL after the step-15 checkpoint, then SIGINT and SIGTERM at random later steps.
+  kill_at = rng.randint(17, 20)
+  int_at = rng.randint(kill_at - 1, 24)
+  term_at = rng.randint(int_at + 1, 28)
+  plan = [(signal.SIGKILL, kill_at), (signal.SIGINT, int_at), (signal.SIGTERM, term_at)]
+  stopped_at = []
+  for sig, at in plan:
+    rc, err = _run_until(args, env, at_step=at, sig=sig)
+    where = f"{sig.name} at step >= {at}: rc {rc}\n{err[-3000:]}"
+    if sig == signal.SIGKILL:
+      assert rc == -9, where
+      continue
+    assert rc == 128 + int(sig), where
+    assert "Traceback" not in err and "Exception ignored" not in err, where
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    m = re.match(rf"gms-jax train: error: interrupted by {sig.name} at step (\d+) of 30: "
+                 r"checkpoint (\d+) saved in .*; run the same command to resume$", last)  # fmt: skip
+    assert m and m.group(1) == m.group(2), where
+    stopped_at.append(int(m.group(1)))
+    _, _, step = run_metadata.restore_mapper(str(workdir), "latest")
+    assert step == stopped_at[-1] >= at
+  rc, err = _run_until(args, env, at_step=None, sig=None)
+  assert rc == 0, err[-3000:]
+
+  rows = H.read_jsonl(workdir / "metrics.jsonl")
+  steps = [r["step"] for r in rows if "train/loss" in r]
+  assert steps == list(range(1, 31)), steps  # one row per step, none repeated or missing
+  assert sum(1 for r in rows if r.get("event") == "start") == 4
+  fixture = json.loads(FIXTURE.read_text())["exact"]
+  same_host = run_metadata.cpu_info()["simd"] == json.loads(FIXTURE.read_text())["host_simd"]
+  tol = 1e-6 if same_host else 1e-4
+  for r in rows:
+    if "train/loss" in r:
+      assert r["train/loss"] == pytest.approx(fixture["loss"][str(r["step"])], rel=tol, abs=tol)
+  dice = {r["step"]: r["eval/val_dice"] for r in rows if "eval/val_dice" in r}
+  assert sorted(dice) == [15, 30]
+  assert dice[30] == pytest.approx(fixture["val_dice"]["30"], abs=tol if same_host else 2e-3)
