@@ -27,6 +27,7 @@ import numpy as np
 
 from gms_jax import errors, outputs
 from gms_jax.convert import core
+from gms_jax.lock import WorkdirLock
 from gms_jax.models.latent_mapper import MapperConfig
 
 
@@ -187,20 +188,21 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
   )
   weights.check_config(run_cfg)
 
-  # The state train.py's init builds, with these params (fresh AdamW state, the run's noise key).
+  # The state train's init builds (step.make_state_fn), with these params.
   params = jax.tree.map(jnp.asarray, nested_params(weights))
   tx = step_lib.make_optimizer(config, step_lib.make_schedule(config, 1))
-  root_key = jax.random.PRNGKey(int(config.seed))
-  state = {
-    "step": jnp.zeros((), jnp.int32),
-    "params": params,
-    "opt_state": tx.init(params),
-    "rng": jax.random.fold_in(root_key, 1),
-  }
+  state = step_lib.make_state_fn(run_cfg, None, tx, int(config.seed), params=params)()
   meta = run_metadata.RunMetadata.for_run(config, run_cfg, tok, init=weights.provenance("import"))
 
   created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
+  lock = WorkdirLock(workdir, "import")
+  try:
+    lock.acquire()  # a concurrent import or train of the same new workdir is refused
+  except BaseException:
+    if created and not os.listdir(workdir):
+      os.rmdir(workdir)
+    raise
   try:
     with open(os.path.join(workdir, ckpt_lib.CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -221,6 +223,8 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
         else:
           os.remove(entry)
     raise
+  finally:
+    lock.release()
   return {
     "workdir": workdir,
     "source": weights.source,

@@ -289,26 +289,37 @@ def mapper_config(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) 
 
 
 def make_state_fn(
-  mcfg: MapperConfig, dtype: Any, tx: optax.GradientTransformation, seed: int, *, ema: bool = False
+  mcfg: MapperConfig,
+  dtype: Any,
+  tx: optax.GradientTransformation,
+  seed: int,
+  *,
+  ema: bool = False,
+  params: Any = None,
 ) -> Callable[[], dict[str, Any]]:
   """The one train-state constructor: ``() -> {"step", "params", "opt_state", "rng"}`` (+
   ``"train_params"``, a copy of the weights the optimizer moves, when ``ema``). Keys:
   ``fold_in(PRNGKey(seed), 0)`` initialises the mapper, ``fold_in(..., 1)`` is the noise key.
-  ``jax.eval_shape`` of it is the abstract state; jitted, the concrete one."""
+  ``jax.eval_shape`` of it is the abstract state; jitted, the concrete one. ``params`` (a pure
+  dict, e.g. ``gms-jax import``'s weights) replaces the random init; AdamW's fresh state does not
+  depend on the values."""
 
   def init_fn():
     root = jax.random.PRNGKey(seed)
     init_key, noise_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-    model = latent_mapper.create(mcfg, init_key, dtype=dtype)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if params is None:
+      model = latent_mapper.create(mcfg, init_key, dtype=dtype)
+      weights = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    else:
+      weights = params
     state = {
       "step": jnp.zeros((), jnp.int32),
-      "params": params,
-      "opt_state": tx.init(params),
+      "params": weights,
+      "opt_state": tx.init(weights),
       "rng": noise_key,
     }
     if ema:  # "params" = the moving average, "train_params" = the optimizer's weights
-      state["train_params"] = jax.tree.map(jnp.copy, params)
+      state["train_params"] = jax.tree.map(jnp.copy, weights)
     return state
 
   return init_fn

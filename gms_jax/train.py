@@ -45,7 +45,9 @@ from gms_jax import (
   run_metadata,
   tokenizers,
 )
+from gms_jax import lock as workdir_lock
 from gms_jax import step as step_lib
+from gms_jax.layout import LOCK_FILE
 
 NonFiniteLossError = errors.NonFiniteLossError  # raised by the loop (check_finite)
 
@@ -247,14 +249,36 @@ def train_and_evaluate(
     n_processes=jax.process_count(),
     check_tokenizer=tokenizer is None,
   )
-  fresh = claim_workdir(config, workdir, write=is_main)
+  check_workdir(config, workdir)  # refuse another run's or a foreign folder before writing
+  made_dir = not os.path.exists(workdir)
+  lock = workdir_lock.WorkdirLock(workdir, "train", enabled=is_main, warn=logging.warning)
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+  try:
+    lock.acquire()  # one run at a time in a workdir (process 0 on a pod)
+  except BaseException:
+    if made_dir and is_main and not os.listdir(workdir):
+      os.rmdir(workdir)
+    raise
+  try:
+    fresh = claim_workdir(config, workdir, write=is_main)
+    if fresh is not None and made_dir:
+      fresh.append(workdir)
+  except BaseException:
+    lock.release()
+    if made_dir and is_main and not os.listdir(workdir):
+      os.rmdir(workdir)
+    raise
   progress = {"started": False}
   try:
     return _run(config, workdir, tokenizer=tokenizer, devices=devices, progress=progress)
   except BaseException:
+    lock.release()
     if fresh is not None and not progress["started"] and is_main:
       release_workdir(workdir, fresh)  # failed before its first step: leave no workdir behind
     raise
+  finally:
+    lock.release()
 
 
 def claim_workdir(
@@ -291,7 +315,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
       ) from None
     configuration.check_resume(saved, config, workdir)
     return "resume"
-  if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+  entries = set(os.listdir(workdir)) - {LOCK_FILE} if os.path.isdir(workdir) else set()
+  if os.path.exists(workdir) and (not os.path.isdir(workdir) or entries):
     raise errors.ConfigError(
       f"{workdir} exists and is not a gms-jax workdir (no {ckpt_lib.CONFIG_FILE}); refusing "
       "to write into it: use a new or empty --workdir"

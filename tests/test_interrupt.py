@@ -104,3 +104,68 @@ def test_kill_int_term_at_random_steps_then_resume_equals_uninterrupted(tmp_path
   dice = {r["step"]: r["eval/val_dice"] for r in rows if "eval/val_dice" in r}
   assert sorted(dice) == [15, 30]
   assert dice[30] == pytest.approx(fixture["val_dice"]["30"], abs=tol if same_host else 2e-3)
+
+
+@pytest.mark.slow
+def test_a_second_train_on_a_busy_workdir_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+  import socket
+  import sys
+
+  from gms_jax.layout import LOCK_FILE
+
+  workdir = tmp_path / "w"
+  args = gms_jax_command() + [
+    "train", "--config", f"{REPO / 'configs' / 'gms.py'}:smoke", "--workdir", str(workdir),
+    f"--config.data.tfds_dir={tmp_path / 'tfds'}", "--config.log_every_steps=1",
+  ]  # fmt: skip
+  env = cli_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jaxcache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+  first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  err_first: list[str] = []
+  started = threading.Event()
+
+  def read():
+    for line in first.stderr:
+      err_first.append(line)
+      if PROGRESS.search(line):
+        started.set()
+
+  t = threading.Thread(target=read, daemon=True)
+  t.start()
+  try:
+    assert started.wait(timeout=300), "".join(err_first)[-3000:]
+    holder = json.loads((workdir / LOCK_FILE).read_text())
+    assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stderr[-3000:]
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip() and "cudart" not in ln]
+    assert len(lines) == 1 and "Traceback" not in second.stderr, lines
+    for fact in ("in use by gms-jax train", socket.gethostname(), f"PID {first.pid}", "since"):
+      assert fact in lines[0], lines[0]
+    first.wait(timeout=600)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  t.join(timeout=10)
+  assert first.returncode == 0, "".join(err_first)[-3000:]
+  assert not (workdir / LOCK_FILE).exists()  # released on a clean exit
+  # The first run finished as it would alone (the uninterrupted run recorded in fixtures/).
+  rows = H.read_jsonl(workdir / "metrics.jsonl")
+  fixture = json.loads(FIXTURE.read_text())
+  from gms_jax import run_metadata
+
+  tol = 1e-6 if run_metadata.cpu_info()["simd"] == fixture["host_simd"] else 1e-4
+  losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+  assert sorted(losses) == list(range(1, 31))
+  for step, loss in losses.items():
+    assert loss == pytest.approx(fixture["exact"]["loss"][str(step)], rel=tol, abs=tol)
+
+  # A lock left by a process that is gone (SIGKILL) is taken over with a warning.
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)  # fmt: skip
+  (workdir / LOCK_FILE).write_text(json.dumps({
+    "host": socket.gethostname(), "pid": int(gone.stdout), "since": "earlier", "command": "train"}))  # fmt: skip
+  again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "stale lock" in again.stderr and "taking it over" in again.stderr
+  assert not (workdir / LOCK_FILE).exists()

@@ -10,6 +10,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from gms_jax import configuration, errors, parallel
+from gms_jax.lock import WorkdirLock
 from gms_jax.train import check_workdir, quiet_library_logs, train_and_evaluate
 
 USAGE = "usage: gms-jax train --config NAME --workdir DIR [--config.key=value ...]"
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   config, workdir = parsed
   check_workdir(config, os.path.abspath(workdir))
+  WorkdirLock(workdir, "train").check()  # a busy workdir: one line, before any logging
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
   quiet_library_logs()
