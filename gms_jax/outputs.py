@@ -38,7 +38,7 @@ def write_atomic(path: str | os.PathLike, write, *, suffix: str = "") -> None:
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+  fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=folder)
   os.close(fd)
   try:
     write(tmp)
@@ -97,7 +97,10 @@ def check_owned(folder: str, command: str, flag: str = "--out") -> str:
       f"{flag} {folder}: folder is not empty and was not written by gms-jax {command}; "
       "refusing to write into it (choose a new or empty folder)"
     )
-  foreign = sorted(present - set(manifest["files"]) - {MANIFEST})
+  ours = set(manifest["files"]) | set(manifest.get("planned") or [])
+  foreign = sorted(
+    n for n in present - ours - {MANIFEST} if not os.path.basename(n).startswith(TMP_PREFIX)
+  )
   if foreign:
     more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
     raise OutputError(
@@ -107,8 +110,24 @@ def check_owned(folder: str, command: str, flag: str = "--out") -> str:
   return "own"
 
 
+TMP_PREFIX = ".tmp-"  # write_atomic's temporaries: a killed command's are its own
+
+
+def remove_own_temporaries(folder: str) -> int:
+  """Removes the ``.tmp-*`` files a killed run of the command left in its own ``folder`` (call
+  after :func:`check_owned` said "own"); returns how many."""
+  n = 0
+  for name in _files_under(folder):
+    if os.path.basename(name).startswith(TMP_PREFIX):
+      os.remove(os.path.join(folder, name))
+      n += 1
+  return n
+
+
 def write_manifest(folder: str, command: str, files: Iterable[str], **extra) -> None:
-  """Writes the manifest atomically (temp file + rename), with the user's umask."""
+  """Writes the manifest atomically (temp file + rename), with the user's umask. ``files``: the
+  files written and present; ``extra`` may hold ``planned``: files a running command is about to
+  write (so that the folder of a killed run is still recognised as the command's own)."""
   write_json_atomic(
     os.path.join(folder, MANIFEST),
     {"command": command, "files": sorted(set(files)), **extra},

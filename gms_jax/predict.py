@@ -274,18 +274,19 @@ def parse_fusion(value: str | None) -> tuple[str, ...]:
     ) from None
 
 
-def collect_images(inputs: Iterable[str]) -> list[str]:
-  """Image files named directly or found (recursively, sorted) in the named folders."""
+def collect_images(inputs: Iterable[str], not_images: list[str] | None = None) -> list[str]:
+  """Image files named directly or found (recursively, sorted) in the named folders; every other
+  file found in a folder is appended to ``not_images`` (the command lists them)."""
   files = []
   for item in inputs:
     if os.path.isdir(item):
       for root, dirs, names in os.walk(item):
         dirs.sort()
-        files += [
-          os.path.join(root, n)
-          for n in sorted(names)
-          if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
-        ]
+        for n in sorted(names):
+          if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."):
+            files.append(os.path.join(root, n))
+          elif not_images is not None:
+            not_images.append(os.path.join(root, n))
     elif os.path.isfile(item):
       files.append(item)
     else:
@@ -326,7 +327,10 @@ def predict_files(
   from gms_jax.data import pipeline
 
   previous = outputs.read_manifest(out) or {"files": []}
-  outputs.write_manifest(out, "predict", list(previous["files"]) + list(names))
+  outputs.remove_own_temporaries(out) if os.path.isdir(out) else None  # a killed run's
+  done = {n for n in previous["files"] if os.path.isfile(os.path.join(out, n))}
+  # Planned files are listed before any is written, so a killed run's folder is still ours.
+  outputs.write_manifest(out, "predict", done, planned=sorted(set(names)))
   skipped: list[tuple[str, str]] = []
   written = 0
   for start in range(0, len(files), 64):
@@ -344,6 +348,9 @@ def predict_files(
       try:
         save_mask_png(os.path.join(out, name), mask)
         written += 1
+        done.add(name)
       except OSError as e:
         skipped.append((path, errors.describe(e)))
+    outputs.write_manifest(out, "predict", done, planned=sorted(set(names)))
+  outputs.write_manifest(out, "predict", done)  # finished: only the files that exist
   return written, skipped

@@ -6,6 +6,7 @@ import os
 import sys
 
 from gms_jax import errors, outputs
+from gms_jax.data.formats import IMAGE_EXTENSIONS
 from gms_jax.predict import (
   FUSION_HELP,
   TTA_CHOICES,
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.cpu_library_fusion is not None:
     parse_fusion(args.cpu_library_fusion)  # refuse before any work
   out = os.path.abspath(args.out)
-  files = collect_images(args.inputs)
+  not_images: list[str] = []
+  files = collect_images(args.inputs, not_images)
   if not files:
     raise errors.UsageError("no image files found in " + " ".join(args.inputs))
   outputs.check_disjoint(out, args.inputs)
@@ -69,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
 
   written, skipped = predict_files(seg, files, names, out)
   print(f"wrote {written} masks to {out} (checkpoint step {seg.step})")
+  for path in not_images:
+    print(
+      f"gms-jax predict: not read: {path} (not one of {', '.join(IMAGE_EXTENSIONS)}, or hidden)",
+      file=sys.stderr,
+    )
   for path, reason in skipped:
     print(f"gms-jax predict: skipped {path}: {reason}", file=sys.stderr)
   if skipped:

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from gms_jax.data.formats import IMAGE_EXTENSIONS
 from gms_jax.errors import DataError  # re-exported: gms_jax.data.checks.DataError
@@ -46,6 +46,10 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
   try:
     img = Image.open(path)
     img.load()  # decodes fully: truncated / corrupt data fails here, not later
+    # One orientation rule for every reader (training, evaluation, prediction): the displayed
+    # one. A JPEG/TIFF/WebP whose EXIF orientation tag says "rotate" is rotated as viewers show
+    # it; masks are predicted and read in that orientation too.
+    img = ImageOps.exif_transpose(img)
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
     raise DataError(f"{path}: cannot decode {what} ({type(e).__name__}: {e})") from None
   if img.width == 0 or img.height == 0:
