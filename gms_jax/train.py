@@ -159,7 +159,13 @@ def quiet_library_logs() -> None:
     handler.addFilter(_LibraryInfoFilter())
 
 
-def check_finite(step: int, m: dict[str, np.ndarray], workdir: str, last_saved: int | None) -> None:
+def check_finite(
+  step: int,
+  m: dict[str, np.ndarray],
+  workdir: str,
+  last_saved: int | None,
+  precision: str = "float32",
+) -> None:
   """Raises :class:`NonFiniteLossError` (naming the last good checkpoint) on a NaN/inf loss."""
   loss = float(m["loss"])
   if not math.isfinite(loss):
@@ -171,7 +177,13 @@ def check_finite(step: int, m: dict[str, np.ndarray], workdir: str, last_saved: 
     raise NonFiniteLossError(
       f"non-finite training loss {loss} at step {step} (rec={float(m['rec'])}, "
       f"dice={float(m['dice'])}); training stopped and nothing after step {step - 1} was "
-      f"saved; {where}. Lower the learning rate or use --config.precision=float32."
+      f"saved; {where}. "
+      + (
+        "Lower the learning rate or use --config.precision=float32."
+        if precision != "float32"
+        else "Lower the learning rate (--config.optimizer.learning_rate); to start over with "
+        "other settings, use a new --workdir (this one only resumes its own config)."
+      )
     )
 
 
@@ -551,7 +563,7 @@ def _run(
     while len(pending) > (1 if keep_last else 0):
       s, m = pending.pop(0)
       m = jax.device_get(m)
-      check_finite(s, m, workdir, last_saved)
+      check_finite(s, m, workdir, last_saved, str(config.precision))
       window.append(m)
       bar.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
 

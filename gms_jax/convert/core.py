@@ -57,9 +57,14 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
-    raise ConversionError(
-      f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})"
-    ) from e
+    # torch's message for a pickle with code in it advises weights_only=False, i.e. running that
+    # code: never pass that hint on.
+    msg = str(e)
+    if "weights_only" in msg or "Unsupported global" in msg:
+      why = "it holds objects other than tensors; refused: loading them could run code"
+    else:
+      why = f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
+    raise ConversionError(f"{path}: not a readable torch checkpoint ({why})") from e
   if isinstance(obj, Mapping):
     for wrapper in ("state_dict", "model"):
       if wrapper in obj and isinstance(obj[wrapper], Mapping):
