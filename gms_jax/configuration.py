@@ -188,12 +188,14 @@ def validate(
   n_processes: int = 1,
   check_tokenizer: bool = True,
   check_paths: bool = True,
+  check_data: bool = True,
 ) -> None:
   """Checks every key training reads; raises :class:`ConfigError` naming the first bad key.
 
   ``check_tokenizer=False`` skips the tokenizer name/path checks (a ready tokenizer is given);
   ``check_paths=False`` skips whether the named files and folders exist (a command line checked
-  as text, e.g. the documentation's)."""
+  as text, e.g. the documentation's); ``check_data=False`` skips that a named dataset has a
+  ``data.root`` (``gms-jax compile`` reads no data)."""
   from gms_jax.data.builder import DATASET_NAMES
 
   flat = flatten(to_plain(config))
@@ -204,7 +206,16 @@ def validate(
       f"config.data.image_size must be a positive multiple of 8 (the "
       f"tokenizers downsample by 8), got {size}"
     )
-  _float(flat, "data.val_fraction", 0.0, 1.0, lo_open=True)
+  if _float(flat, "data.val_fraction", 0.0, 1.0, lo_open=True) >= 1.0:
+    raise ConfigError(
+      "config.data.val_fraction must be < 1 (the fraction of train held out for validation; "
+      f"the rest trains), got {_get(flat, 'data.val_fraction')}"
+    )
+  if check_data and _get(flat, "data.name") != "sample" and not str(_get(flat, "data.root") or ""):
+    raise ConfigError(
+      f"config.data.root is empty: set --config.data.root to the {_get(flat, 'data.name')!r} "
+      "folder (images/, masks/)"
+    )
   _float(flat, "data.test_fraction", 0.0, 1.0)
   _int(flat, "data.worker_count", 0)
   _int(flat, "data.prefetch_buffer", 0)

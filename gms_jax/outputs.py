@@ -138,8 +138,11 @@ def write_manifest(folder: str, command: str, files: Iterable[str], **extra) -> 
 def make_staging_dir(out: str) -> str:
   """A fresh, uniquely named folder beside ``out`` (same filesystem, for an atomic rename)."""
   parent = os.path.dirname(os.path.abspath(out)) or "."
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  except OSError as e:
+    raise OutputError(f"--out {out}: cannot write in {parent} ({e.strerror or e})") from None
   apply_umask(tmp, directory=True)
   return tmp
 

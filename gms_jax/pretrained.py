@@ -251,7 +251,13 @@ def save_official(state_dict: Mapping[str, np.ndarray], out: str, fmt: str = "pt
   """``pth``: ``torch.save({"model": state_dict})`` (aliases share one tensor, as in the original);
   ``safetensors``: the same keys and tensors, readable without torch."""
   if fmt == "pth":
-    torch = core.torch_module()
+    try:
+      torch = core.torch_module()
+    except ImportError:
+      raise errors.GmsError(
+        "--format pth writes a PyTorch pickle and needs torch: pip install 'gms-jax[torch]', or "
+        "use --format safetensors (the same state dict, no torch)"
+      ) from None
     tensors, sd = {}, {}
     for k, v in state_dict.items():  # one tensor per array: the PReLU alias stays shared
       sd[k] = tensors.setdefault(id(v), torch.from_numpy(np.array(v, np.float32)))

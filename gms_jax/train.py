@@ -325,6 +325,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
       raise errors.ConfigError(
         f"{config_path}: unreadable ({errors.one_line(e)}); use a new --workdir"
       ) from None
+    if not isinstance(saved, dict) or not {"data", "mapper", "tokenizer"} <= set(saved):
+      raise errors.ConfigError(
+        f"{workdir}: not a gms-jax workdir (its {ckpt_lib.CONFIG_FILE} is not a gms-jax training "
+        "config); refusing to write into it: use a new or empty --workdir"
+      )
     configuration.check_resume(saved, config, workdir)
     return "resume"
   entries = set(os.listdir(workdir)) - {LOCK_FILE} if os.path.isdir(workdir) else set()

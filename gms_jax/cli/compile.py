@@ -70,7 +70,7 @@ def parse(argv: list[str] | None = None, *, check_paths: bool = True):
   if target.value not in TARGETS:
     raise errors.UsageError(f"unknown target {target.value!r}; one of {', '.join(TARGETS)}")
   configuration.validate(
-    config, check_tokenizer=False, check_paths=check_paths
+    config, check_tokenizer=False, check_paths=check_paths, check_data=False
   )  # weights are not needed to compile
   return types.SimpleNamespace(
     config=config,

@@ -60,6 +60,12 @@ def parse(argv: list[str] | None = None):
   )
   parser.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
   parser.add_argument("--cpu-library-fusion", default=None, help=FUSION_HELP)
+  parser.add_argument(
+    "--tfds-dir",
+    default=None,
+    help="where the prepared dataset (TFDS ArrayRecord cache) is written and read (default: the "
+    "training config's data.tfds_dir; '' there = ~/tensorflow_datasets)",
+  )
   return parser.parse_args(argv)
 
 
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
   check_workdir(args.workdir)
   data = data_config(checkpoint.load_config(args.workdir), args.dataset, args.root, args.split_file)
+  if args.tfds_dir is not None:
+    data.tfds_dir = args.tfds_dir
   suffix = "" if args.tta == "none" else f"-tta-{args.tta}"  # never replaces the METHOD §4 output
   out = args.out or os.path.join(args.workdir, "eval", f"{data.name}-{args.split}{suffix}")
   outputs.check_owned(os.path.abspath(out), "evaluate")  # refuse before any work

@@ -125,6 +125,12 @@ def load_tae(encoder_path: str, decoder_path: str) -> tuple[dict[str, np.ndarray
 def load(path: str, *, cfg: TAEConfig | None = None) -> tuple[dict[str, np.ndarray], TAEConfig]:
   """The family loader (:data:`gms_jax.tokenizers.REGISTRY`): a folder with an encoder/decoder
   pair (:func:`find_pair`); ``cfg``, when given, must be what the weights hold."""
+  if os.path.isfile(path) and path.endswith(".safetensors"):
+    core.load_torch_file(path)  # a truncated or corrupt file: "not a readable safetensors file"
+    raise core.ConversionError(
+      f"{path}: a .safetensors file without gms_jax metadata; convert the TAE weights first "
+      "(gms-jax convert --format tae FOLDER OUT.safetensors)"
+    )
   if not os.path.isdir(path):
     raise FileNotFoundError(
       f"{path}: expected a folder with taef2_encoder.pth/taef2_decoder.pth (or one *encoder / "
