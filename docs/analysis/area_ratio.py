@@ -12,7 +12,6 @@ import os
 import sys
 
 import numpy as np
-
 from lcc_postprocess import pred_and_truth  # same folder: python puts the script's folder first
 
 

@@ -10,8 +10,6 @@ import csv
 import os
 import sys
 
-import numpy as np
-
 from lcc_postprocess import pred_and_truth
 
 
