@@ -84,6 +84,24 @@ def deinterleave(x: jax.Array, k: int) -> list[jax.Array]:
   return [x[:, j] for j in range(k)]
 
 
+def heads_dice(
+  tokenizer: Any,
+  tok_params: Any,
+  preds: Sequence[jax.Array],
+  grey: jax.Array,
+  *,
+  batch_decode: bool,
+) -> jax.Array:
+  """Sum over the heads' latents of the Dice loss of their decoded masks against ``grey``: one
+  decoder call for all heads, interleaved per sample so each device decodes only its own rows
+  (``batch_decode``), or one call per head. Used by the exact and the banked loss."""
+  if batch_decode:
+    decoded = deinterleave(tokenizer.decode_mask(tok_params, interleave(preds)), len(preds))
+  else:
+    decoded = [tokenizer.decode_mask(tok_params, p) for p in preds]
+  return sum(dice_loss(d, grey) for d in decoded)
+
+
 def _as_grey_and_rgb(masks01):
   masks01 = jnp.asarray(masks01, jnp.float32)
   if masks01.ndim == 4:  # (B,H,W,3) RGB mask
@@ -136,11 +154,7 @@ def gms_loss(
   out = mapper(z_img)
   preds = [out[k].astype(jnp.float32) for k in heads]
   rec = sum(mse(p, z_mask) for p in preds)
-  if batch_decode:
-    decoded = deinterleave(tokenizer.decode_mask(tok_params, interleave(preds)), len(preds))
-  else:
-    decoded = [tokenizer.decode_mask(tok_params, p) for p in preds]
-  dice = sum(dice_loss(d, grey) for d in decoded)
+  dice = heads_dice(tokenizer, tok_params, preds, grey, batch_decode=batch_decode)
   loss = rec_weight * rec + dice_weight * dice
   terms = {
     "rec": rec,
@@ -229,11 +243,7 @@ def banked_loss(
   if dice_weight:
     tok_params = jax.lax.stop_gradient(tok_params)
     grey = jnp.asarray(batch["mask"], jnp.float32)
-    if batch_decode:  # interleaved, as gms_loss: each device decodes only its own rows
-      decoded = deinterleave(tokenizer.decode_mask(tok_params, interleave(preds)), len(preds))
-    else:
-      decoded = [tokenizer.decode_mask(tok_params, p) for p in preds]
-    dice = sum(dice_loss(d, grey) for d in decoded)
+    dice = heads_dice(tokenizer, tok_params, preds, grey, batch_decode=batch_decode)
     loss = loss + dice_weight * dice
   terms = {
     "rec": rec,
