@@ -26,6 +26,7 @@ Layout (``BANK_DIR`` = ``config.bank.dir``, default ``WORKDIR/bank``)::
                                              posterior, i.e. the SD-VAE; TAE std is identically 0)
         z_mask.npy     (n,h,w,C) float32     mask latent (mask as RGB, never noised)
         mask_bits.npy  (n,ceil(S*S/8)) uint8 the augmented binary mask at S x S, np.packbits
+        (C > 2 classes: mask_labels.npy (n,S*S) uint8, the augmented label map)
         info.json      {"seconds", "views"}  build time of this shard
 
 The augmented masks are stored as bits at full image resolution (S*S/8 bytes: 6.1 kB per view
@@ -86,6 +87,9 @@ IDENTITY_KEYS = (
   "shard_size",
   "has_std",
   "latent_shape",
+  "num_classes",  # absent (binary) in binary banks
+  "mask_coding",
+  "mask_latent_shape",
 )
 
 
@@ -105,11 +109,19 @@ class _View:
   """``map_with_index`` transform: (i, record) -> view ``k`` of record ``i`` (picklable)."""
 
   def __init__(
-    self, image_size: int, seed: int, view: int, augment: bool, extras: Sequence[str] = ()
+    self,
+    image_size: int,
+    seed: int,
+    view: int,
+    augment: bool,
+    extras: Sequence[str] = (),
+    num_classes: int = 2,
   ):
     from gms_jax.data import augment as aug_lib
 
-    self._augmenter = aug_lib.Augmenter(image_size, augment=augment, extras=extras)
+    self._augmenter = aug_lib.Augmenter(
+      image_size, augment=augment, extras=extras, num_classes=num_classes
+    )
     self._seed, self._view = int(seed), int(view)
 
   def __call__(self, index: int, record: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -130,6 +142,7 @@ def augmented_views(
   batch_size: int = 8,
   read_threads: int = 2,
   extras: Sequence[str] = (),
+  num_classes: int = 2,
 ) -> Iterable[dict[str, np.ndarray]]:
   """Batches of view ``view`` of the records ``indices`` (a contiguous range), via grain.
 
@@ -143,21 +156,32 @@ def augmented_views(
   if list(indices) != list(range(lo, hi)):
     raise ValueError("augmented_views: indices must be a contiguous range")
   ds = grain.MapDataset.source(source).map_with_index(
-    _View(image_size, seed, view, augment, extras)
+    _View(image_size, seed, view, augment, extras, num_classes)
   )
   ds = ds[lo:hi].batch(int(batch_size), drop_remainder=False)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2))
 
 
-def pack_masks(masks01: np.ndarray) -> np.ndarray:
-  """(n,S,S) {0,1} masks -> (n, ceil(S*S/8)) uint8 bits."""
+def mask_store_key(num_classes: int) -> str:
+  """Where a shard keeps its masks: ``mask_bits`` (binary) or ``mask_labels`` (C > 2)."""
+  return "mask_labels" if int(num_classes) > 2 else "mask_bits"
+
+
+def pack_masks(masks01: np.ndarray, num_classes: int = 2) -> np.ndarray:
+  """(n,S,S) {0,1} masks -> (n, ceil(S*S/8)) uint8 bits; label maps of C > 2 classes -> (n, S*S)
+  uint8 class ids."""
+  if int(num_classes) > 2:
+    m = np.asarray(masks01)
+    return np.rint(m.reshape(m.shape[0], -1)).astype(np.uint8)
   m = np.asarray(masks01) >= 0.5
   return np.packbits(m.reshape(m.shape[0], -1), axis=1)
 
 
-def unpack_masks(bits: np.ndarray, image_size: int) -> np.ndarray:
-  """Inverse of :func:`pack_masks` -> (n,S,S) float32 in {0,1}."""
+def unpack_masks(bits: np.ndarray, image_size: int, num_classes: int = 2) -> np.ndarray:
+  """Inverse of :func:`pack_masks` -> (n,S,S) float32 in {0,1} (or class ids)."""
   s = int(image_size)
+  if int(num_classes) > 2:
+    return np.asarray(bits).reshape(-1, s, s).astype(np.float32)
   flat = np.unpackbits(np.asarray(bits), axis=1, count=s * s)
   return flat.reshape(flat.shape[0], s, s).astype(np.float32)
 
@@ -212,12 +236,25 @@ def make_manifest(
   latent_shape: Sequence[int],
   augment: bool = True,
   extras: Sequence[str] = (),
+  num_classes: int = 2,
+  mask_coding: str = "channels",
+  mask_latent_shape: Sequence[int] | None = None,
 ) -> dict[str, Any]:
   """The manifest a run expects; ``tokenizer`` = {name, path, family, latent_channels,
-  params_sha256}. ``source`` is the training split (a :class:`builder.GmsSource`)."""
+  params_sha256}. ``source`` is the training split (a :class:`builder.GmsSource`). A task of
+  C > 2 classes adds ``num_classes``, ``mask_coding`` and ``mask_latent_shape`` (its masks are
+  stored as label maps, ``mask_labels.npy``); a binary manifest is as before."""
   names = source.names()
   directory = getattr(source, "directory", "")
+  extra = {}
+  if int(num_classes) > 2:
+    extra = {
+      "num_classes": int(num_classes),
+      "mask_coding": str(mask_coding),
+      "mask_latent_shape": [int(s) for s in (mask_latent_shape or latent_shape)],
+    }
   return {
+    **extra,
     "format": BANK_FORMAT,
     "tokenizer": dict(tokenizer),
     "precision": str(precision),
@@ -380,13 +417,15 @@ def build(
   if not todo:
     return {"built": 0, "seconds": 0.0}
   keys = ("z_image", "std_image", "z_mask") if manifest["has_std"] else ("z_image", "z_mask")
+  n_classes = int(manifest.get("num_classes", 2))
+  mask_key = mask_store_key(n_classes)
   size, seed = int(manifest["image_size"]), int(manifest["seed"])
   augment = manifest["augmentation"] != "none"
   extras = augmentation_extras(manifest["augmentation"])
   t_all = time.time()
   for n_done, shard in enumerate(todo, 1):
     t0 = time.time()
-    out: dict[str, list[np.ndarray]] = {k: [] for k in (*keys, "index", "mask_bits")}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in (*keys, "index", mask_key)}
     for batch in augmented_views(
       source,
       range(shard.start, shard.stop),
@@ -397,6 +436,7 @@ def build(
       batch_size=encode_batch_size,
       read_threads=read_threads,
       extras=extras,
+      num_classes=n_classes,
     ):
       n = len(batch["index"])
       images, masks = batch["image"], batch["mask"]
@@ -408,7 +448,7 @@ def build(
       for k in keys:
         out[k].append(np.asarray(enc[k], np.float32)[:n])
       out["index"].append(np.asarray(batch["index"], np.int64))
-      out["mask_bits"].append(pack_masks(batch["mask"]))
+      out[mask_key].append(pack_masks(batch["mask"], n_classes))
     arrays = {k: np.concatenate(v) for k, v in out.items()}
     seconds = time.time() - t0
     write_shard(bank_dir, shard, arrays, {"seconds": seconds, "views": shard.stop - shard.start})
@@ -442,6 +482,8 @@ class Bank:
     self.num_views = int(manifest["num_views"] if num_views is None else num_views)
     self.image_size = int(manifest["image_size"])
     self.has_std = bool(manifest["has_std"])
+    self.num_classes = int(manifest.get("num_classes", 2))
+    self._mask_key = mask_store_key(self.num_classes)
     plan = shard_plan(self.num_records, self.num_views, manifest["shard_size"])
     missing = missing_shards(self.directory, plan)
     if missing:
@@ -450,9 +492,9 @@ class Bank:
         f"missing (first: {missing[0].name}); build it again to resume"
       )
     self._keys = (
-      ("z_image", "std_image", "z_mask", "mask_bits")
+      ("z_image", "std_image", "z_mask", self._mask_key)
       if self.has_std
-      else ("z_image", "z_mask", "mask_bits")
+      else ("z_image", "z_mask", self._mask_key)
     )
     self._shard_size = int(manifest["shard_size"])
     self._blocks = math.ceil(self.num_records / self._shard_size)
@@ -487,12 +529,11 @@ class Bank:
       (int(v) * self._blocks + int(r) // self._shard_size, int(r) % self._shard_size)
       for v, r in zip(np.asarray(views), np.asarray(records))
     ]
-    keys = [
-      k for k in (*LATENT_KEYS, "mask_bits") if k in self._parts and (masks or k != "mask_bits")
-    ]
+    mk = self._mask_key
+    keys = [k for k in (*LATENT_KEYS, mk) if k in self._parts and (masks or k != mk)]
     out = {k: np.stack([self._parts[k][s][o] for s, o in where]) for k in keys}
     if masks:
-      out["mask"] = unpack_masks(out.pop("mask_bits"), self.image_size)
+      out["mask"] = unpack_masks(out.pop(mk), self.image_size, self.num_classes)
     return out
 
 

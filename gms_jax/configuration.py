@@ -45,7 +45,13 @@ HARMLESS_KEYS = (
 
 # Keys added after workdirs were written: a saved config.json without one was made when the key
 # did not exist, i.e. with this value (so older runs resume with the new key at that value).
-ADDED_LATER = {"bank.intensity_augment": False, "bank.scanner_augment": False}
+ADDED_LATER = {
+  "bank.intensity_augment": False,
+  "bank.scanner_augment": False,
+  "data.num_classes": 2,  # binary (resolved value)
+  "data.class_names": [],
+  "mask_coding": "channels",
+}
 
 PRECISIONS = ("float32", "bfloat16")
 RECIPES = ("exact", "fast")
@@ -217,6 +223,21 @@ def validate(
       "folder (images/, masks/)"
     )
   _float(flat, "data.test_fraction", 0.0, 1.0)
+  if "data.num_classes" in flat:
+    from gms_jax import classes as classes_lib
+
+    n = _int(flat, "data.num_classes", 0)
+    if n == 1 or n > classes_lib.MAX_CLASSES:
+      raise ConfigError(
+        f"config.data.num_classes must be 0 (from the data) or 2..{classes_lib.MAX_CLASSES} "
+        f"(background included), got {n}"
+      )
+    coding = _choice(flat, "mask_coding", classes_lib.CODINGS) if "mask_coding" in flat else ""
+    if coding == "palette" and n > len(classes_lib.PALETTE):
+      raise ConfigError(
+        f"config.mask_coding=palette has {len(classes_lib.PALETTE)} colours; "
+        f"config.data.num_classes={n} needs more (use mask_coding=channels)"
+      )
   _int(flat, "data.worker_count", 0)
   _int(flat, "data.prefetch_buffer", 0)
   for key in ("data.root", "data.split_file"):

@@ -10,8 +10,16 @@ nothing else (see :mod:`gms_jax.outputs`), any other non-empty folder is refused
 
     <out>/metrics.csv      one row per image
     <out>/summary.json     mean and sample std (ddof=1) of every metric, checkpoint step, dataset
-    <out>/masks/<name>.png predicted S x S masks, 0/255 (docs/METHOD.md §4)
-    <out>/overlays/<name>.png  image with ground-truth (green) and predicted (red) contours
+    <out>/masks/<name>.png predicted S x S masks, 0/255 (docs/METHOD.md §4); label maps of
+                           class ids for C > 2 classes
+    <out>/overlays/<name>.png  image with ground-truth (green) and predicted (red) contours;
+                           C > 2: prediction filled and ground-truth contours in class colours
+
+C > 2 classes (docs/METHOD.md §7): per class ``dsc_<name>`` / ``iou_<name>`` / ``hd95_<name>``
+(empty = the class is absent from both prediction and truth: "absent", skipped by means), their
+mean over the classes present (``dsc``...), the foreground-merged ``dsc_fg`` / ``iou_fg``, and
+``type_true`` / ``type_pred``; ``summary.json`` adds ``lesion_type`` (accuracy and confusion
+matrix over the images whose truth holds one foreground class).
     <out>/overlays_montage.png the first ``--montage`` overlays in one grid (for reports)
 
 ``--tta flip|d4`` (off by default; not part of METHOD §4) averages the probability maps of the
@@ -53,6 +61,54 @@ def overlay(image01: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray
   img[thick(contour(gt))] = (0, 255, 0)
   img[thick(contour(pred))] = (255, 0, 0)
   return img
+
+
+def overlay_classes(image01: np.ndarray, gt: np.ndarray, pred: np.ndarray, num_classes: int):
+  """uint8 RGB picture for label maps: the prediction filled in its class colour (40 %), the
+  ground truth as 2-px contours in its class colour (:func:`gms_jax.classes.class_colours`)."""
+  from scipy import ndimage
+
+  from gms_jax.classes import class_colours
+
+  colours = class_colours(num_classes).astype(np.float32)
+  img = np.clip(image01, 0, 1).astype(np.float32) * 255.0
+  fg = pred > 0
+  img[fg] = 0.6 * img[fg] + 0.4 * colours[pred[fg]]
+  img = img.astype(np.uint8)
+  for c in range(1, num_classes):
+    line = ndimage.binary_dilation(contour(gt == c), iterations=1)
+    img[line] = colours[c].astype(np.uint8)
+  return img
+
+
+def _summary_classes(rows: list[dict], names) -> dict:
+  """Per class, over the classes present, and foreground-merged; the lesion-type confusion
+  matrix over images whose ground truth holds exactly one foreground class."""
+  keys = []
+  for suffix in ("", "_native"):
+    for m in ("dsc", "iou", "hd95"):
+      keys += [f"{m}_{n}{suffix}" for n in names[1:]] + [f"{m}{suffix}"]
+    keys += [f"dsc_fg{suffix}", f"iou_fg{suffix}"]
+  summary = metrics.summarize_nan(rows, keys)
+  typed = [r for r in rows if r["type_true"]]
+  if typed:
+    index = {n: c for c, n in enumerate(names)}
+    conf = metrics.type_confusion(
+      [index[r["type_true"]] for r in typed],
+      [index.get(r["type_pred"], 0) for r in typed],
+      len(names),
+    )
+    summary["lesion_type"] = {
+      "n": len(typed),
+      "accuracy": float(np.trace(conf[1:, 1:]) / len(typed)),
+      "rows_true": list(names[1:]),
+      "columns_predicted": ["none", *names[1:]],
+      "confusion": conf[1:, :].tolist(),
+      "rule": "predicted type = the foreground class with most predicted pixels (none: no "
+      "foreground predicted); images whose ground truth holds one foreground class",
+    }
+  summary["classes"] = list(names)
+  return summary
 
 
 def montage(tiles: list[np.ndarray], columns: int = 4, pad: int = 2) -> np.ndarray:
@@ -102,22 +158,42 @@ def _evaluate(seg, examples, out_dir, tmp, *, max_overlays, meta, montage_n) -> 
   tiles = []  # the first montage_n overlays, for overlays_montage.png
   t0 = time.perf_counter()
 
+  classes = seg.classes
+  names = classes.class_names()
+
   def flush(buf):
     probs = seg.predict_probs(np.stack([e["image"] for e in buf]))
     for ex, p in zip(buf, probs):
-      pred = p > inference.THRESHOLD
-      gt = np.asarray(ex["mask"]) >= 0.5
       row = {"name": ex["name"]}
-      row.update(metrics.per_image(pred, gt))
-      native_gt = np.asarray(ex["native_mask"]) > 0
-      native_pred = resize_probs(p, native_gt.shape) > inference.THRESHOLD
-      nat = metrics.per_image(native_pred, native_gt)
+      if classes.binary:
+        pred = p > inference.THRESHOLD
+        gt = np.asarray(ex["mask"]) >= 0.5
+        row.update(metrics.per_image(pred, gt))
+        native_gt = np.asarray(ex["native_mask"]) > 0
+        native_pred = resize_probs(p, native_gt.shape) > inference.THRESHOLD
+        nat = metrics.per_image(native_pred, native_gt)
+      else:  # label maps: per class, their mean over the classes present, merged foreground
+        pred = classes.labels(p)
+        gt = np.rint(np.asarray(ex["mask"])).astype(np.uint8)
+        row.update(metrics.per_image_classes(pred, gt, names))
+        native_gt = np.asarray(ex["native_mask"])
+        native_pred = classes.labels(resize_probs(p, native_gt.shape))
+        nat = metrics.per_image_classes(native_pred, native_gt, names)
+        present = [c for c in range(1, classes.num_classes) if (native_gt == c).any()]
+        row["type_true"] = names[present[0]] if len(present) == 1 else ""
+        row["type_pred"] = names[t] if (t := metrics.lesion_type(pred, classes.num_classes)) else ""
       row.update({f"{k}_native": v for k, v in nat.items()})
       row["native_h"], row["native_w"] = native_gt.shape
       rows.append(row)
-      save_mask_png(os.path.join(tmp, "masks", f"{ex['name']}.png"), pred)
+      save_mask_png(
+        os.path.join(tmp, "masks", f"{ex['name']}.png"), pred, labels=not classes.binary
+      )
       if len(rows) <= max(max_overlays, montage_n):
-        ov = overlay(ex["image"], gt, pred)
+        ov = (
+          overlay(ex["image"], gt, pred)
+          if classes.binary
+          else overlay_classes(ex["image"], gt, pred, classes.num_classes)
+        )
         if len(rows) <= max_overlays:
           Image.fromarray(ov).save(os.path.join(tmp, "overlays", f"{ex['name']}.png"))
         if len(rows) <= montage_n:
@@ -137,11 +213,17 @@ def _evaluate(seg, examples, out_dir, tmp, *, max_overlays, meta, montage_n) -> 
   with open(os.path.join(tmp, "metrics.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(
+      {k: "absent" if isinstance(v, float) and np.isnan(v) else v for k, v in r.items()}
+      for r in rows
+    )
   if tiles:
     Image.fromarray(montage(tiles)).save(os.path.join(tmp, "overlays_montage.png"))
   keys = ["dsc", "iou", "hd95", "dsc_native", "iou_native", "hd95_native"]
-  summary = metrics.summarize(rows, keys)
+  if classes.binary:
+    summary = metrics.summarize(rows, keys)
+  else:
+    summary = _summary_classes(rows, names)
   summary.update(meta or {})
   summary["checkpoint_step"] = seg.step
   summary["seconds"] = round(time.perf_counter() - t0, 2)

@@ -17,20 +17,37 @@ THRESHOLD = 0.5  # docs/METHOD.md §4: prediction = decoded mask > 0.5
 
 
 def predict_probs(
-  mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any, images01: jax.Array
+  mapper_graphdef: Any,
+  mapper_params: Any,
+  tokenizer: Any,
+  tok_params: Any,
+  images01: jax.Array,
+  *,
+  classes: Any = None,
 ) -> jax.Array:
-  """(N,S,S,3) images in [0,1] -> (N,S,S) float32 mask probabilities in [0,1]."""
+  """(N,S,S,3) images in [0,1] -> (N,S,S) float32 mask probabilities in [0,1] (binary), or
+  (N,S,S,K) class scores (:meth:`gms_jax.classes.Classes.scores`) for ``classes`` of C > 2."""
   lat = tokenizer.encode(tok_params, jnp.asarray(images01, jnp.float32))
-  return probs_from_latents(mapper_graphdef, mapper_params, tokenizer, tok_params, lat.z)
+  return probs_from_latents(
+    mapper_graphdef, mapper_params, tokenizer, tok_params, lat.z, classes=classes
+  )
 
 
 def probs_from_latents(
-  mapper_graphdef: Any, mapper_params: Any, tokenizer: Any, tok_params: Any, z_image: jax.Array
+  mapper_graphdef: Any,
+  mapper_params: Any,
+  tokenizer: Any,
+  tok_params: Any,
+  z_image: jax.Array,
+  *,
+  classes: Any = None,
 ) -> jax.Array:
-  """:func:`predict_probs` after the encoder: (N,h,w,C) image latents -> (N,S,S) probabilities."""
+  """:func:`predict_probs` after the encoder: (N,h,w,C) image latents -> probabilities."""
   mapper = nnx.merge(mapper_graphdef, mapper_params)
   z = mapper(z_image)["out"].astype(jnp.float32)
-  return tokenizer.decode_mask(tok_params, z)
+  if classes is None or classes.binary:
+    return tokenizer.decode_mask(tok_params, z)
+  return classes.scores_from_latent(tokenizer, tok_params, z)
 
 
 def in_fixed_batches(
@@ -48,7 +65,7 @@ def in_fixed_batches(
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
     out.append(np.asarray(run(chunk))[:n])
   if not out:
-    return np.zeros(images01.shape[:3], np.float32)
+    return np.zeros(images01.shape[:3], np.float32)  # binary shape: callers of no input
   return np.concatenate(out)
 
 
@@ -88,7 +105,7 @@ def check_tta(tta: str) -> str:
 def tta_probs(
   probs_fn: Callable[[np.ndarray], np.ndarray], images01: np.ndarray, tta: str
 ) -> np.ndarray:
-  """Mean of ``probs_fn`` ((N,S,S,3) -> (N,S,S)) over the views of :data:`TTA_VIEWS` ``[tta]``,
+  """Mean of ``probs_fn`` ((N,S,S,3) -> (N,S,S) or (N,S,S,K) class scores) over the views of :data:`TTA_VIEWS` ``[tta]``,
   each mapped back to the input's orientation."""
   views = TTA_VIEWS[check_tta(tta)]
   total = None

@@ -31,9 +31,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gms_jax import classes as classes_lib
+
 HEADS = ("level2", "level1", "out")
 DICE_SMOOTH_NR = 1e-5  # MONAI DiceLoss defaults
 DICE_SMOOTH_DR = 1e-5
+BINARY = classes_lib.Classes(2)
 
 
 def dice_loss(
@@ -88,18 +91,34 @@ def heads_dice(
   tokenizer: Any,
   tok_params: Any,
   preds: Sequence[jax.Array],
-  grey: jax.Array,
+  labels: jax.Array,
   *,
   batch_decode: bool,
+  classes: classes_lib.Classes | None = None,
 ) -> jax.Array:
-  """Sum over the heads' latents of the Dice loss of their decoded masks against ``grey``: one
-  decoder call for all heads, interleaved per sample so each device decodes only its own rows
-  (``batch_decode``), or one call per head. Used by the exact and the banked loss."""
+  """Sum over the heads' latents of the Dice loss of their decoded masks against ``labels``
+  (the grey mask of a binary task; the label map otherwise, each foreground class's Dice averaged,
+  :mod:`gms_jax.classes`): one decoder call for all heads (and classes), interleaved per sample so
+  each device decodes only its own rows (``batch_decode``), or one call per latent. Used by the
+  exact and the banked loss."""
+  classes = classes or BINARY
+  parts = [part for p in preds for part in classes.split_latent(p)]
   if batch_decode:
-    decoded = deinterleave(tokenizer.decode_mask(tok_params, interleave(preds)), len(preds))
+    decoded = deinterleave(classes.decode(tokenizer, tok_params, interleave(parts)), len(parts))
   else:
-    decoded = [tokenizer.decode_mask(tok_params, p) for p in preds]
-  return sum(dice_loss(d, grey) for d in decoded)
+    decoded = [classes.decode(tokenizer, tok_params, p) for p in parts]
+  n = classes.num_mask_images
+  total = jnp.zeros((), jnp.float32)
+  for h in range(len(preds)):
+    scores = classes.scores(decoded[h * n : (h + 1) * n])
+    if classes.binary:
+      total = total + dice_loss(scores, labels)
+    else:
+      total = total + sum(
+        dice_loss(scores[..., c - 1], classes.fg_mask(labels, c))
+        for c in range(1, classes.num_classes)
+      ) / classes.num_fg
+  return total
 
 
 def _as_grey_and_rgb(masks01):
@@ -124,6 +143,7 @@ def gms_loss(
   dice_weight: float = 1.0,
   batch_decode: bool = True,
   batch_encode: bool = True,
+  classes: classes_lib.Classes | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The loss for given noise (``apply_noise``, ``eps``); returns ``(loss, terms)``.
 
@@ -131,21 +151,30 @@ def gms_loss(
     mapper_graphdef, mapper_params: the NNX mapper, split (only ``mapper_params`` is meant to be
       differentiated).
     tokenizer, tok_params: a :class:`gms_jax.tokenizers.Tokenizer` and its (frozen) params.
-    images01: (B,S,S,3) in [0,1]. masks01: (B,S,S) in {0,1} (or (B,S,S,3) RGB masks).
+    images01: (B,S,S,3) in [0,1]. masks01: (B,S,S) in {0,1} (or (B,S,S,3) RGB masks); with
+      ``classes`` of C > 2: (B,S,S) label maps (class ids as floats).
     apply_noise: scalar bool, whether this batch's image latent gets ``std * eps``.
     eps: (B,h,w,C) standard normal noise (ignored when ``apply_noise`` is False; may be None then).
+    classes: the task's classes (:mod:`gms_jax.classes`; default binary).
   """
   tok_params = jax.lax.stop_gradient(tok_params)
-  grey, rgb = _as_grey_and_rgb(masks01)
-  images01 = jnp.asarray(images01, jnp.float32)
-  if batch_encode:
-    lat = tokenizer.encode(tok_params, interleave([images01, rgb]))
-    (z_img, z_mask), (std, _) = deinterleave(lat.z, 2), deinterleave(lat.std, 2)
+  classes = classes or BINARY
+  if classes.binary:
+    grey, rgb = _as_grey_and_rgb(masks01)
+    mask_images = [rgb]
   else:
-    (z_img, std), z_mask = (
-      tokenizer.encode(tok_params, images01),
-      tokenizer.encode(tok_params, rgb).z,
-    )
+    grey = jnp.asarray(masks01, jnp.float32)  # the label map
+    mask_images = classes.mask_images(grey)
+  images01 = jnp.asarray(images01, jnp.float32)
+  n = len(mask_images)
+  if batch_encode:
+    lat = tokenizer.encode(tok_params, interleave([images01, *mask_images]))
+    zs, stds = deinterleave(lat.z, n + 1), deinterleave(lat.std, n + 1)
+    z_img, std, z_masks = zs[0], stds[0], zs[1:]
+  else:
+    z_img, std = tokenizer.encode(tok_params, images01)
+    z_masks = [tokenizer.encode(tok_params, m).z for m in mask_images]
+  z_mask = z_masks[0] if n == 1 else jnp.concatenate(z_masks, axis=-1)
   if eps is not None:
     z_img = z_img + jnp.where(apply_noise, std * eps, jnp.zeros_like(z_img))
   z_img, z_mask = jax.lax.stop_gradient(z_img), jax.lax.stop_gradient(z_mask)
@@ -154,7 +183,7 @@ def gms_loss(
   out = mapper(z_img)
   preds = [out[k].astype(jnp.float32) for k in heads]
   rec = sum(mse(p, z_mask) for p in preds)
-  dice = heads_dice(tokenizer, tok_params, preds, grey, batch_decode=batch_decode)
+  dice = heads_dice(tokenizer, tok_params, preds, grey, batch_decode=batch_decode, classes=classes)
   loss = rec_weight * rec + dice_weight * dice
   terms = {
     "rec": rec,
@@ -178,6 +207,7 @@ def train_loss(
   dice_weight: float = 1.0,
   batch_decode: bool = True,
   batch_encode: bool = True,
+  classes: classes_lib.Classes | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """:func:`gms_loss` with the noise drawn from ``rng`` (one Bernoulli per batch)."""
   images = batch["image"]
@@ -198,6 +228,7 @@ def train_loss(
     dice_weight=dice_weight,
     batch_decode=batch_decode,
     batch_encode=batch_encode,
+    classes=classes,
   )
 
 
@@ -217,12 +248,13 @@ def banked_loss(
   rec_weight: float = 1.0,
   dice_weight: float = 0.0,
   batch_decode: bool = True,
+  classes: classes_lib.Classes | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """:func:`gms_loss` on latents read from a latent bank (:mod:`gms_jax.bank`) instead of images.
 
   ``batch``: ``z_image``, ``z_mask`` (B,h,w,C) as ``tokenizer.encode`` returned them for the
   augmented view, ``std_image`` (B,h,w,C; absent for tokenizers without a posterior, whose std is
-  0) and, when ``dice_weight > 0``, ``mask`` (B,S,S) in {0,1}. The same terms as :func:`gms_loss`
+  0) and, when ``dice_weight > 0``, ``mask`` (B,S,S) in {0,1} (label maps for C > 2 classes). The same terms as :func:`gms_loss`
   for the same view and noise; with ``dice_weight == 0`` (phase 1) the decoder is never called.
   """
   z_img = jnp.asarray(batch["z_image"], jnp.float32)
@@ -243,7 +275,9 @@ def banked_loss(
   if dice_weight:
     tok_params = jax.lax.stop_gradient(tok_params)
     grey = jnp.asarray(batch["mask"], jnp.float32)
-    dice = heads_dice(tokenizer, tok_params, preds, grey, batch_decode=batch_decode)
+    dice = heads_dice(
+      tokenizer, tok_params, preds, grey, batch_decode=batch_decode, classes=classes
+    )
     loss = loss + dice_weight * dice
   terms = {
     "rec": rec,
@@ -266,6 +300,7 @@ def banked_train_loss(
   rec_weight: float = 1.0,
   dice_weight: float = 0.0,
   batch_decode: bool = True,
+  classes: classes_lib.Classes | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """:func:`banked_loss` with the noise drawn from ``rng`` as :func:`train_loss` draws it."""
   apply, eps = sample_latent_noise(rng, batch["z_image"].shape, noise_prob)
@@ -281,4 +316,5 @@ def banked_train_loss(
     rec_weight=rec_weight,
     dice_weight=dice_weight,
     batch_decode=batch_decode,
+    classes=classes,
   )

@@ -103,3 +103,90 @@ def summarize(rows: Iterable[Mapping[str, float]], keys: Sequence[str] | None = 
     v = np.asarray([r[k] for r in rows], np.float64)
     out[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
   return out
+
+
+# ----------------------------------------------------------------------------- C > 2 classes
+# A class absent from both the prediction and the ground truth of an image has no DSC, IoU or
+# HD95: it is NaN ("absent"), never 0 or 1, and means skip it (numpy nanmean). The binary
+# functions above keep METHOD §4's rule (both empty -> 0).
+
+
+def class_dice_iou(pred_labels, gt_labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """Label maps (..., H, W) -> per foreground class (..., K) DSC and IoU, NaN where the class is
+  in neither map."""
+  p, g = np.asarray(pred_labels), np.asarray(gt_labels)
+  if p.shape != g.shape:
+    raise ValueError(f"prediction shape {p.shape} != ground truth shape {g.shape}")
+  dsc, iou = [], []
+  for c in range(1, int(num_classes)):
+    tp, fp, fn = confusion(p == c, g == c)
+    present = (tp + fp + fn) > 0
+    d, i = _safe_div(2 * tp, 2 * tp + fp + fn), _safe_div(tp, tp + fp + fn)
+    dsc.append(np.where(present, d, np.nan))
+    iou.append(np.where(present, i, np.nan))
+  return np.stack(dsc, axis=-1), np.stack(iou, axis=-1)
+
+
+def nanmean(x, axis=None):
+  """Mean skipping NaN (absent classes); NaN when everything is absent (no warning)."""
+  x = np.asarray(x, np.float64)
+  n = np.sum(~np.isnan(x), axis=axis)
+  s = np.nansum(x, axis=axis)
+  return np.where(n > 0, s / np.maximum(n, 1), np.nan)
+
+
+def per_image_classes(pred_labels, gt_labels, names: Sequence[str]) -> dict[str, float]:
+  """DSC, IoU and HD95 of each foreground class of one 2-D pair of label maps (keys
+  ``dsc_<name>`` ...; NaN where absent from both), their means over the classes present
+  (``dsc``, ``iou``, ``hd95``), and the foreground-merged ``dsc_fg`` / ``iou_fg`` (any class vs
+  background)."""
+  p, g = np.asarray(pred_labels), np.asarray(gt_labels)
+  num_classes = len(names)
+  d, i = class_dice_iou(p, g, num_classes)
+  row: dict[str, float] = {}
+  hds = []
+  for c in range(1, num_classes):
+    name = names[c]
+    row[f"dsc_{name}"] = float(d[c - 1])
+    row[f"iou_{name}"] = float(i[c - 1])
+    h = hd95(p == c, g == c) if not np.isnan(d[c - 1]) else float("nan")
+    row[f"hd95_{name}"] = h
+    hds.append(h)
+  row["dsc"] = float(nanmean(d))
+  row["iou"] = float(nanmean(i))
+  row["hd95"] = float(nanmean(hds))
+  fd, fi = dice_iou(p > 0, g > 0)
+  row["dsc_fg"], row["iou_fg"] = float(fd), float(fi)
+  return row
+
+
+def summarize_nan(rows: Iterable[Mapping[str, float]], keys: Sequence[str]) -> dict:
+  """:func:`summarize` skipping NaN (absent classes): ``{"mean", "std", "n"}`` per key, ``n`` the
+  images where the key is not absent (mean/std None when it is absent everywhere)."""
+  rows = list(rows)
+  out = {"n": len(rows)}
+  for k in keys:
+    v = np.asarray([r[k] for r in rows], np.float64)
+    v = v[~np.isnan(v)]
+    out[k] = {
+      "mean": float(v.mean()) if len(v) else None,
+      "std": float(v.std(ddof=1)) if len(v) > 1 else (0.0 if len(v) else None),
+      "n": int(len(v)),
+    }
+  return out
+
+
+def lesion_type(labels, num_classes: int) -> int:
+  """The class of most pixels among the foreground classes of a label map (0: no foreground);
+  ties go to the lower id."""
+  counts = np.bincount(np.asarray(labels, np.int64).ravel(), minlength=int(num_classes))
+  fg = counts[1 : int(num_classes)]
+  return int(np.argmax(fg)) + 1 if fg.sum() > 0 else 0
+
+
+def type_confusion(true_types, pred_types, num_classes: int) -> np.ndarray:
+  """(C, C) counts: row = true type (1..C-1; 0 unused), column = predicted (0 = none)."""
+  m = np.zeros((int(num_classes), int(num_classes)), np.int64)
+  for t, p in zip(true_types, pred_types):
+    m[int(t), int(p)] += 1
+  return m

@@ -32,21 +32,28 @@ FUSION_HELP = (
 
 
 def resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Bilinear resize of one (S, S) probability map to ``size`` = (h, w)."""
+  """Bilinear resize of one (S, S) probability map (or (S, S, K) class scores, each channel on
+  its own) to ``size`` = (h, w)."""
   from PIL import Image
 
   h, w = int(size[0]), int(size[1])
-  if probs.shape == (h, w):
+  probs = np.asarray(probs, np.float32)
+  if probs.shape[:2] == (h, w):
     return probs.astype(np.float32)
-  img = Image.fromarray(np.asarray(probs, np.float32), mode="F")
+  if probs.ndim == 3:
+    return np.stack([resize_probs(probs[..., k], size) for k in range(probs.shape[-1])], axis=-1)
+  img = Image.fromarray(probs, mode="F")
   return np.asarray(img.resize((w, h), Image.BILINEAR), np.float32)
 
 
-def save_mask_png(path: str, mask: np.ndarray) -> None:
-  """Writes a binary mask as an 8-bit 0/255 PNG atomically (temp name, then rename)."""
+def save_mask_png(path: str, mask: np.ndarray, *, labels: bool = False) -> None:
+  """Writes a binary mask as an 8-bit 0/255 PNG atomically (temp name, then rename); with
+  ``labels`` a label map of class ids as they are (8-bit, nnU-Net's convention)."""
   from PIL import Image
 
-  img = Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), mode="L")
+  m = np.asarray(mask)
+  arr = m.astype(np.uint8) if labels else np.where(m > 0, 255, 0).astype(np.uint8)
+  img = Image.fromarray(arr, mode="L")
   outputs.write_atomic(path, lambda tmp: img.save(tmp, format="PNG"), suffix=".png")
 
 
@@ -64,7 +71,10 @@ class Segmenter:
     config=None,
     tta: str = "none",
     cpu_library_fusion: str = "",
+    classes=None,
   ):
+    """``classes`` (:class:`gms_jax.classes.Classes`): default from ``config``, else from the
+    mapper's out channels (one latent per foreground class: the channels coding)."""
     import jax
     from flax import nnx
 
@@ -81,9 +91,13 @@ class Segmenter:
     self.cpu_library_fusion = ",".join(configuration.cpu_library_fusions(cpu_library_fusion or ""))
     self._graphdef, self._params = nnx.split(mapper, nnx.Param)
     tok = tokenizer
+    self.classes = classes if classes is not None else _classes_of(mapper, tokenizer, config)
+    classes_ = self.classes
 
     def _probs(mapper_params, tok_params, images01):
-      return inference.predict_probs(self._graphdef, mapper_params, tok, tok_params, images01)
+      return inference.predict_probs(
+        self._graphdef, mapper_params, tok, tok_params, images01, classes=classes_
+      )
 
     self._probs = jax.jit(
       _probs, compiler_options=step_lib.cpu_compiler_options(self.cpu_library_fusion)
@@ -153,7 +167,9 @@ class Segmenter:
         )
       tokenizer = tokenizers.load(family, tokenizer or tokenizers.packaged_path(family))
     weights = pretrained.read_mapper(mapper)
-    weights.check_channels(tokenizer.latent_channels, tokenizer.family)
+    weights.check_channels(
+      tokenizer.latent_channels, tokenizer.family, weights.cfg.out_channels
+    )
     return cls(
       pretrained.to_mapper(weights),
       tokenizer,
@@ -166,7 +182,8 @@ class Segmenter:
 
   # ------------------------------------------------------------------ inference
   def predict_probs(self, images01: np.ndarray) -> np.ndarray:
-    """(N, S, S, 3) float images in [0,1] at the model resolution -> (N, S, S) probabilities.
+    """(N, S, S, 3) float images in [0,1] at the model resolution -> (N, S, S) probabilities
+    (C > 2 classes: (N, S, S, K) class scores, :meth:`gms_jax.classes.Classes.scores`).
 
     Runs in fixed-size batches (the last one padded) so only one shape is ever compiled; with
     ``tta`` other than ``"none"``, once per view, averaged (:func:`gms_jax.inference.tta_probs`).
@@ -186,7 +203,8 @@ class Segmenter:
   def predict(
     self, images: Sequence[str | np.ndarray], threshold: float = 0.5
   ) -> list[np.ndarray]:  # docs/METHOD.md §4
-    """Paths or uint8 arrays (any size, L/RGB/RGBA) -> bool masks at each native size."""
+    """Paths or uint8 arrays (any size, L/RGB/RGBA) -> bool masks at each native size (C > 2
+    classes: uint8 label maps of class ids; ``threshold`` applies to binary masks only)."""
     from gms_jax.data import pipeline
 
     raw = [
@@ -199,7 +217,19 @@ class Segmenter:
       else np.zeros((0, self.image_size, self.image_size, 3), np.float32)
     )
     probs = self.predict_probs(batch)
+    if not self.classes.binary:
+      return [self.classes.labels(resize_probs(p, r.shape[:2])) for p, r in zip(probs, raw)]
     return [resize_probs(p, r.shape[:2]) > threshold for p, r in zip(probs, raw)]
+
+
+def _classes_of(mapper, tokenizer, config):
+  """The :class:`gms_jax.classes.Classes` of a config, or (no config) of the mapper's shape."""
+  from gms_jax import classes as classes_lib
+
+  if config is not None:
+    return classes_lib.from_config(config)
+  k = int(mapper.cfg.out_channels) // max(int(tokenizer.latent_channels), 1)
+  return classes_lib.Classes(k + 1 if k > 1 else 2)
 
 
 def _to_rgb(x: np.ndarray) -> np.ndarray:
@@ -319,7 +349,8 @@ def output_names(files: Sequence[str]) -> list[str]:
 def predict_files(
   seg: "Segmenter", files: Sequence[str], names: Sequence[str], out: str
 ) -> tuple[int, list[tuple[str, str]]]:
-  """Segments ``files`` into ``out/<names[i]>`` (0/255 PNG masks at native size), 64 at a time.
+  """Segments ``files`` into ``out/<names[i]>`` (0/255 PNG masks at native size; label maps of
+  class ids for C > 2 classes), 64 at a time.
 
   One bad file costs only itself: returns ``(written, [(path, reason), ...] skipped)``. The
   folder's manifest lists every file this call may write before it writes one, so an interrupted
@@ -346,7 +377,7 @@ def predict_files(
       continue
     for (path, name), mask in zip(targets, seg.predict(images)):
       try:
-        save_mask_png(os.path.join(out, name), mask)
+        save_mask_png(os.path.join(out, name), mask, labels=not seg.classes.binary)
         written += 1
         done.add(name)
       except OSError as e:

@@ -53,13 +53,26 @@ class MapperWeights:
       d["step"] = int(self.step)
     return d
 
-  def check_channels(self, latent_channels: int, tokenizer: str) -> None:
-    """One clear error when the mapper's in/out channels are not the tokenizer's latent channels."""
-    if self.cfg.in_channels != latent_channels or self.cfg.out_channels != latent_channels:
+  def check_channels(
+    self, latent_channels: int, tokenizer: str, out_channels: int | None = None
+  ) -> None:
+    """One clear error when the mapper's in channels are not the tokenizer's latent channels, or
+    its out channels not ``out_channels`` (default: the latent channels, a binary task; one
+    latent per foreground class with the channels coding, docs/METHOD.md §7)."""
+    out = latent_channels if out_channels is None else int(out_channels)
+    if self.cfg.in_channels != latent_channels or self.cfg.out_channels % latent_channels:
       raise WeightsError(
         f"{self.source}: the mapper maps {self.cfg.in_channels} -> {self.cfg.out_channels} latent "
         f"channels but the tokenizer {tokenizer} has {latent_channels}; use the tokenizer the mapper "
         "was trained with (--config.tokenizer.name / --config.tokenizer.path)"
+      )
+    if self.cfg.out_channels != out:
+      k = self.cfg.out_channels // latent_channels
+      raise WeightsError(
+        f"{self.source}: the mapper predicts {k} mask latent(s) ({self.cfg.out_channels} "
+        f"channels) but the run needs {out // latent_channels} ({out}); set "
+        f"--config.data.num_classes={k + 1 if k > 1 else 2} (and --config.mask_coding) to match "
+        "the weights"
       )
 
   def check_config(self, cfg: MapperConfig) -> None:
@@ -172,20 +185,24 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
       f"{workdir}: exists and is not empty; import writes a new workdir "
       "(choose another --workdir; existing outputs are never overwritten)"
     )
+  from gms_jax import classes as classes_lib
+
   weights = read_mapper(mapper_path)
   tok = tokenizer if tokenizer is not None else tokenizers.from_config(config)
+  k = weights.cfg.out_channels // max(tok.latent_channels, 1)
+  with config.unlocked():
+    if int(config.data.get("num_classes", 0) or 0) == 0:
+      # the weights say: one mask latent per foreground class (channels coding), else binary
+      config.data.num_classes = k + 1 if k > 1 else 2
   weights.check_channels(
-    tok.latent_channels, f"{config.tokenizer.name!s} ({config.tokenizer.path or 'packaged'})"
+    tok.latent_channels,
+    f"{config.tokenizer.name!s} ({config.tokenizer.path or 'packaged'})",
+    classes_lib.from_config(config).mask_latent_channels(tok.latent_channels),
   )
   with config.unlocked():
     config.mapper.ch = weights.cfg.ch
     config.mapper.ch_mult = tuple(weights.cfg.ch_mult)
-  run_cfg = MapperConfig(
-    in_channels=tok.latent_channels,
-    out_channels=tok.latent_channels,
-    ch=int(config.mapper.ch),
-    ch_mult=tuple(config.mapper.ch_mult),
-  )
+  run_cfg = step_lib.mapper_config(config, tok)
   weights.check_config(run_cfg)
 
   # The state train's init builds (step.make_state_fn), with these params.

@@ -34,6 +34,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from gms_jax import bank as bank_lib
+from gms_jax import classes as classes_lib
 from gms_jax import inference, layout, parallel, tokenizers
 from gms_jax import metrics as metrics_lib
 from gms_jax import step as step_lib
@@ -65,8 +66,19 @@ class _Validator:
     probs = run_sharded(
       self._built, lambda x: self._program(params, self._tok_params, x), self._inputs, self._bs
     )
-    dsc, iou = metrics_lib.dice_iou(probs > inference.THRESHOLD, self._masks)
-    return {"val_dice": float(np.mean(dsc)), "val_iou": float(np.mean(iou))}
+    classes = self._built.classes
+    if classes.binary:
+      dsc, iou = metrics_lib.dice_iou(probs > inference.THRESHOLD, self._masks)
+      return {"val_dice": float(np.mean(dsc)), "val_iou": float(np.mean(iou))}
+    # C > 2: per image the mean over the foreground classes present (in truth or prediction)
+    d, i = metrics_lib.class_dice_iou(classes.labels(probs), self._masks, classes.num_classes)
+    out = {
+      "val_dice": float(np.nanmean(metrics_lib.nanmean(d, axis=-1))),
+      "val_iou": float(np.nanmean(metrics_lib.nanmean(i, axis=-1))),
+    }
+    for c, name in enumerate(classes.class_names()[1:]):
+      out[f"val_dice_{name}"] = float(metrics_lib.nanmean(d[:, c]))
+    return out
 
 
 def run_sharded(
@@ -88,8 +100,10 @@ def _validation_arrays(source, image_size: int) -> tuple[np.ndarray, np.ndarray]
 
   val = list(pipeline.eval_examples(source, image_size=image_size))
   images = np.stack([e["image"] for e in val]).astype(np.float32)
-  masks = np.stack([e["mask"] for e in val]) >= 0.5
-  return images, masks
+  masks = np.stack([e["mask"] for e in val])
+  if getattr(source, "num_classes", 2) > 2:
+    return images, np.rint(masks).astype(np.uint8)  # label maps
+  return images, masks >= 0.5
 
 
 class ExactRecipe:
@@ -211,6 +225,7 @@ def make_encode_fn(
   tok: tokenizers.Tokenizer,
   devices: list[jax.Device],
   compiler_options: dict[str, str] | None = None,
+  classes: Any = None,
 ) -> Callable:
   """A jitted :func:`gms_jax.step.bank_encode_fn` as ``(images, masks) -> numpy dict`` over
   ``devices`` (this process's devices: each process encodes its own shards);
@@ -220,7 +235,7 @@ def make_encode_fn(
   tok_params = jax.tree.map(
     lambda x: jax.device_put(np.asarray(x), parallel.replicated(mesh)), tok.params
   )
-  encode = jax.jit(step_lib.bank_encode_fn(tok), compiler_options=compiler_options)
+  encode = jax.jit(step_lib.bank_encode_fn(tok, classes), compiler_options=compiler_options)
 
   def encode_fn(images, masks):
     out = encode(
@@ -266,6 +281,7 @@ def prepare_bank(
     raise ValueError(f"config.bank.num_views must be >= 1, got {k}")
   n_local = len(local_devices)
   ebs = -(-int(config.bank.encode_batch_size) // n_local) * n_local
+  classes = classes_lib.from_config(config)
   expected = bank_lib.make_manifest(
     tokenizer=tokenizer_identity(config, tok),
     precision=str(config.precision),
@@ -278,6 +294,9 @@ def prepare_bank(
     latent_shape=(size // f, size // f, tok.latent_channels),
     augment=bool(config.data.augment),
     extras=bank_extras(config),
+    num_classes=classes.num_classes,
+    mask_coding=classes.effective_coding,
+    mask_latent_shape=(size // f, size // f, classes.mask_latent_channels(tok.latent_channels)),
   )
   if jax.process_index() == 0:
     manifest = bank_lib.prepare_manifest(bank_dir, expected, write=True)
@@ -292,7 +311,7 @@ def prepare_bank(
     bank_dir,
     train_source,
     manifest,
-    make_encode_fn(tok, local_devices, compiler_options),
+    make_encode_fn(tok, local_devices, compiler_options, classes),
     encode_batch_size=ebs,
     process_index=jax.process_index(),
     process_count=jax.process_count(),

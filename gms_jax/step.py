@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from gms_jax import classes as classes_lib
 from gms_jax import configuration, inference, parallel, tokenizers
 from gms_jax import loss as loss_lib
 from gms_jax.models import latent_mapper
@@ -161,6 +162,7 @@ def loss_kwargs(config: ml_collections.ConfigDict, platform: str | None = None) 
     batch_encode=resolve_batch_decode(
       config.loss.get("batch_encode", "auto"), platform, name="batch_encode"
     ),
+    classes=classes_lib.from_config(config),
   )
 
 
@@ -279,10 +281,11 @@ def phase_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tupl
 
 
 def mapper_config(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) -> MapperConfig:
-  """The one construction of a run's :class:`MapperConfig` (channels from the tokenizer)."""
+  """The one construction of a run's :class:`MapperConfig` (channels from the tokenizer; out
+  channels = the mask latent's: one latent per foreground class with the channels coding)."""
   return MapperConfig(
     in_channels=tok.latent_channels,
-    out_channels=tok.latent_channels,
+    out_channels=classes_lib.from_config(config).mask_latent_channels(tok.latent_channels),
     ch=int(config.mapper.ch),
     ch_mult=tuple(config.mapper.ch_mult),
   )
@@ -340,13 +343,21 @@ def _with_sharding(tree: Any, shardings: Any) -> Any:
   )
 
 
-def bank_encode_fn(tok: tokenizers.Tokenizer) -> Callable:
+def bank_encode_fn(
+  tok: tokenizers.Tokenizer, classes: classes_lib.Classes | None = None
+) -> Callable:
   """``(tok_params, images01, masks01) -> {"z_image", "std_image", "z_mask"}``: what the latent
-  bank stores for a batch of views (the image's latent and posterior std, the mask's latent)."""
+  bank stores for a batch of views (the image's latent and posterior std, the mask's latent: for
+  C > 2 classes the label map's, :meth:`gms_jax.classes.Classes.mask_images`)."""
+  classes = classes or classes_lib.Classes(2)
 
   def encode(tp, images, masks):
     lat = tok.encode(tp, images)
-    z_mask = tok.encode(tp, jnp.repeat(masks[..., None], 3, axis=-1)).z
+    if classes.binary:
+      z_mask = tok.encode(tp, jnp.repeat(masks[..., None], 3, axis=-1)).z
+    else:
+      parts = [tok.encode(tp, m).z for m in classes.mask_images(masks)]
+      z_mask = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
     return {"z_image": lat.z, "std_image": lat.std, "z_mask": z_mask}
 
   return encode
@@ -370,6 +381,7 @@ class Step:
   recipe: str  # "exact" / "fast"
   tokenizer: tokenizers.Tokenizer
   mapper_cfg: MapperConfig
+  classes: classes_lib.Classes  # the task's classes and mask coding
   graphdef: Any  # the mapper's NNX graphdef
   dtype: Any  # compute dtype (None = float32)
   global_batch_size: int
@@ -393,8 +405,8 @@ class Step:
   batch_shapes: dict[str, dict[str, jax.ShapeDtypeStruct]]
   init: Callable  # () -> state, created sharded
   train_steps: dict[str, Any]
-  predict: Any  # jitted (params, tok_params, images01) -> probs, batch-sharded in and out
-  predict_latents: Any  # jitted (params, tok_params, z_image) -> probs (validation on latents)
+  predict: Any  # jitted (params, tok_params, images01) -> class scores, batch-sharded in and out
+  predict_latents: Any  # jitted (params, tok_params, z_image) -> scores (validation on latents)
   encode_images: Any  # jitted (tok_params, images01) -> z_image
   bank_encode: Any  # jitted (tok_params, images01, masks01) -> bank entries (bank_encode_fn)
 
@@ -449,7 +461,14 @@ class Step:
 
 
 def batch_shapes(
-  recipe_name: str, global_bs: int, image_size: int, latent_shape, *, has_std: bool, sharding=None
+  recipe_name: str,
+  global_bs: int,
+  image_size: int,
+  latent_shape,
+  *,
+  has_std: bool,
+  sharding=None,
+  mask_latent_shape=None,
 ) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
   """The global batch of each step of a recipe: images and masks (exact), or what
   :meth:`gms_jax.bank.Bank.gather` returns (banked: latents, the std where the tokenizer has a
@@ -462,7 +481,7 @@ def batch_shapes(
     return {"exact": {"image": s((image_size, image_size, 3)), "mask": s((image_size, image_size))}}
   out = {}
   for name, dice in (("phase1", False), ("phase2", True)):
-    b = {"z_image": s(latent_shape), "z_mask": s(latent_shape)}
+    b = {"z_image": s(latent_shape), "z_mask": s(mask_latent_shape or latent_shape)}
     if has_std:
       b["std_image"] = s(latent_shape)
     if dice:
@@ -533,8 +552,16 @@ def build(
   tok_shapes = tokenizers.shapes(tok)
   tok_sharding = parallel.replicate_tree(tok_shapes, mesh)
   abstract_tok = _with_sharding(tok_shapes, tok_sharding)
+  classes = classes_lib.from_config(config)
+  mask_latent_shape = (*latent_shape[:2], classes.mask_latent_channels(tok.latent_channels))
   shapes = batch_shapes(
-    rname, global_bs, image_size, latent_shape, has_std=tok.has_posterior, sharding=data_sharding
+    rname,
+    global_bs,
+    image_size,
+    latent_shape,
+    has_std=tok.has_posterior,
+    sharding=data_sharding,
+    mask_latent_shape=mask_latent_shape,
   )
 
   # ---------------------------------------------------------------- jitted functions
@@ -567,13 +594,13 @@ def build(
   }
   params_sharding = state_sharding["params"]
   predict = jax.jit(
-    lambda p, t, x: inference.predict_probs(graphdef, p, tok, t, x),
+    lambda p, t, x: inference.predict_probs(graphdef, p, tok, t, x, classes=classes),
     in_shardings=(params_sharding, tok_sharding, data_sharding),
     out_shardings=data_sharding,
     compiler_options=opts,
   )
   predict_latents = jax.jit(
-    lambda p, t, z: inference.probs_from_latents(graphdef, p, tok, t, z),
+    lambda p, t, z: inference.probs_from_latents(graphdef, p, tok, t, z, classes=classes),
     in_shardings=(params_sharding, tok_sharding, data_sharding),
     out_shardings=data_sharding,
     compiler_options=opts,
@@ -585,7 +612,7 @@ def build(
     compiler_options=opts,
   )
   bank_encode = jax.jit(
-    bank_encode_fn(tok),
+    bank_encode_fn(tok, classes),
     in_shardings=(tok_sharding, data_sharding, data_sharding),
     out_shardings=data_sharding,
     compiler_options=opts,
@@ -597,6 +624,7 @@ def build(
     recipe=rname,
     tokenizer=tok,
     mapper_cfg=mcfg,
+    classes=classes,
     graphdef=graphdef,
     dtype=dtype,
     global_batch_size=global_bs,

@@ -261,6 +261,11 @@ def train_and_evaluate(
     n_processes=jax.process_count(),
     check_tokenizer=tokenizer is None,
   )
+  from gms_jax.data import builder as data_builder
+  from gms_jax.data import labels as labels_lib
+
+  # the classes of the data (dataset.json labels) go into the config the workdir records
+  labels_lib.apply(config, data_builder.resolve_root(config.data.name, config.data.root))
   check_workdir(config, workdir)  # refuse another run's or a foreign folder before writing
   made_dir = not os.path.exists(workdir)
   lock = workdir_lock.WorkdirLock(workdir, "train", enabled=is_main, warn=logging.warning)
@@ -374,7 +379,9 @@ def _init_weights(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer, 
   if not str(config.mapper.get("init", "") or ""):
     return None
   weights = pretrained.read_mapper(str(config.mapper.init))
-  weights.check_channels(tok.latent_channels, str(config.tokenizer.name))
+  weights.check_channels(
+    tok.latent_channels, str(config.tokenizer.name), mapper_cfg.out_channels
+  )
   weights.check_config(mapper_cfg)
   return weights
 
@@ -432,6 +439,7 @@ def _run(
     config, mesh, tokenizer=tok, steps_per_epoch=steps_per_epoch, global_batch=global_bs
   )
   total_steps = built.total_steps
+  logging.info("classes: %s", built.classes.describe())
   logging.info(
     "mapper %s: %s params, compute dtype %s; peak LR %g; steps %s; XLA options %s",
     built.mapper_cfg,

@@ -57,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
       print(f"warning {w}")
   for problem in scan.problems:
     print(f"ERROR {problem}")
+  if scan.class_names is not None:
+    print(f"classes (dataset.json): {len(scan.class_names)}")
+    if scan.class_cases is not None and not args.no_decode:
+      total = max(sum(scan.class_pixels), 1)
+      for c, name in enumerate(scan.class_names):
+        print(
+          f"  {c} {name}: {scan.class_cases[c]} case(s), {scan.class_pixels[c]:,} pixels "
+          f"({100.0 * scan.class_pixels[c] / total:.2f} %)"
+        )
   print(
     f"{scan.root}: {len(scan.pairs)} image/mask pair(s), {len(scan.problems)} problem(s)"
     + (f"; splits: {desc}" if desc else "")

@@ -98,10 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     tta=args.tta,
     cpu_library_fusion=args.cpu_library_fusion,
   )
+  with data.unlocked():
+    data.num_classes = 0  # read from the data, then compared with the model's below
   try:
     sources = builder.prepare(data)
   except (FileNotFoundError, ValueError) as e:
     raise errors.ConfigError(errors.one_line(e)) if not isinstance(e, DataError) else e
+  n_data = sources["test"].num_classes
+  if n_data != seg.classes.num_classes:
+    raise errors.ConfigError(
+      f"{data.root or data.name}: the data has {n_data} classes (dataset.json labels) but the "
+      f"model in {args.workdir} predicts {seg.classes.num_classes}"
+    )
   splits = ["train", "validation", "test"] if args.split == "all" else [args.split]
 
   def examples():
@@ -123,11 +131,22 @@ def main(argv: list[str] | None = None) -> int:
       "cpu_library_fusion": seg.cpu_library_fusion,
     },
   )
+  keys = ["dsc", "iou", "hd95", "dsc_native", "iou_native", "hd95_native"]
+  if not seg.classes.binary:
+    keys = [f"dsc_{n}" for n in seg.classes.class_names()[1:]] + keys[:3] + ["dsc_fg"]
   print(
     f"{data.name}/{args.split}{suffix}: n={summary['n']} step={summary['checkpoint_step']}  "
     + "  ".join(
       f"{k}={summary[k]['mean']:.4f}±{summary[k]['std']:.4f}"
-      for k in ("dsc", "iou", "hd95", "dsc_native", "iou_native", "hd95_native")
+      if summary[k]["mean"] is not None
+      else f"{k}=absent"
+      for k in keys
+    )
+    + (
+      f"  lesion-type accuracy={summary['lesion_type']['accuracy']:.4f} "
+      f"(n={summary['lesion_type']['n']})"
+      if "lesion_type" in summary
+      else ""
     )
   )
   print(f"wrote {out}/metrics.csv, summary.json, masks/, overlays/")

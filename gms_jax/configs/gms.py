@@ -88,6 +88,11 @@ def get_config(arg="sample"):
   c.data.split_seed = 2333
   c.data.image_size = 224  # docs/METHOD.md §3; latents are image_size / 8
   c.data.augment = True  # docs/METHOD.md §3 train-time augmentation
+  # Classes (docs/METHOD.md §7): 0 = from the data (a folder whose dataset.json declares "labels"
+  # is multi-class, any other is binary); a value > 0 must match the data (set it for `compile`).
+  # Training writes the resolved number and the class names into the workdir's config.json.
+  c.data.num_classes = 0
+  c.data.class_names = ()
   c.data.tfds_dir = ""  # "" = ~/tensorflow_datasets
   c.data.worker_count = 0  # grain worker processes (0 = threads in the trainer process)
   c.data.prefetch_buffer = 2
@@ -144,6 +149,10 @@ def get_config(arg="sample"):
   c.num_train_steps = -1  # -1 = num_epochs * steps_per_epoch(train split)
   c.precision = "float32"  # compute dtype of mapper and tokenizer: "float32" or "bfloat16"
   c.recipe = "exact"  # "exact" (METHOD §3) or "fast" (latent bank; see the module docstring)
+  # C > 2 classes only (docs/METHOD.md §7): "channels" = one mask latent per foreground class
+  # (chosen by measurement, docs/results/multiclass.md); "palette" = the label map painted in
+  # one colour per class, one latent, decoded to the nearest colour. Binary tasks ignore it.
+  c.mask_coding = "channels"
 
   # ---------------------------------------------------------------- latent bank (recipe "fast")
   c.bank = ml_collections.ConfigDict()

@@ -224,20 +224,35 @@ def to_float01(image_uint8: np.ndarray) -> np.ndarray:
 class Augmenter:
   """Picklable, thread-safe ``(image uint8 (h,w,3), mask uint8 (h,w) {0,255}, rng) -> arrays``.
 
-  Returns image float32 (S, S, 3) in [0, 1] and mask float32 (S, S) in {0, 1}.
+  Returns image float32 (S, S, 3) in [0, 1] and mask float32 (S, S) in {0, 1} (``num_classes``
+  > 2: the mask is a uint8 label map and comes back as float32 class ids).
   """
 
-  def __init__(self, image_size: int, augment: bool = True, extras: Iterable[str] = ()):
+  def __init__(
+    self,
+    image_size: int,
+    augment: bool = True,
+    extras: Iterable[str] = (),
+    num_classes: int = 2,
+  ):
     self.image_size = int(image_size)
     self.augment = bool(augment)
     self.extras = check_extras(extras)  # optional, not docs/METHOD.md §3 (see EXTRAS)
+    self.num_classes = int(num_classes)  # > 2: masks are label maps (class ids), kept as ids
     self._local = threading.local()
 
   def __getstate__(self):
-    return {"image_size": self.image_size, "augment": self.augment, "extras": self.extras}
+    return {
+      "image_size": self.image_size,
+      "augment": self.augment,
+      "extras": self.extras,
+      "num_classes": self.num_classes,
+    }
 
   def __setstate__(self, state):
-    self.__init__(state["image_size"], state["augment"], state.get("extras", ()))
+    self.__init__(
+      state["image_size"], state["augment"], state.get("extras", ()), state.get("num_classes", 2)
+    )
 
   def _compose(self) -> A.Compose:
     compose = getattr(self._local, "compose", None)
@@ -256,6 +271,8 @@ class Augmenter:
     seed_compose(compose, rng)
     out = compose(image=to_float01(image), mask=mask)
     img = np.clip(out["image"], 0.0, 1.0).astype(np.float32, copy=False)
+    if self.num_classes > 2:  # every geometric op moves masks nearest-neighbour: ids stay ids
+      return img, out["mask"].astype(np.float32)
     m = (out["mask"] > 127).astype(np.float32)
     return img, m
 

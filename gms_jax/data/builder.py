@@ -86,6 +86,8 @@ class GmsConfig(tfds.core.BuilderConfig):
   # (stem, image path, mask path), and split -> stems. Not in repr: they can be long.
   pairs: tuple[tuple[str, str, str], ...] = dataclasses.field(default=(), repr=False)
   split_names: tuple[tuple[str, tuple[str, ...]], ...] = dataclasses.field(default=(), repr=False)
+  # dataset.json labels by id (empty: a binary 0/255 folder); masks are then label maps
+  class_names: tuple[str, ...] = ()
 
 
 _skip_registration = getattr(
@@ -146,8 +148,10 @@ with _skip_registration():
       }
 
     def _generate_examples(self, pairs):
+      n_classes = len(self.builder_config.class_names) or None
       for stem, image_path, mask_path in pairs:
-        image, mask, grey = read_pair(image_path, mask_path)  # DataError naming the file
+        # DataError naming the file; a label-map folder's masks hold class ids (C = 2: 0/255)
+        image, mask, grey = read_pair(image_path, mask_path, n_classes)
         yield (
           stem,
           {
@@ -188,8 +192,12 @@ class GmsSource:
   """Random-access split: ``src[i] -> {"image": uint8 (H,W,3), "mask": uint8 (H,W), "name": str}``.
 
   Wraps tfds' ArrayRecord data source (decoding with OpenCV; no TensorFlow). Picklable, so
-  grain worker processes can use it.
+  grain worker processes can use it. ``num_classes`` / ``class_names``: the folder's classes
+  (:mod:`gms_jax.data.labels`; masks of C > 2 classes are label maps of class ids).
   """
+
+  num_classes = 2
+  class_names: tuple[str, ...] = ()
 
   def __init__(self, data_source, *, split: str, dataset: str, directory: str):
     self._src = data_source
@@ -287,6 +295,9 @@ def make_config(data_cfg: Any) -> tuple[GmsConfig, str]:
       f"{root}: {len(scan.problems)} problem(s) in the dataset folder:\n  {shown}{more}\n"
       f"(run `gms-jax check-data {root}` for a full report)"
     )
+  from gms_jax.data import labels as labels_lib
+
+  n_classes, class_names = labels_lib.resolve(data_cfg, root)
   split_file = str(_get(data_cfg, "split_file", "")) or splits_lib.default_split_file(name, root)
   splits = splits_lib.resolve_splits(
     [p.stem for p in scan.pairs],
@@ -302,6 +313,8 @@ def make_config(data_cfg: Any) -> tuple[GmsConfig, str]:
   h.update(f"{GmsSegmentation.VERSION}/{name}/".encode())
   h.update(splits.fingerprint().encode())
   h.update(_content_fingerprint(pairs).encode())
+  if class_names:  # (binary folders keep the names their caches were built under)
+    h.update(("/labels/" + "\0".join(class_names)).encode())
   config = GmsConfig(
     name=f"{name}-{h.hexdigest()[:12]}",
     version=GmsSegmentation.VERSION,
@@ -311,6 +324,7 @@ def make_config(data_cfg: Any) -> tuple[GmsConfig, str]:
     split_description=splits.describe(),
     pairs=tuple((p.stem, p.image, p.mask) for p in pairs),
     split_names=tuple(splits.as_dict().items()),
+    class_names=tuple(class_names),
   )
   tfds_dir = os.path.expanduser(str(_get(data_cfg, "tfds_dir", "")) or "~/tensorflow_datasets")
   return config, tfds_dir
@@ -423,6 +437,8 @@ def prepare(data_cfg: Any) -> dict[str, GmsSource]:
       dataset=cfg.dataset,
       directory=os.fspath(builder.data_dir),
     )
+    src.class_names = tuple(cfg.class_names)
+    src.num_classes = len(cfg.class_names) or 2
     if len(src) != len(expected[split]) or len(src) == 0:
       raise DataError(
         f"{builder.data_dir}: split '{split}' has {len(src)} records, expected "

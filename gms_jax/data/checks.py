@@ -139,15 +139,63 @@ def _values_preview(vals: np.ndarray, k: int = 6) -> str:
   return ", ".join(map(str, vals[:k])) + (", ..." if len(vals) > k else "")
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-  """A mask file -> uint8 (h, w) in {0, 255}; DataError naming the file otherwise."""
-  return mask_to_binary(_open(path, "mask"), os.fspath(path))
+def mask_to_labels(img: Image.Image, num_classes: int, path: str = "<mask>") -> np.ndarray:
+  """PIL label map -> uint8 (h, w) of class ids in [0, num_classes); DataError for anything else
+  (values outside the ids, a 0/255 binary mask, colour). 8- or 16-bit single channel, palette
+  (the indices are the ids, as nnU-Net's tools write them) or RGB with equal channels."""
+  mode = img.mode
+  if mode == "1":
+    arr = np.asarray(img).astype(np.uint8)
+  elif mode == "P":
+    arr = np.asarray(img)  # palette indices
+  elif mode in _SIXTEEN_BIT_MODES or mode == "L":
+    arr = np.asarray(img)
+  elif mode in ("LA", "RGB", "RGBA"):
+    full = np.asarray(img)
+    if mode in ("LA", "RGBA"):
+      full = full[..., :-1]
+    arr = full[..., 0]
+    for c in range(1, full.shape[-1]):
+      if not np.array_equal(full[..., c], arr):
+        raise DataError(
+          f"{path}: colour label map (mode {mode}: the colour channels differ); expected one "
+          f"channel of class ids 0..{num_classes - 1} (dataset.json labels)"
+        )
+  else:
+    raise DataError(
+      f"{path}: unsupported label map mode {mode}; expected 8-bit class ids 0..{num_classes - 1}"
+    )
+  vals = np.unique(arr)
+  bad = vals[(vals < 0) | (vals >= num_classes)]
+  if bad.size:
+    if set(vals.tolist()) <= {0, 255}:
+      raise DataError(
+        f"{path}: a binary 0/255 mask, but dataset.json declares label ids "
+        f"0..{num_classes - 1}; write the class id of each pixel instead of 255"
+      )
+    raise DataError(
+      f"{path}: label values {_values_preview(bad)} outside the declared ids "
+      f"0..{num_classes - 1} (dataset.json labels)"
+    )
+  return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def read_pair(image_path, mask_path) -> tuple[np.ndarray, np.ndarray, bool]:
-  """Read and validate one pair: (RGB uint8 image, {0,255} uint8 mask, image-is-grey)."""
+def read_mask(path: str | os.PathLike, num_classes: int | None = None) -> np.ndarray:
+  """A mask file -> uint8 (h, w) in {0, 255} (``num_classes`` None: a binary folder), or the
+  class ids of a label-map folder (C > 2; C = 2 label maps come back as 0/255 masks); DataError
+  naming the file otherwise."""
+  if num_classes is None:
+    return mask_to_binary(_open(path, "mask"), os.fspath(path))
+  labels = mask_to_labels(_open(path, "label map"), int(num_classes), os.fspath(path))
+  return labels * np.uint8(255) if int(num_classes) == 2 else labels
+
+
+def read_pair(
+  image_path, mask_path, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray, bool]:
+  """Read and validate one pair: (RGB uint8 image, mask (:func:`read_mask`), image-is-grey)."""
   image, grey = read_image_with_grey_flag(image_path)
-  mask = read_mask(mask_path)
+  mask = read_mask(mask_path, num_classes)
   if image.shape[:2] != mask.shape[:2]:
     (ih, iw), (mh, mw) = image.shape[:2], mask.shape[:2]
     raise DataError(
@@ -175,6 +223,9 @@ class FolderScan:
   pairs: list[Pair]
   problems: list[str]  # each "PATH: problem"
   warnings: list[str]
+  class_names: tuple[str, ...] | None = None  # dataset.json labels (None: a binary folder)
+  class_cases: list[int] | None = None  # per class id: masks holding it (decoded label maps)
+  class_pixels: list[int] | None = None  # per class id: pixels
 
 
 def _list_dir(d: Path, what: str, problems: list[str], warnings: list[str]) -> dict[str, str]:
@@ -242,15 +293,32 @@ def check_folder(
 
   ``scan.problems`` then holds every problem found (it does not stop at the first).
   """
+  from gms_jax.data import labels as labels_lib
   from gms_jax.data import splits as splits_lib
 
   scan = scan_folder(root)
+  try:
+    names = labels_lib.read_labels(root)
+  except DataError as e:
+    scan.problems.append(str(e))
+    names = None
+  scan.class_names = names
+  if names is not None:
+    scan.class_cases = [0] * len(names)
+    scan.class_pixels = [0] * len(names)
   if decode:
     for pair in scan.pairs:
       try:
-        read_pair(pair.image, pair.mask)
+        _, mask, _ = read_pair(pair.image, pair.mask, len(names) if names else None)
       except DataError as e:
         scan.problems.append(str(e))
+        continue
+      if names is not None:
+        ids = mask // 255 if len(names) == 2 else mask
+        counts = np.bincount(ids.ravel(), minlength=len(names))
+        for c, k in enumerate(counts.tolist()):
+          scan.class_pixels[c] += k
+          scan.class_cases[c] += int(k > 0)
   desc = None
   if not split_file:
     split_file = splits_lib.default_split_file(dataset, root)

@@ -93,8 +93,8 @@ class _EpochDropRemainder(grain.MapDataset):
 class _Augment:
   """``random_map`` transform: record -> {"image": f32 (S,S,3) [0,1], "mask": f32 (S,S) {0,1}}."""
 
-  def __init__(self, image_size: int, augment: bool):
-    self._augmenter = aug_lib.Augmenter(image_size, augment=augment)
+  def __init__(self, image_size: int, augment: bool, num_classes: int = 2):
+    self._augmenter = aug_lib.Augmenter(image_size, augment=augment, num_classes=num_classes)
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     image, mask = self._augmenter(record["image"], record["mask"], rng)
@@ -152,7 +152,7 @@ def train_dataset(
   ds = grain.MapDataset.source(source).seed(int(seed) % 2**32)
   ds = ds.shuffle().repeat()
   ds = _EpochDropRemainder(ds, n, per_epoch)
-  ds = ds.random_map(_Augment(image_size, augment))
+  ds = ds.random_map(_Augment(image_size, augment, getattr(source, "num_classes", 2)))
   ds = ds[process_index::process_count]
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(
@@ -173,13 +173,24 @@ def eval_examples(source, *, image_size: int) -> Iterator[dict[str, Any]]:
 
   Yields ``image`` float32 (S,S,3) in [0,1] (bilinear), ``mask`` float32 (S,S) in {0,1} (the
   native mask resized nearest-neighbour, then ``>= 0.5``), ``native_mask`` uint8 (h,w) in
-  {0,1}, ``native_size`` (h, w) and ``name``.
+  {0,1}, ``native_size`` (h, w) and ``name``. A source of C > 2 classes gives label maps instead
+  (``mask`` float32 class ids, ``native_mask`` uint8 class ids).
   """
+  multiclass = getattr(source, "num_classes", 2) > 2
   for i in range(len(source)):
     rec = source[i]
     mask = rec["mask"]
     if mask.ndim == 3:
       mask = mask[..., 0]
+    if multiclass:  # label maps (class ids): nearest-neighbour resize keeps the ids
+      yield {
+        "image": preprocess_image(rec["image"], image_size),
+        "mask": aug_lib.resize_mask(mask, image_size).astype(np.float32),
+        "native_mask": np.ascontiguousarray(mask, np.uint8),
+        "native_size": tuple(int(s) for s in mask.shape[:2]),
+        "name": rec["name"],
+      }
+      continue
     native = (mask > 127).astype(np.uint8)
     grey01 = mask.astype(np.float32) / np.float32(255.0)
     resized = aug_lib.resize_mask(grey01, image_size)
