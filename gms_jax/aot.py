@@ -371,9 +371,15 @@ def compile_for(
     "global_batch": built.global_batch_size,
     "per_device_batch": per_device,
     "peak_lr": built.peak_lr,
-    "loss": {k: v for k, v in built.loss_kw.items() if k != "heads"},  # config.loss resolved
+    "loss": {k: v for k, v in built.loss_kw.items() if k not in ("heads", "classes")},
     "step_losses": {
-      name: {k: v for k, v in kw.items() if k != "heads"} for name, kw in built.loss_kws.items()
+      name: {k: v for k, v in kw.items() if k not in ("heads", "classes")}
+      for name, kw in built.loss_kws.items()
+    },
+    "classes": {
+      "num_classes": built.classes.num_classes,
+      "mask_coding": built.classes.effective_coding,
+      "mapper_out_channels": built.mapper_cfg.out_channels,
     },
     "jax": jax.__version__,
   }

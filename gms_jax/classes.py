@@ -96,9 +96,7 @@ class Classes:
     return self.num_mask_images * int(latent_channels)
 
   def class_names(self) -> tuple[str, ...]:
-    return self.names or tuple(
-      ["background"] + [f"class{c}" for c in range(1, self.num_classes)]
-    )
+    return self.names or tuple(["background"] + [f"class{c}" for c in range(1, self.num_classes)])
 
   def describe(self) -> str:
     if self.binary:
@@ -156,7 +154,9 @@ class Classes:
     parts = self.split_latent(z)
     if len(parts) == 1:
       return self.scores([self.decode(tokenizer, tok_params, parts[0])])
-    return self.scores(deinterleave(self.decode(tokenizer, tok_params, interleave(parts)), len(parts)))
+    return self.scores(
+      deinterleave(self.decode(tokenizer, tok_params, interleave(parts)), len(parts))
+    )
 
   # ------------------------------------------------------------------- predictions
   def labels(self, scores: Any) -> np.ndarray:
@@ -192,7 +192,17 @@ def from_config(config: Any) -> Classes:
 def class_colours(num_classes: int) -> np.ndarray:
   """(C,3) uint8 overlay colours: background black, class 1 green (the binary overlays'), then
   red, blue, yellow, magenta, cyan, ... (cycled)."""
-  base = [(0, 0, 0), (0, 200, 0), (220, 40, 40), (40, 90, 230), (230, 200, 30), (200, 50, 200),
-          (30, 200, 200), (240, 140, 30)]
-  return np.asarray([base[c if c < len(base) else 1 + (c - 1) % (len(base) - 1)]
-                     for c in range(num_classes)], np.uint8)
+  base = [
+    (0, 0, 0),
+    (0, 200, 0),
+    (220, 40, 40),
+    (40, 90, 230),
+    (230, 200, 30),
+    (200, 50, 200),
+    (30, 200, 200),
+    (240, 140, 30),
+  ]
+  return np.asarray(
+    [base[c if c < len(base) else 1 + (c - 1) % (len(base) - 1)] for c in range(num_classes)],
+    np.uint8,
+  )

@@ -114,10 +114,14 @@ def heads_dice(
     if classes.binary:
       total = total + dice_loss(scores, labels)
     else:
-      total = total + sum(
-        dice_loss(scores[..., c - 1], classes.fg_mask(labels, c))
-        for c in range(1, classes.num_classes)
-      ) / classes.num_fg
+      total = (
+        total
+        + sum(
+          dice_loss(scores[..., c - 1], classes.fg_mask(labels, c))
+          for c in range(1, classes.num_classes)
+        )
+        / classes.num_fg
+      )
   return total
 
 

@@ -128,6 +128,7 @@ def write_manifest(folder: str, command: str, files: Iterable[str], **extra) -> 
   """Writes the manifest atomically (temp file + rename), with the user's umask. ``files``: the
   files written and present; ``extra`` may hold ``planned``: files a running command is about to
   write (so that the folder of a killed run is still recognised as the command's own)."""
+  files = [f for f in files if os.path.basename(f) != STAGING_MARKER]
   write_json_atomic(
     os.path.join(folder, MANIFEST),
     {"command": command, "files": sorted(set(files)), **extra},
@@ -135,22 +136,61 @@ def write_manifest(folder: str, command: str, files: Iterable[str], **extra) -> 
   )
 
 
+STAGING_MARKER = ".gms-jax-staging.json"  # inside a staging folder: who made it (host, PID)
+
+
 def make_staging_dir(out: str) -> str:
-  """A fresh, uniquely named folder beside ``out`` (same filesystem, for an atomic rename)."""
+  """A fresh, uniquely named folder beside ``out`` (same filesystem, for an atomic rename),
+  marked with this host and PID so that a later run can remove it if this one is killed
+  (:func:`remove_stale_staging`). Staging folders of killed earlier runs are removed first."""
+  import socket
+
   parent = os.path.dirname(os.path.abspath(out)) or "."
   try:
     os.makedirs(parent, exist_ok=True)
+    remove_stale_staging(out)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    with open(os.path.join(tmp, STAGING_MARKER), "w") as f:
+      json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
   except OSError as e:
     raise OutputError(f"--out {out}: cannot write in {parent} ({e.strerror or e})") from None
   apply_umask(tmp, directory=True)
   return tmp
 
 
+def remove_stale_staging(out: str) -> list[str]:
+  """Removes the staging folders (``.<out name>.tmp-*`` beside ``out``) that a killed run left:
+  only those holding our marker, written on this host by a process that is gone. Returns them."""
+  import socket
+
+  from gms_jax.lock import _alive
+
+  parent = os.path.dirname(os.path.abspath(out)) or "."
+  prefix = f".{os.path.basename(out)}.tmp-"
+  removed = []
+  try:
+    entries = [e for e in os.scandir(parent) if e.name.startswith(prefix) and e.is_dir()]
+  except OSError:
+    return removed
+  for e in entries:
+    try:
+      with open(os.path.join(e.path, STAGING_MARKER)) as f:
+        who = json.load(f)
+    except (OSError, ValueError):
+      continue  # not ours, or not readable: left alone
+    if who.get("host") == socket.gethostname() and not _alive(int(who.get("pid", -1))):
+      shutil.rmtree(e.path, ignore_errors=True)
+      removed.append(e.path)
+  return removed
+
+
 def publish(staging: str, out: str, command: str) -> None:
   """Moves the finished ``staging`` folder to ``out``. An existing ``out`` must still pass
   :func:`check_owned` (an earlier output of ``command``, or empty); it is moved aside and removed
   only after the new folder is in place."""
+  marker = os.path.join(staging, STAGING_MARKER)
+  if os.path.exists(marker):
+    os.remove(marker)
   if check_owned(out, command) == "new" and not os.path.exists(out):
     os.replace(staging, out)
     return

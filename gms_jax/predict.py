@@ -167,9 +167,7 @@ class Segmenter:
         )
       tokenizer = tokenizers.load(family, tokenizer or tokenizers.packaged_path(family))
     weights = pretrained.read_mapper(mapper)
-    weights.check_channels(
-      tokenizer.latent_channels, tokenizer.family, weights.cfg.out_channels
-    )
+    weights.check_channels(tokenizer.latent_channels, tokenizer.family, weights.cfg.out_channels)
     return cls(
       pretrained.to_mapper(weights),
       tokenizer,

@@ -261,11 +261,7 @@ def train_and_evaluate(
     n_processes=jax.process_count(),
     check_tokenizer=tokenizer is None,
   )
-  from gms_jax.data import builder as data_builder
-  from gms_jax.data import labels as labels_lib
-
-  # the classes of the data (dataset.json labels) go into the config the workdir records
-  labels_lib.apply(config, data_builder.resolve_root(config.data.name, config.data.root))
+  resolve_classes(config)  # the data's classes go into the config the workdir records
   check_workdir(config, workdir)  # refuse another run's or a foreign folder before writing
   made_dir = not os.path.exists(workdir)
   lock = workdir_lock.WorkdirLock(workdir, "train", enabled=is_main, warn=logging.warning)
@@ -296,6 +292,15 @@ def train_and_evaluate(
     raise
   finally:
     lock.release()
+
+
+def resolve_classes(config: ml_collections.ConfigDict) -> None:
+  """Sets ``config.data.num_classes`` / ``class_names`` from the data folder's ``dataset.json``
+  (:mod:`gms_jax.data.labels`); a ConfigError naming the key when a set value disagrees."""
+  from gms_jax.data import builder as data_builder
+  from gms_jax.data import labels as labels_lib
+
+  labels_lib.apply(config, data_builder.resolve_root(config.data.name, config.data.root))
 
 
 def claim_workdir(
@@ -379,9 +384,7 @@ def _init_weights(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer, 
   if not str(config.mapper.get("init", "") or ""):
     return None
   weights = pretrained.read_mapper(str(config.mapper.init))
-  weights.check_channels(
-    tok.latent_channels, str(config.tokenizer.name), mapper_cfg.out_channels
-  )
+  weights.check_channels(tok.latent_channels, str(config.tokenizer.name), mapper_cfg.out_channels)
   weights.check_config(mapper_cfg)
   return weights
 

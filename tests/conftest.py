@@ -67,3 +67,42 @@ def smoke_run(tmp_path_factory):
   )
   assert p.returncode == 0, p.stderr[-6000:]
   return workdir, str(tfds), p
+
+
+@pytest.fixture(scope="session")
+def multiclass_runs(tmp_path_factory):
+  """A synthetic 3-class dataset (tests/_multiclass_data.py: a square and a disc in one image)
+  and one smoke-sized run of each recipe on it (the real TAEF2 at 64², the "out" head's Dice
+  only, to keep the decoder cheap). Returns ``{"root", "tfds", "exact", "fast"}`` (workdirs);
+  tests must not modify them."""
+  from _multiclass_data import make_dataset
+
+  from gms_jax import tokenizers
+
+  try:
+    tokenizers.packaged_path("taef2")
+  except FileNotFoundError as e:
+    pytest.skip(f"packaged TAEF2 weights missing: {e}")
+  base = tmp_path_factory.mktemp("multiclass")
+  root = make_dataset(base / "shapes")
+  tfds = base / "tfds"
+  common = [
+    f"--config.data.root={root}",
+    f"--config.data.tfds_dir={tfds}",
+    "--config.data.image_size=64",
+    "--config.loss.heads=('out',)",
+  ]
+  runs = {"root": root, "tfds": str(tfds)}
+  for recipe, extra in (
+    ("exact", ["--config.num_epochs=14", "--config.eval_every_steps=28"]),
+    (
+      "fast",
+      ["--config.num_epochs=14", "--config.fast.dice_steps=20", "--config.eval_every_steps=28"],
+    ),
+  ):
+    config = "folder,smoke" + (",fast" if recipe == "fast" else "")
+    workdir = base / recipe
+    p = run_cli("train", "--config", config, "--workdir", workdir, *common, *extra, timeout=900)
+    assert p.returncode == 0, p.stderr[-6000:]
+    runs[recipe] = workdir
+  return runs

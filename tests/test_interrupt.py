@@ -1,5 +1,6 @@
-"""Interrupted training: SIGKILL, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption notice)
-at random steps of one smoke run, each followed by a restart of the same command.
+"""Interrupted training: SIGKILL, then SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption
+notice) alternately at five random steps of one smoke run (new steps every run), each followed
+by a restart of the same command.
 
 * SIGINT / SIGTERM stop at the next step boundary with a checkpoint: exit 130 / 143, one line
   naming the signal and the step, no traceback; the checkpoint is that step.
@@ -67,11 +68,13 @@ def test_kill_int_term_at_random_steps_then_resume_equals_uninterrupted(tmp_path
   ]  # fmt: skip
   env = cli_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jaxcache"),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
-  # SIGKILL after the step-15 checkpoint, then SIGINT and SIGTERM at random later steps.
+  # SIGKILL after the step-15 checkpoint, then SIGINT and SIGTERM alternately at five random
+  # later steps (new ones every run), each followed by a restart of the same command.
   kill_at = rng.randint(17, 20)
-  int_at = rng.randint(kill_at - 1, 24)
-  term_at = rng.randint(int_at + 1, 28)
-  plan = [(signal.SIGKILL, kill_at), (signal.SIGINT, int_at), (signal.SIGTERM, term_at)]
+  later = sorted(rng.sample(range(kill_at - 1, 29), 5))
+  plan = [(signal.SIGKILL, kill_at)] + [
+    (signal.SIGINT if i % 2 == 0 else signal.SIGTERM, at) for i, at in enumerate(later)
+  ]
   stopped_at = []
   for sig, at in plan:
     rc, err = _run_until(args, env, at_step=at, sig=sig)
@@ -94,7 +97,7 @@ def test_kill_int_term_at_random_steps_then_resume_equals_uninterrupted(tmp_path
   rows = H.read_jsonl(workdir / "metrics.jsonl")
   steps = [r["step"] for r in rows if "train/loss" in r]
   assert steps == list(range(1, 31)), steps  # one row per step, none repeated or missing
-  assert sum(1 for r in rows if r.get("event") == "start") == 4
+  assert sum(1 for r in rows if r.get("event") == "start") == len(plan) + 1
   fixture = json.loads(FIXTURE.read_text())["exact"]
   same_host = run_metadata.cpu_info()["simd"] == json.loads(FIXTURE.read_text())["host_simd"]
   tol = 1e-6 if same_host else 1e-4

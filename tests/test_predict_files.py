@@ -100,3 +100,45 @@ def test_predict_killed_then_rerun_finishes_like_an_uninterrupted_run(smoke_run,
   assert not list(out.rglob(".tmp-*"))
   manifest = json.loads((out / MANIFEST).read_text())
   assert sorted(manifest["files"]) == sorted(got) and "planned" not in manifest
+
+
+def test_evaluate_killed_then_rerun_leaves_no_staging_folder(smoke_run, tmp_path):
+  """evaluate writes into a hidden staging folder beside --out and renames it at the end; after a
+  SIGKILL the rerun removes the killed run's staging folder (marked with host and PID) and
+  finishes; a staging-like folder without our marker, or of a live process, is left alone."""
+  workdir, tfds, _ = smoke_run
+  out = tmp_path / "eval"
+  foreign = tmp_path / ".eval.tmp-user"  # a user's folder that only looks like ours
+  foreign.mkdir()
+  live = tmp_path / ".eval.tmp-live"  # a staging folder of a running evaluate (this process)
+  live.mkdir()
+  (live / ".gms-jax-staging.json").write_text(
+    json.dumps({"host": __import__("socket").gethostname(), "pid": __import__("os").getpid()})
+  )
+  args = ["evaluate", "--workdir", str(workdir), "--split", "all", "--out", str(out)]
+  proc = subprocess.Popen(
+    gms_jax_command() + args + [f"--tfds-dir={tfds}"],
+    env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  deadline = time.time() + 300
+  staged = []
+  while time.time() < deadline and proc.poll() is None:
+    staged = [
+      d for d in tmp_path.glob(".eval.tmp-*") if d not in (foreign, live) and (d / "masks").is_dir()
+    ]
+    if staged and any((staged[0] / "masks").iterdir()):
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.01)
+  proc.wait(timeout=60)
+  assert proc.returncode == -9, "evaluate finished before it could be killed"
+  assert staged and staged[0].is_dir() and not out.exists()
+  p = run_cli(*args, f"--tfds-dir={tfds}")
+  assert p.returncode == 0, p.stderr[-3000:]
+  left = sorted(d.name for d in tmp_path.glob(".eval.*"))
+  assert left == sorted([foreign.name, live.name]), left
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["n"] == 40
+  manifest = json.loads((out / MANIFEST).read_text())
+  assert ".gms-jax-staging.json" not in manifest["files"]
+  assert not (out / ".gms-jax-staging.json").exists()

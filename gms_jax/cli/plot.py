@@ -20,7 +20,13 @@ def parse(argv: list[str] | None = None):
     default=None,
     help="legend label per WORKDIR, in order (default: the folder names)",
   )
-  parser.add_argument("--metric", default="eval/val_dice", help="metrics.jsonl key to plot")
+  parser.add_argument(
+    "--metric",
+    action="append",
+    default=None,
+    help="metrics.jsonl key to plot (default eval/val_dice); repeat for several, e.g. the "
+    "per-class eval/val_dice_<name> of a multi-class run",
+  )
   parser.add_argument("--title", default="")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   return parser.parse_args(argv)
@@ -34,11 +40,17 @@ def main(argv: list[str] | None = None) -> int:
   out = Path(args.out)
   if out.exists() and not args.overwrite:
     raise errors.OutputError(f"{out} exists; pass --overwrite to replace it")
-  curves = [(lab, read_curve(w, args.metric)) for lab, w in zip(labels, args.workdirs)]
+  metrics = args.metric or ["eval/val_dice"]
+  short = lambda m: m.split("/")[-1].replace("_", " ")  # noqa: E731
+  curves = [
+    (lab if len(metrics) == 1 else f"{lab}: {short(m)}", read_curve(w, m))
+    for lab, w in zip(labels, args.workdirs)
+    for m in metrics
+  ]
   ylabel = (
     "validation Dice"
-    if args.metric == "eval/val_dice"
-    else args.metric.split("/")[-1].replace("_", " ")
+    if metrics == ["eval/val_dice"] or all(m.startswith("eval/val_dice") for m in metrics)
+    else short(metrics[0])
   )
   outputs.write_atomic(
     out, lambda tmp: draw(curves, tmp, ylabel=ylabel, title=args.title), suffix=out.suffix

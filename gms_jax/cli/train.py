@@ -11,7 +11,7 @@ from ml_collections import config_flags
 
 from gms_jax import configuration, errors, parallel
 from gms_jax.lock import WorkdirLock
-from gms_jax.train import check_workdir, quiet_library_logs, train_and_evaluate
+from gms_jax.train import check_workdir, quiet_library_logs, resolve_classes, train_and_evaluate
 
 USAGE = "usage: gms-jax train --config NAME --workdir DIR [--config.key=value ...]"
 HELP = (
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{USAGE}\n\n{HELP}")
     return 0
   config, workdir = parsed
+  resolve_classes(config)  # dataset.json labels: one line on a problem, before any logging
   check_workdir(config, os.path.abspath(workdir))
   WorkdirLock(workdir, "train").check()  # a busy workdir: one line, before any logging
   logging.use_absl_handler()
