@@ -35,7 +35,7 @@ def _masks(folder: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_webp_gif_exif_and_unreadable_files_in_a_folder(smoke_run, tmp_path):
+def test_webp_gif_ppm_tga_exif_and_unreadable_files_in_a_folder(smoke_run, tmp_path):
   workdir, _, _ = smoke_run
   src = tmp_path / "in"
   src.mkdir()
@@ -47,17 +47,21 @@ def test_webp_gif_exif_and_unreadable_files_in_a_folder(smoke_run, tmp_path):
   exif = Image.Exif()
   exif[0x0112] = 6  # orientation: the stored image is shown rotated by 90 degrees
   tall.save(src / "d.jpg", exif=exif, quality=95)
+  rgb.save(src / "e.ppm")  # other formats Pillow reads: lossless, so the PNG's mask
+  rgb.save(src / "f.tga")
   (src / "notes.txt").write_text("not an image")
   (src / ".hidden.png").write_bytes(b"")
   p = run_cli("predict", "--workdir", workdir, src, "--out", tmp_path / "out")
   assert p.returncode == 0, p.stderr[-3000:]
-  assert "wrote 4 masks" in p.stdout
+  assert "wrote 6 masks" in p.stdout
   listed = [ln for ln in p.stderr.splitlines() if "not read:" in ln]
   assert len(listed) == 2 and any("notes.txt" in ln for ln in listed)
   assert any(".hidden.png" in ln for ln in listed)
   masks = _masks(tmp_path / "out")
-  assert set(masks) == {"a.png", "b.png", "c.png", "d.png"}
+  assert set(masks) == {"a.png", "b.png", "c.png", "d.png", "e.png", "f.png"}
   np.testing.assert_array_equal(masks["a.png"], masks["b.png"])  # lossless WebP = the PNG
+  np.testing.assert_array_equal(masks["a.png"], masks["e.png"])
+  np.testing.assert_array_equal(masks["a.png"], masks["f.png"])
   assert masks["c.png"].shape == masks["a.png"].shape
   assert masks["d.png"].shape == (48, 32)  # shown 32 wide x 48 high after the 90 degree turn
 

@@ -6,7 +6,6 @@ import os
 import sys
 
 from gms_jax import errors, outputs
-from gms_jax.data.formats import IMAGE_EXTENSIONS
 from gms_jax.predict import (
   FUSION_HELP,
   TTA_CHOICES,
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
   print(f"wrote {written} masks to {out} (checkpoint step {seg.step})")
   for path in not_images:
     print(
-      f"gms-jax predict: not read: {path} (not one of {', '.join(IMAGE_EXTENSIONS)}, or hidden)",
+      f"gms-jax predict: not read: {path} (not an image format Pillow reads, or hidden)",
       file=sys.stderr,
     )
   for path, reason in skipped:

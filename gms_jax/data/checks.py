@@ -238,7 +238,7 @@ def _list_dir(d: Path, what: str, problems: list[str], warnings: list[str]) -> d
       continue
     stem, ext = os.path.splitext(entry.name)
     if ext.lower() not in IMAGE_EXTENSIONS:
-      warnings.append(f"{entry.path}: ignored (extension is not one of {IMAGE_EXTENSIONS})")
+      warnings.append(f"{entry.path}: ignored (not an image format Pillow reads)")
       continue
     by_stem.setdefault(stem, []).append(entry.path)
   out = {}
