@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Iterable
@@ -98,9 +99,7 @@ def check_owned(folder: str, command: str, flag: str = "--out") -> str:
       "refusing to write into it (choose a new or empty folder)"
     )
   ours = set(manifest["files"]) | set(manifest.get("planned") or [])
-  foreign = sorted(
-    n for n in present - ours - {MANIFEST} if not os.path.basename(n).startswith(TMP_PREFIX)
-  )
+  foreign = sorted(n for n in present - ours - {MANIFEST} if not is_own_temporary(n))
   if foreign:
     more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
     raise OutputError(
@@ -111,14 +110,21 @@ def check_owned(folder: str, command: str, flag: str = "--out") -> str:
 
 
 TMP_PREFIX = ".tmp-"  # write_atomic's temporaries: a killed command's are its own
+# The names tempfile.mkstemp gives write_atomic's temporaries: the prefix, 8 characters of
+# tempfile's alphabet, the suffix of a file a command writes. A user's ".tmp-notes.txt" is not one.
+_OWN_TMP = re.compile(r"^\.tmp-[a-z0-9_]{8}\.(png|json)$")
+
+
+def is_own_temporary(name: str) -> bool:
+  return bool(_OWN_TMP.match(os.path.basename(name)))
 
 
 def remove_own_temporaries(folder: str) -> int:
-  """Removes the ``.tmp-*`` files a killed run of the command left in its own ``folder`` (call
-  after :func:`check_owned` said "own"); returns how many."""
+  """Removes the temporaries (:func:`is_own_temporary`) a killed run of the command left in its
+  own ``folder`` (call after :func:`check_owned` said "own"); returns how many."""
   n = 0
   for name in _files_under(folder):
-    if os.path.basename(name).startswith(TMP_PREFIX):
+    if is_own_temporary(name):
       os.remove(os.path.join(folder, name))
       n += 1
   return n

@@ -94,7 +94,7 @@ def test_predict_killed_then_rerun_finishes_like_an_uninterrupted_run(smoke_run,
   n_before = sum(1 for _ in out.rglob("*.png"))
   assert 70 <= n_before < 320
   # A killed writer's temporary file, as SIGKILL during a PNG write leaves it.
-  (out / "d0" / ".tmp-killed.png").write_bytes(b"")
+  (out / "d0" / ".tmp-k1lled_x.png").write_bytes(b"")
   p = run_cli("predict", "--workdir", workdir, src, "--out", out)
   assert p.returncode == 0, p.stderr[-3000:]
   got, want = _masks(out), _masks(whole)
@@ -146,3 +146,23 @@ def test_evaluate_killed_then_rerun_leaves_no_staging_folder(smoke_run, tmp_path
   manifest = json.loads((out / MANIFEST).read_text())
   assert ".gms-jax-staging.json" not in manifest["files"]
   assert not (out / ".gms-jax-staging.json").exists()
+
+
+def test_only_our_own_temporaries_count_as_ours(tmp_path):
+  """A killed predict's temporaries (write_atomic's names) are its own and removed on rerun; a
+  user's file that merely starts with ".tmp-" makes the folder foreign and is never removed."""
+  from gms_jax import outputs
+  from gms_jax.errors import OutputError
+
+  out = tmp_path / "out"
+  out.mkdir()
+  outputs.write_manifest(str(out), "predict", ["a.png"])
+  (out / "a.png").write_bytes(b"x")
+  (out / ".tmp-ab12_xyz.png").write_bytes(b"")  # as tempfile.mkstemp names them
+  assert outputs.check_owned(str(out), "predict") == "own"
+  assert outputs.remove_own_temporaries(str(out)) == 1
+  (out / ".tmp-notes.txt").write_text("mine")
+  with pytest.raises(OutputError, match=r"\.tmp-notes\.txt"):
+    outputs.check_owned(str(out), "predict")
+  assert outputs.remove_own_temporaries(str(out)) == 0
+  assert (out / ".tmp-notes.txt").read_text() == "mine"
