@@ -146,11 +146,14 @@ class Segmenter:
     batch_size: int = 8,
     tta: str = "none",
     cpu_library_fusion: str = "",
+    classes=None,
   ) -> "Segmenter":
     """Without a workdir: ``mapper`` = official ``best_model.pth``, a ``gms-jax convert`` output or
     a workdir; ``tokenizer`` = a loaded :class:`gms_jax.tokenizers.Tokenizer`, or its weights (a
     path or ``hf:`` id; ``""`` = the packaged TAEF2) of tokenizer ``family`` (default: ``"tae"``
-    for ``""`` and the TAESD ``hf:`` ids, else ``"sd-vae"``)."""
+    for ``""`` and the TAESD ``hf:`` ids, else ``"sd-vae"``). ``classes``: a
+    :class:`gms_jax.classes.Classes` (default: from the mapper's out channels, one latent per
+    foreground class; a palette-coded mapper needs it given)."""
     from gms_jax import pretrained, tokenizers
 
     if not isinstance(tokenizer, tokenizers.Tokenizer):
@@ -167,7 +170,13 @@ class Segmenter:
         )
       tokenizer = tokenizers.load(family, tokenizer or tokenizers.packaged_path(family))
     weights = pretrained.read_mapper(mapper)
-    weights.check_channels(tokenizer.latent_channels, tokenizer.family, weights.cfg.out_channels)
+    weights.check_channels(
+      tokenizer.latent_channels,
+      tokenizer.family,
+      classes.mask_latent_channels(tokenizer.latent_channels)
+      if classes is not None
+      else weights.cfg.out_channels,
+    )
     return cls(
       pretrained.to_mapper(weights),
       tokenizer,
@@ -176,6 +185,7 @@ class Segmenter:
       step=weights.step,
       tta=tta,
       cpu_library_fusion=cpu_library_fusion,
+      classes=classes,
     )
 
   # ------------------------------------------------------------------ inference

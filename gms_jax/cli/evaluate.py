@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
       f"{data.root or data.name}: the data has {n_data} classes (dataset.json labels) but the "
       f"model in {args.workdir} predicts {seg.classes.num_classes}"
     )
+  if not seg.classes.binary and not seg.classes.names:  # e.g. an imported mapper: the data's
+    import dataclasses
+
+    seg.classes = dataclasses.replace(seg.classes, names=sources["test"].class_names)
   splits = ["train", "validation", "test"] if args.split == "all" else [args.split]
 
   def examples():
