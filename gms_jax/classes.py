@@ -46,6 +46,7 @@ PALETTE = (
   (0.0, 1.0, 1.0),
 )
 PALETTE_TEMPERATURE = 0.05  # soft nearest colour for the Dice term (squared RGB distance units)
+PALETTE_FLOOR = 1e-3  # scores below it are 0 (see Classes.scores)
 MAX_CLASSES = 255  # label maps are 8-bit
 
 
@@ -145,7 +146,11 @@ class Classes:
     rgb = decoded[0]
     palette = jnp.asarray(PALETTE[: self.num_classes], jnp.float32)
     d2 = jnp.sum(jnp.square(rgb[..., None, :] - palette), axis=-1)  # (B,S,S,C)
-    return jax.nn.softmax(-d2 / PALETTE_TEMPERATURE, axis=-1)[..., 1:]
+    p = jax.nn.softmax(-d2 / PALETTE_TEMPERATURE, axis=-1)[..., 1:]
+    # The softmax never reaches 0 (a pixel of another colour keeps ~2e-9): summed over an image
+    # that floor would dominate MONAI's 1e-5 smoothing and give an absent class a Dice loss of
+    # ~0.9 even for a perfect decode. Below PALETTE_FLOOR a score is 0.
+    return jnp.where(p < PALETTE_FLOOR, 0.0, p)
 
   def scores_from_latent(self, tokenizer: Any, tok_params: Any, z: jax.Array) -> jax.Array:
     """A predicted mask latent -> :meth:`scores` (the parts decoded in one call)."""
@@ -185,7 +190,7 @@ def from_config(config: Any) -> Classes:
   get = data.get if hasattr(data, "get") else (lambda k, d=None: data[k] if k in data else d)
   n = int(get("num_classes", 0) or 0)
   names = tuple(get("class_names", ()) or ())
-  coding = str(config.get("mask_coding", "channels") or "channels")
+  coding = str(config.get("mask_coding", "channels") or "channels").lower()
   return Classes(num_classes=max(n, 2), coding=coding, names=names if n > 2 else ())
 
 
