@@ -233,7 +233,7 @@ def validate(
         f"(background included), got {n}"
       )
     coding = _choice(flat, "mask_coding", classes_lib.CODINGS) if "mask_coding" in flat else ""
-    if coding == "palette" and n > len(classes_lib.PALETTE):
+    if coding.lower() == "palette" and n > len(classes_lib.PALETTE):
       raise ConfigError(
         f"config.mask_coding=palette has {len(classes_lib.PALETTE)} colours; "
         f"config.data.num_classes={n} needs more (use mask_coding=channels)"

@@ -14,13 +14,13 @@ nothing else (see :mod:`gms_jax.outputs`), any other non-empty folder is refused
                            class ids for C > 2 classes
     <out>/overlays/<name>.png  image with ground-truth (green) and predicted (red) contours;
                            C > 2: prediction filled and ground-truth contours in class colours
+    <out>/overlays_montage.png the first ``--montage`` overlays in one grid (for reports)
 
 C > 2 classes (docs/METHOD.md §7): per class ``dsc_<name>`` / ``iou_<name>`` / ``hd95_<name>``
 (empty = the class is absent from both prediction and truth: "absent", skipped by means), their
 mean over the classes present (``dsc``...), the foreground-merged ``dsc_fg`` / ``iou_fg``, and
 ``type_true`` / ``type_pred``; ``summary.json`` adds ``lesion_type`` (accuracy and confusion
 matrix over the images whose truth holds one foreground class).
-    <out>/overlays_montage.png the first ``--montage`` overlays in one grid (for reports)
 
 ``--tta flip|d4`` (off by default; not part of METHOD §4) averages the probability maps of the
 image's left-right flip, or of all 8 flips/90° rotations, mapped back (:func:`gms_jax.inference.tta_probs`),
@@ -181,7 +181,8 @@ def _evaluate(seg, examples, out_dir, tmp, *, max_overlays, meta, montage_n) -> 
         nat = metrics.per_image_classes(native_pred, native_gt, names)
         present = [c for c in range(1, classes.num_classes) if (native_gt == c).any()]
         row["type_true"] = names[present[0]] if len(present) == 1 else ""
-        row["type_pred"] = names[t] if (t := metrics.lesion_type(pred, classes.num_classes)) else ""
+        t = metrics.lesion_type(native_pred, classes.num_classes)  # both at the native size
+        row["type_pred"] = names[t] if t else ""
       row.update({f"{k}_native": v for k, v in nat.items()})
       row["native_h"], row["native_w"] = native_gt.shape
       rows.append(row)

@@ -190,6 +190,10 @@ def import_workdir(config, mapper_path: str, workdir: str, *, tokenizer=None) ->
   weights = read_mapper(mapper_path)
   tok = tokenizer if tokenizer is not None else tokenizers.from_config(config)
   k = weights.cfg.out_channels // max(tok.latent_channels, 1)
+  if str(config.data.get("root", "") or "") or config.data.name == "sample":
+    from gms_jax.train import resolve_classes
+
+    resolve_classes(config)  # the data's classes and names, as train records them
   with config.unlocked():
     if int(config.data.get("num_classes", 0) or 0) == 0:
       # the weights say: one mask latent per foreground class (channels coding), else binary

@@ -71,13 +71,17 @@ class _Validator:
       dsc, iou = metrics_lib.dice_iou(probs > inference.THRESHOLD, self._masks)
       return {"val_dice": float(np.mean(dsc)), "val_iou": float(np.mean(iou))}
     # C > 2: per image the mean over the foreground classes present (in truth or prediction)
+    # (an image with no class in truth or prediction counts 0, as METHOD §4's binary rule; a
+    # class absent from the whole validation split logs no per-class value)
     d, i = metrics_lib.class_dice_iou(classes.labels(probs), self._masks, classes.num_classes)
     out = {
-      "val_dice": float(np.nanmean(metrics_lib.nanmean(d, axis=-1))),
-      "val_iou": float(np.nanmean(metrics_lib.nanmean(i, axis=-1))),
+      "val_dice": float(np.mean(np.nan_to_num(metrics_lib.nanmean(d, axis=-1)))),
+      "val_iou": float(np.mean(np.nan_to_num(metrics_lib.nanmean(i, axis=-1)))),
     }
     for c, name in enumerate(classes.class_names()[1:]):
-      out[f"val_dice_{name}"] = float(metrics_lib.nanmean(d[:, c]))
+      v = float(metrics_lib.nanmean(d[:, c]))
+      if not np.isnan(v):
+        out[f"val_dice_{name}"] = v
     return out
 
 

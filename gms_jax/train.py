@@ -262,6 +262,12 @@ def train_and_evaluate(
     check_tokenizer=tokenizer is None,
   )
   resolve_classes(config)  # the data's classes go into the config the workdir records
+  configuration.validate(  # again: what the data set (e.g. a palette of too many classes)
+    config,
+    n_devices=len(devices or jax.devices()),
+    n_processes=jax.process_count(),
+    check_tokenizer=tokenizer is None,
+  )
   check_workdir(config, workdir)  # refuse another run's or a foreign folder before writing
   made_dir = not os.path.exists(workdir)
   lock = workdir_lock.WorkdirLock(workdir, "train", enabled=is_main, warn=logging.warning)

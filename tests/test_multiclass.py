@@ -358,3 +358,33 @@ def test_multiclass_predict_tta_export_import(multiclass_runs, tmp_path):
   c = Segmenter.from_pretrained(str(tmp_path / "m.safetensors"), "", image_size=64)
   assert c.classes.num_classes == 3
   np.testing.assert_allclose(c.predict_probs(x), a.predict_probs(x), atol=1e-6)
+
+
+def test_two_label_folder_reads_0_1_and_0_255_masks_as_binary(tmp_path):
+  """nnU-Net-style binary folders carry {"background": 0, "lesion": 1}: their 0/1 maps (and
+  0/255 masks) are the binary task, with the binary folder's class names (none)."""
+  from gms_jax.data import builder
+
+  root = tmp_path / "d"
+  (root / "images").mkdir(parents=True)
+  (root / "masks").mkdir()
+  m = np.zeros((16, 16), np.uint8)
+  m[4:9, 4:9] = 1
+  for k in range(10):
+    _write_case(root, f"a{k}", m if k % 2 else m * 255)
+  (root / "dataset.json").write_text('{"labels": {"background": 0, "lesion": 1}}')
+  cfg = {"name": "folder", "root": str(root), "tfds_dir": str(tmp_path / "tfds")}
+  src = builder.prepare(cfg)
+  assert src["train"].num_classes == 2 and src["train"].class_names == ()
+  for split in src.values():
+    for i in range(len(split)):
+      np.testing.assert_array_equal(split[i]["mask"], m * 255)
+
+
+def test_reserved_and_inverted_labels_are_refused(tmp_path):
+  (tmp_path / "dataset.json").write_text('{"labels": {"background": 0, "fg": 1, "x": 2}}')
+  with pytest.raises(DataError, match="'fg' is empty or reserved"):
+    labels.read_labels(tmp_path)
+  (tmp_path / "dataset.json").write_text('{"labels": {"0": "background", "1": "lesion"}}')
+  with pytest.raises(DataError, match="nnU-Net v1's form"):
+    labels.read_labels(tmp_path)

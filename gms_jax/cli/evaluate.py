@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
       f"{data.root or data.name}: the data has {n_data} classes (dataset.json labels) but the "
       f"model in {args.workdir} predicts {seg.classes.num_classes}"
     )
+  data_names = tuple(sources["test"].class_names)
+  if seg.classes.names and data_names and tuple(seg.classes.names) != data_names:
+    raise errors.ConfigError(
+      f"{data.root or data.name}: dataset.json labels {list(data_names)} (by id) differ from the "
+      f"model's {list(seg.classes.names)} in {args.workdir}"
+    )
   if not seg.classes.binary and not seg.classes.names:  # e.g. an imported mapper: the data's
     import dataclasses
 

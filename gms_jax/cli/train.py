@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   config, workdir = parsed
   resolve_classes(config)  # dataset.json labels: one line on a problem, before any logging
+  configuration.validate(config)  # with the data's classes
   check_workdir(config, os.path.abspath(workdir))
   WorkdirLock(workdir, "train").check()  # a busy workdir: one line, before any logging
   logging.use_absl_handler()

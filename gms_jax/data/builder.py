@@ -86,8 +86,9 @@ class GmsConfig(tfds.core.BuilderConfig):
   # (stem, image path, mask path), and split -> stems. Not in repr: they can be long.
   pairs: tuple[tuple[str, str, str], ...] = dataclasses.field(default=(), repr=False)
   split_names: tuple[tuple[str, tuple[str, ...]], ...] = dataclasses.field(default=(), repr=False)
-  # dataset.json labels by id (empty: a binary 0/255 folder); masks are then label maps
+  # dataset.json labels by id (empty: a binary folder); masks are then label maps
   class_names: tuple[str, ...] = ()
+  read_classes: int | None = None  # 2: a two-label declaration (0/1 or 0/255 masks)
 
 
 _skip_registration = getattr(
@@ -148,7 +149,7 @@ with _skip_registration():
       }
 
     def _generate_examples(self, pairs):
-      n_classes = len(self.builder_config.class_names) or None
+      n_classes = len(self.builder_config.class_names) or self.builder_config.read_classes
       for stem, image_path, mask_path in pairs:
         # DataError naming the file; a label-map folder's masks hold class ids (C = 2: 0/255)
         image, mask, grey = read_pair(image_path, mask_path, n_classes)
@@ -298,6 +299,9 @@ def make_config(data_cfg: Any) -> tuple[GmsConfig, str]:
   from gms_jax.data import labels as labels_lib
 
   n_classes, class_names = labels_lib.resolve(data_cfg, root)
+  # how masks are read: a two-label declaration reads 0/1 (or 0/255) maps as the binary mask,
+  # and leaves the cache name of the binary folder unchanged
+  read_classes = 2 if labels_lib.read_labels(root) is not None and n_classes == 2 else None
   split_file = str(_get(data_cfg, "split_file", "")) or splits_lib.default_split_file(name, root)
   splits = splits_lib.resolve_splits(
     [p.stem for p in scan.pairs],
@@ -325,6 +329,7 @@ def make_config(data_cfg: Any) -> tuple[GmsConfig, str]:
     pairs=tuple((p.stem, p.image, p.mask) for p in pairs),
     split_names=tuple(splits.as_dict().items()),
     class_names=tuple(class_names),
+    read_classes=read_classes,
   )
   tfds_dir = os.path.expanduser(str(_get(data_cfg, "tfds_dir", "")) or "~/tensorflow_datasets")
   return config, tfds_dir

@@ -186,8 +186,18 @@ def read_mask(path: str | os.PathLike, num_classes: int | None = None) -> np.nda
   naming the file otherwise."""
   if num_classes is None:
     return mask_to_binary(_open(path, "mask"), os.fspath(path))
-  labels = mask_to_labels(_open(path, "label map"), int(num_classes), os.fspath(path))
-  return labels * np.uint8(255) if int(num_classes) == 2 else labels
+  if int(num_classes) == 2:  # a two-label declaration: 0/1 label maps or 0/255 masks
+    ids = mask_to_labels(_open(path, "mask"), 256, os.fspath(path))
+    vals = set(np.unique(ids).tolist())
+    if vals <= {0, 255}:
+      return ids
+    if vals <= {0, 1}:
+      return ids * np.uint8(255)
+    raise DataError(
+      f"{os.fspath(path)}: mask values {_values_preview(np.array(sorted(vals)))}; dataset.json "
+      "declares two labels: expected 0/1 (or 0/255)"
+    )
+  return mask_to_labels(_open(path, "label map"), int(num_classes), os.fspath(path))
 
 
 def read_pair(

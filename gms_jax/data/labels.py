@@ -19,6 +19,7 @@ from gms_jax.errors import ConfigError
 
 DATASET_JSON = "dataset.json"
 MAX_CLASSES = 255  # 8-bit label maps
+RESERVED_NAMES = ("fg", "native")  # dsc_fg, *_native are metric columns of their own
 
 
 def read_labels(root: str | os.PathLike) -> tuple[str, ...] | None:
@@ -45,6 +46,13 @@ def read_labels(root: str | os.PathLike) -> tuple[str, ...] | None:
       f"{path}: \"labels\" must be an object of class name -> integer id, e.g. "
       '{"background": 0, "lesion": 1}'
     )
+  if all(str(k).strip().isdigit() for k in labels) and all(
+    isinstance(v, str) for v in labels.values()
+  ):
+    raise DataError(
+      f"{path}: \"labels\" maps ids to names (nnU-Net v1's form); write name -> id, e.g. "
+      '{"background": 0, "lesion": 1}'
+    )
   bad = {k: v for k, v in labels.items() if isinstance(v, bool) or not isinstance(v, int)}
   if bad:
     name, value = next(iter(bad.items()))
@@ -65,6 +73,12 @@ def read_labels(root: str | os.PathLike) -> tuple[str, ...] | None:
     raise DataError(f"{path}: only the background is declared; a task needs >= 2 classes")
   if len(ids) > MAX_CLASSES:
     raise DataError(f"{path}: {len(ids)} classes; 8-bit label maps hold at most {MAX_CLASSES}")
+  reserved = [k for k in labels if not str(k).strip() or str(k) in RESERVED_NAMES]
+  if reserved:
+    raise DataError(
+      f"{path}: class name {reserved[0]!r} is empty or reserved ({', '.join(RESERVED_NAMES)} name "
+      "metric columns); rename it"
+    )
   by_id = {v: str(k) for k, v in labels.items()}
   return tuple(by_id[i] for i in range(len(ids)))
 
@@ -88,7 +102,7 @@ def resolve(data_cfg: Any, root: str | os.PathLike) -> tuple[int, tuple[str, ...
       else f"{root} is a binary folder (no dataset.json labels)"
     )
     raise ConfigError(f"config.data.num_classes={want} but {found}")
-  return n, (names if names is not None else ())
+  return n, (names if n > 2 else ())  # two labels: a binary task, as a folder without labels
 
 
 def apply(config: Any, root: str | os.PathLike) -> None:
