@@ -158,7 +158,9 @@ def _evaluate(seg, examples, out_dir, tmp, *, max_overlays, meta, montage_n) -> 
   tiles = []  # the first montage_n overlays, for overlays_montage.png
   t0 = time.perf_counter()
 
-  classes = seg.classes
+  from gms_jax.classes import Classes
+
+  classes = getattr(seg, "classes", None) or Classes(2)  # any object with predict_probs: binary
   names = classes.class_names()
 
   def flush(buf):
