@@ -94,7 +94,7 @@ def multiclass_runs(tmp_path_factory):
   ]
   runs = {"root": root, "tfds": str(tfds)}
   for recipe, extra in (
-    ("exact", ["--config.num_epochs=14", "--config.eval_every_steps=28"]),
+    ("exact", ["--config.num_epochs=8", "--config.eval_every_steps=16"]),
     (
       "fast",
       ["--config.num_epochs=14", "--config.fast.dice_steps=20", "--config.eval_every_steps=28"],
