@@ -56,18 +56,25 @@ def _run_until(args, env, *, at_step: int | None, sig: int | None, timeout: floa
   return p.returncode, "".join(lines)
 
 
-@pytest.mark.slow
-def test_kill_int_term_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
-  from gms_jax import run_metadata
-
-  rng = random.Random(time.time_ns())
-  workdir = tmp_path / "w"
+def _smoke_train(tmp_path, workdir):
+  """The smoke train command on ``workdir`` (a progress line per step) and its environment (a
+  persistent compilation cache, so restarts do not compile again)."""
   args = gms_jax_command() + [
     "train", "--config", f"{REPO / 'configs' / 'gms.py'}:smoke", "--workdir", str(workdir),
     f"--config.data.tfds_dir={tmp_path / 'tfds'}", "--config.log_every_steps=1",
   ]  # fmt: skip
   env = cli_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jaxcache"),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+  return args, env
+
+
+@pytest.mark.slow
+def test_kill_int_term_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
+  from gms_jax import run_metadata
+
+  rng = random.Random(time.time_ns())
+  workdir = tmp_path / "w"
+  args, env = _smoke_train(tmp_path, workdir)
   # SIGKILL after the step-15 checkpoint, then SIGINT and SIGTERM alternately at five random
   # later steps (new ones every run), each followed by a restart of the same command.
   kill_at = rng.randint(17, 20)
@@ -117,12 +124,7 @@ def test_a_second_train_on_a_busy_workdir_is_refused_and_a_stale_lock_is_taken_o
   from gms_jax.layout import LOCK_FILE
 
   workdir = tmp_path / "w"
-  args = gms_jax_command() + [
-    "train", "--config", f"{REPO / 'configs' / 'gms.py'}:smoke", "--workdir", str(workdir),
-    f"--config.data.tfds_dir={tmp_path / 'tfds'}", "--config.log_every_steps=1",
-  ]  # fmt: skip
-  env = cli_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jaxcache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+  args, env = _smoke_train(tmp_path, workdir)
   first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   err_first: list[str] = []
   started = threading.Event()

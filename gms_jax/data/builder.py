@@ -298,10 +298,11 @@ def make_config(data_cfg: Any) -> tuple[GmsConfig, str]:
     )
   from gms_jax.data import labels as labels_lib
 
-  n_classes, class_names = labels_lib.resolve(data_cfg, root)
+  declared = labels_lib.read_labels(root)
+  n_classes, class_names = labels_lib.resolve(data_cfg, root, declared)
   # how masks are read: a two-label declaration reads 0/1 (or 0/255) maps as the binary mask,
   # and leaves the cache name of the binary folder unchanged
-  read_classes = 2 if labels_lib.read_labels(root) is not None and n_classes == 2 else None
+  read_classes = 2 if declared is not None and n_classes == 2 else None
   split_file = str(_get(data_cfg, "split_file", "")) or splits_lib.default_split_file(name, root)
   splits = splits_lib.resolve_splits(
     [p.stem for p in scan.pairs],

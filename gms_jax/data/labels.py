@@ -88,11 +88,14 @@ def is_multiclass(names: tuple[str, ...] | None) -> bool:
   return names is not None and len(names) > 2
 
 
-def resolve(data_cfg: Any, root: str | os.PathLike) -> tuple[int, tuple[str, ...]]:
+def resolve(
+  data_cfg: Any, root: str | os.PathLike, names: tuple[str, ...] | None = None
+) -> tuple[int, tuple[str, ...]]:
   """``(num_classes, class_names)`` of the data ``data_cfg`` names (its folder ``root``), checked
   against ``data_cfg.num_classes`` (0 = from the data): ConfigError naming the key on mismatch.
-  Binary folders give ``(2, ())``."""
-  names = read_labels(root)
+  Binary folders give ``(2, ())``. ``names``: :func:`read_labels` of ``root`` when the caller
+  has read it already."""
+  names = read_labels(root) if names is None else names
   n = len(names) if names is not None else 2
   want = int(data_cfg.get("num_classes", 0) or 0)
   if want and want != n:
